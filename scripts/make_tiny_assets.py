@@ -1,0 +1,196 @@
+"""Regenerate the tiny offline assets under ``assets/`` (run from the repository root).
+
+The smoke config and the tests must run with no network, so the repository carries miniature
+versions of everything the production recipe downloads:
+
+- ``assets/tiny-speech``: real synthesized speech (espeak-ng) in the LoquaciousSet parquet schema
+  (``ID``, ``duration``, ``wav`` as {bytes, path}, ``spk_id``, ``sex``, ``text`` in upper case),
+  with ``train`` and ``dev`` splits. Sentences come from a small grammar so the decoder cannot
+  guess them: the audio has to carry the words.
+- ``assets/tiny-smollm3``: a SmolLM3-architecture decoder with a byte-level BPE tokenizer trained
+  on the grammar's text and a ChatML chat template, pretrained briefly as a language model on
+  chat-formatted sentences, so that, like a real instruct model, it answers in the assistant turn
+  and stops with ``<|im_end|>``.
+- ``assets/tiny-whisper``: a full Whisper-architecture checkpoint (encoder and decoder, as
+  ``openai/whisper-large-v3-turbo`` is published) with random weights and 128 mel bins.
+- ``assets/tiny-hubert``: a HuBERT-architecture CTC checkpoint (as ``facebook/hubert-xlarge-ls960-ft``
+  is published) with random weights and the real 320x convolutional downsampling (50 frames/s).
+
+Everything is seeded; needs ``espeak-ng`` (``apt-get install espeak-ng``). Usage::
+
+    python scripts/make_tiny_assets.py            # all assets
+    python scripts/make_tiny_assets.py speech     # one of: speech, decoder, whisper, hubert
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+
+ASSETS = Path("assets")
+SAMPLE_RATE = 16_000
+
+SUBJECTS = ["the old man", "a small dog", "my sister", "the teacher", "our neighbour", "the green bird",
+            "a tired farmer", "the young pilot", "his brother", "the red fox", "a quiet child", "the doctor"]
+VERBS = ["found", "painted", "carried", "watched", "opened", "cleaned", "sold", "lost", "built", "moved",
+         "counted", "dropped"]
+OBJECTS = ["a wooden box", "the blue door", "seven apples", "an old map", "the heavy stone", "three letters",
+           "a broken chair", "the silver key", "twelve candles", "a paper boat", "the long rope", "two baskets"]
+PLACES = ["near the river", "in the kitchen", "after dinner", "before noon", "at the station", "on monday",
+          "under the bridge", "by the window", "in the garden", "during the storm", "at midnight", "on the hill"]
+VOICES = [("en-us", "M"), ("en-gb", "M"), ("en-us+f3", "F"), ("en-gb-scotland", "M"), ("en-us+f2", "F"),
+          ("en-029", "M")]
+
+
+def sentence(rng: random.Random) -> str:
+    """One sentence of the grammar, lower case, e.g. 'the red fox carried a wooden box near the river'."""
+    words = [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS)]
+    if rng.random() < 0.6:
+        words.append(rng.choice(PLACES))
+    return " ".join(words)
+
+
+def synthesize(text: str, voice: str, speed: int) -> np.ndarray:
+    """espeak-ng speech for ``text`` as float32 mono at 16 kHz."""
+    with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
+        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", tmp.name, text], check=True)
+        audio, rate = sf.read(tmp.name, dtype="float32")
+    return soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
+
+
+def make_speech(num_train: int = 80, num_dev: int = 20) -> None:
+    """Synthesize the tiny LoquaciousSet-schema dataset (two train shards so two workers can share)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Audio, Features, Value
+
+    rng = random.Random(0)
+    features = Features({"ID": Value("string"), "duration": Value("float32"),
+                         "wav": Audio(sampling_rate=SAMPLE_RATE, decode=False), "spk_id": Value("string"),
+                         "sex": Value("string"), "text": Value("string")})
+    out = ASSETS / "tiny-speech"
+    shutil.rmtree(out, ignore_errors=True)
+    for split, count, shards in [("train", num_train, 2), ("dev", num_dev, 1)]:
+        rows = []
+        for i in range(count):
+            text = sentence(rng)
+            voice, sex = rng.choice(VOICES)
+            audio = synthesize(text, voice, speed=rng.randint(150, 190))
+            buffer = io.BytesIO()
+            sf.write(buffer, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+            uid = f"{split}-{i:04d}"
+            rows.append({"ID": uid, "duration": round(len(audio) / SAMPLE_RATE, 3),
+                         "wav": {"bytes": buffer.getvalue(), "path": f"{uid}.flac"},
+                         "spk_id": voice, "sex": sex, "text": text.upper()})
+        (out / split).mkdir(parents=True)
+        for shard in range(shards):
+            part = rows[shard::shards]
+            # pyarrow directly: datasets' own Audio encoding would need torchcodec. The schema still
+            # carries the datasets feature metadata, so the audio column loads as an Audio feature.
+            table = pa.Table.from_pylist(part, schema=features.arrow_schema)
+            pq.write_table(table, out / split / f"{split}-{shard:05d}.parquet")
+    print(f"speech: {num_train} train + {num_dev} dev clips in {out}")
+
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def make_decoder(steps: int = 1500) -> None:
+    """Train a byte-level BPE tokenizer and pretrain a tiny SmolLM3 on chat-formatted sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, SmolLM3Config, SmolLM3ForCausalLM
+
+    rng = random.Random(1)
+    torch.manual_seed(1)
+    corpus = [sentence(rng) for _ in range(20_000)]
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    prompts = ["system", "user", "assistant", "Transcribe: <audio>", "/no_think"]
+    bpe.train_from_iterator(corpus + prompts * 100, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=None, eos_token="<|im_end|>",
+                                        pad_token="<|pad|>", chat_template=CHAT_TEMPLATE)
+
+    config = SmolLM3Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                           bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    model = SmolLM3ForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    model.train()
+    for step in range(steps):
+        texts = [tokenizer.apply_chat_template(
+            [{"role": "system", "content": "/no_think"}, {"role": "user", "content": "Transcribe: <audio>"},
+             {"role": "assistant", "content": rng.choice(corpus)}], tokenize=False) for _ in range(32)]
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 250 == 0 or step == steps - 1:
+            print(f"decoder step {step} loss {loss.item():.3f}")
+    out = ASSETS / "tiny-smollm3"
+    shutil.rmtree(out, ignore_errors=True)
+    model.eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"decoder: {sum(p.numel() for p in model.parameters()):,} parameters in {out}")
+
+
+def make_whisper() -> None:
+    """A Whisper-architecture checkpoint with random weights (full model, like the hub's)."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    torch.manual_seed(2)
+    config = WhisperConfig(vocab_size=64, num_mel_bins=128, d_model=64, encoder_layers=2, encoder_attention_heads=4,
+                           encoder_ffn_dim=256, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=128,
+                           max_source_positions=1500, max_target_positions=64, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2, decoder_start_token_id=1, suppress_tokens=None, begin_suppress_tokens=None)
+    out = ASSETS / "tiny-whisper"
+    shutil.rmtree(out, ignore_errors=True)
+    WhisperForConditionalGeneration(config).save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=128).save_pretrained(out)
+    print(f"whisper: {out}")
+
+
+def make_hubert() -> None:
+    """A HuBERT-architecture CTC checkpoint with random weights (layer-norm variant, like the XL)."""
+    from transformers import HubertConfig, HubertForCTC, Wav2Vec2FeatureExtractor
+
+    torch.manual_seed(3)
+    config = HubertConfig(vocab_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=128, conv_dim=(32,) * 7, feat_extract_norm="layer",
+                          do_stable_layer_norm=True, conv_bias=True, num_conv_pos_embeddings=16,
+                          num_conv_pos_embedding_groups=4)
+    out = ASSETS / "tiny-hubert"
+    shutil.rmtree(out, ignore_errors=True)
+    HubertForCTC(config).save_pretrained(out)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, do_normalize=True,
+                             return_attention_mask=True).save_pretrained(out)
+    print(f"hubert: {out}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    builders = {"speech": make_speech, "decoder": make_decoder, "whisper": make_whisper, "hubert": make_hubert}
+    for name in sys.argv[1:] or list(builders):
+        builders[name]()

@@ -1,0 +1,38 @@
+"""Shared fixtures: the tiny offline assets, one thread, no hub access."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets"
+WHISPER = str(ASSETS / "tiny-whisper")
+HUBERT = str(ASSETS / "tiny-hubert")
+DECODER = str(ASSETS / "tiny-smollm3")
+SPEECH = str(ASSETS / "tiny-speech")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The smoke configuration's model (random projector), shared by tests that only read it."""
+    from tiny_audio_pl.model import SpeechLLM
+
+    torch.manual_seed(0)
+    return SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=64, max_new_tokens=12).eval()
+
+
+@pytest.fixture(scope="session")
+def dev_batch():
+    """The first 6 clips of the tiny dev split, prepared for the Whisper encoder."""
+    from tiny_audio_pl.data import SpeechDataModule
+
+    data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=6, num_workers=0, encoder=WHISPER)
+    data.setup("validate")
+    return next(iter(data.val_dataloader()))

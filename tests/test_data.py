@@ -1,0 +1,100 @@
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import HUBERT, SPEECH, WHISPER
+from tiny_audio_pl.data import SpeechDataModule, collate, decode_audio, find_parquet_files, normalize_target
+
+
+def _encoded(audio: np.ndarray, rate: int, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, rate, format=fmt)
+    return buffer.getvalue()
+
+
+def test_decode_downmixes_and_resamples():
+    t = np.arange(44_100) / 44_100
+    tone = np.sin(2 * np.pi * 440 * t).astype(np.float32)
+    stereo = np.stack([tone, tone], axis=1) * 0.5
+    audio = decode_audio({"bytes": _encoded(stereo, 44_100, "WAV"), "path": "x.wav"}, 16_000)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert len(audio) == pytest.approx(16_000, abs=2)
+    assert np.abs(audio).max() == pytest.approx(0.5, abs=0.02)
+
+
+def test_decode_reads_raw_bytes_flac():
+    audio = np.random.default_rng(0).uniform(-0.5, 0.5, 8_000).astype(np.float32)
+    decoded = decode_audio(_encoded(audio, 16_000, "FLAC"), 16_000)
+    assert np.abs(decoded - audio).max() < 1e-4
+
+
+def test_target_normalisation():
+    assert normalize_target("  THE RED  FOX ", "lower") == "the red fox"
+    assert normalize_target("The red fox.", "none") == "The red fox."
+
+
+def _example(length: int, text: str, skip: str = "") -> dict:
+    features = None if skip else np.full((4, length), float(length), dtype=np.float32)
+    return {"id": text, "text": text, "features": features, "skip": skip}
+
+
+def test_collate_pads_to_the_longest_clip_and_counts_skips():
+    batch = collate([_example(3, "a"), _example(5, "b"), _example(0, "c", skip="too_long"), _example(2, "d")])
+    assert batch["features"].shape == (3, 4, 5)  # longest kept clip, not a fixed window
+    assert batch["feature_lengths"].tolist() == [3, 5, 2]
+    assert torch.all(batch["features"][0, :, :3] == 3) and torch.all(batch["features"][0, :, 3:] == 0)
+    assert torch.all(batch["features"][2, :, 2:] == 0)
+    assert batch["text"] == ["a", "b", "d"]
+    assert batch["skipped"] == {"too_long": 1}
+
+
+def test_collate_of_only_skipped_clips_is_an_empty_batch():
+    batch = collate([_example(0, "x", skip="undecodable")])
+    assert batch["text"] == [] and batch["skipped"] == {"undecodable": 1}
+
+
+def test_local_parquet_layout_is_found():
+    files = find_parquet_files(__import__("pathlib").Path(SPEECH), None, "train")
+    assert len(files) == 2 and all(f.endswith(".parquet") for f in files)
+    with pytest.raises(FileNotFoundError, match="test"):
+        find_parquet_files(__import__("pathlib").Path(SPEECH), None, "test")
+
+
+def test_whisper_stream_yields_every_dev_clip_with_unpadded_features():
+    data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=8, num_workers=0, encoder=WHISPER)
+    data.setup("validate")
+    batches = list(data.val_dataloader())
+    assert sum(len(b["text"]) for b in batches) == 20
+    first = batches[0]
+    assert first["features"].shape[:2] == (8, 128)
+    assert first["features"].shape[2] == first["feature_lengths"].max() < 3000  # padded to the batch, not 30 s
+    assert first["text"][0] == first["text"][0].lower()
+
+
+def test_waveform_stream_for_hubert_and_duration_limit():
+    data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=20, num_workers=0, encoder=HUBERT,
+                            max_duration=2.5)
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    assert batch["features"].dim() == 2  # raw waveform [B, samples]
+    assert batch["feature_lengths"].max() <= 2.5 * 16_000
+    assert batch["skipped"]["too_long"] == 20 - len(batch["text"]) > 0
+
+
+def test_missing_column_lists_the_columns_that_exist():
+    data = SpeechDataModule(dataset=SPEECH, config_name=None, text_column="transcript", num_workers=0,
+                            encoder=WHISPER)
+    with pytest.raises(ValueError, match=r"transcript.*'ID'.*'wav'"):
+        data.setup("validate")
+
+
+def test_training_stream_is_shuffled_and_truncated():
+    data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=5, num_workers=0, encoder=WHISPER,
+                            max_train_samples=10, shuffle_buffer=10)
+    data.setup("fit")
+    ids = [i for b in data.train_dataloader() for i in b["id"]]
+    assert sorted(ids) != ids and len(ids) == 10
+    assert set(ids) <= {f"train-{i:04d}" for i in range(20)}

@@ -1,0 +1,73 @@
+"""The ``tiny-audio`` command: LightningCLI over :class:`SpeechLLM` and :class:`SpeechDataModule`.
+
+``tiny-audio fit|validate|test|predict -c configs/X.yaml [--section.key value ...]``. Beyond the stock
+LightningCLI it adds three things:
+
+- a ``checkpoint.*`` section: the ModelCheckpoint is always there (every 1000 steps plus ``last``);
+- ``model.encoder`` feeds ``data.encoder``, so the data uses the encoder's own feature extractor;
+- ``--ckpt_path last`` means the newest ``last.ckpt`` of any earlier run, and ``fit`` then keeps
+  logging into that run's folder. Stock Lightning would look only in the new run's (empty) folder
+  and silently start from scratch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from tiny_audio_pl.data import SpeechDataModule
+from tiny_audio_pl.model import SpeechLLM
+
+LOGGER = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+          "init_args": {"save_dir": ".", "name": "lightning_logs"}}
+
+
+def find_last_checkpoint(checkpoint_dir: str | None, logger: Namespace | None) -> Path | None:
+    """The newest ``last.ckpt``: in ``checkpoint_dir`` if set, else in any version folder of the logger."""
+    if checkpoint_dir:
+        candidates = [Path(checkpoint_dir) / "last.ckpt"]
+    else:
+        args = logger.init_args if isinstance(logger, Namespace) and "init_args" in logger else LOGGER["init_args"]
+        root = Path(args.get("save_dir") or ".") / (args.get("name") or "")
+        candidates = list(root.glob("*/checkpoints/last.ckpt"))
+    existing = [c for c in candidates if c.is_file()]
+    return max(existing, key=lambda c: c.stat().st_mtime) if existing else None
+
+
+class TinyAudioCLI(LightningCLI):
+    """LightningCLI with an always-present checkpoint callback and run-aware ``--ckpt_path last``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1000,
+                             "checkpoint.save_top_k": -1})
+        parser.link_arguments("model.encoder", "data.encoder")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        logger = config.trainer.logger
+        found = find_last_checkpoint(config.checkpoint.dirpath, logger)
+        if found is None:
+            where = config.checkpoint.dirpath or "lightning_logs/*/checkpoints"
+            raise SystemExit(f"--ckpt_path last: no last.ckpt under {where}. Drop --ckpt_path to start a new run, "
+                             "or pass the path of a checkpoint.")
+        print(f"resuming from {found}")
+        config.ckpt_path = str(found)
+        if self.subcommand == "fit" and isinstance(logger, Namespace) and "init_args" in logger \
+                and found.parent.name == "checkpoints":
+            logger.init_args.version = found.parent.parent.name  # keep logging into the same run folder
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``tiny-audio``."""
+    TinyAudioCLI(SpeechLLM, SpeechDataModule, args=args, trainer_defaults={"logger": LOGGER},
+                 save_config_kwargs={"overwrite": True})
+
+
+if __name__ == "__main__":
+    main()

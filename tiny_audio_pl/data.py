@@ -1,0 +1,243 @@
+"""Streaming speech data: parquet (hub or local) -> decoded clips -> encoder features -> padded batches.
+
+Why it looks like this:
+
+- LoquaciousSet ``large`` is ~3 TB, so everything streams (``datasets.load_dataset(streaming=True)``).
+  A local folder of parquet files in the same schema streams through the same code.
+- ``datasets`` would decode audio with torchcodec + FFmpeg; we cast the audio column to
+  ``Audio(decode=False)`` and decode the stored bytes with soundfile, downmix, and resample with soxr.
+- Features come from the encoder's own feature extractor, one clip at a time and unpadded, in the
+  dataloader workers. The collate pads each batch only to its longest clip (not to Whisper's 30 s)
+  and passes the true lengths, so the model can mask the padding and a clip's encoding does not
+  depend on what it was batched with.
+- A ``StatefulDataLoader`` over the ``datasets`` ``IterableDataset`` saves the stream position
+  (workers included) in every checkpoint, so a resumed run continues where it stopped.
+- A clip that cannot be used is not dropped silently: it travels as a ``skip`` reason to the
+  collate, which drops it from the batch and counts it, and the model logs the counts.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+from datasets import Audio, IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
+from lightning.pytorch import LightningDataModule
+from torchdata.stateful_dataloader import StatefulDataLoader
+from transformers import AutoFeatureExtractor
+
+# The Whisper encoder's position table covers 30 s; longer clips cannot be encoded in one window.
+WHISPER_WINDOW_S = 30.0
+
+
+def decode_audio(value: dict | bytes | str, sample_rate: int) -> np.ndarray:
+    """Decode one stored clip to float32 mono at ``sample_rate``.
+
+    Args:
+        value: an undecoded ``datasets`` audio value (``{"bytes": ..., "path": ...}``), raw encoded
+            bytes, or a file path. wav, flac, ogg and mp3 are read by libsndfile.
+        sample_rate: the rate the encoder expects.
+
+    Returns:
+        ``[num_samples]`` float32 waveform.
+    """
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    source = io.BytesIO(value) if isinstance(value, bytes) else value
+    audio, rate = sf.read(source, dtype="float32", always_2d=True)  # [T, C]
+    audio = audio.mean(axis=1)
+    if rate != sample_rate:
+        audio = soxr.resample(audio, rate, sample_rate)
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def normalize_target(text: str, mode: Literal["lower", "none"]) -> str:
+    """The training target for a transcript: ``lower`` turns LoquaciousSet's upper case to lower case."""
+    text = " ".join(text.split())
+    return text.lower() if mode == "lower" else text
+
+
+class ClipPreparer:
+    """Turns one raw dataset row into encoder features plus target text (runs in the workers)."""
+
+    def __init__(self, encoder: str, audio_column: str, text_column: str, id_column: str, max_duration: float,
+                 text_normalization: Literal["lower", "none"]) -> None:
+        self.feature_extractor = AutoFeatureExtractor.from_pretrained(encoder)
+        self.sample_rate: int = self.feature_extractor.sampling_rate
+        self.is_whisper = "WhisperFeatureExtractor" in type(self.feature_extractor).__name__
+        self.audio_column, self.text_column, self.id_column = audio_column, text_column, id_column
+        self.max_samples = int(max_duration * self.sample_rate)
+        self.text_normalization = text_normalization
+
+    def features(self, audio: np.ndarray) -> np.ndarray:
+        """Unpadded features of one clip: log-mel ``[n_mels, frames]`` or waveform ``[samples]``."""
+        if self.is_whisper:
+            out = self.feature_extractor(audio, sampling_rate=self.sample_rate, padding="longest",
+                                         truncation=False, return_tensors="np")
+            return out["input_features"][0]
+        return self.feature_extractor(audio, sampling_rate=self.sample_rate, return_tensors="np")["input_values"][0]
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        uid = str(row.get(self.id_column, ""))
+        out = {"id": uid, "text": normalize_target(row[self.text_column] or "", self.text_normalization),
+               "features": None, "skip": ""}
+        try:
+            audio = decode_audio(row[self.audio_column], self.sample_rate)
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+            out["skip"] = "undecodable"
+            return out
+        if len(audio) > self.max_samples:
+            out["skip"] = "too_long"
+            return out
+        out["features"] = self.features(audio)
+        return out
+
+
+def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pad a list of prepared clips to the longest one in the batch.
+
+    Returns:
+        ``features``: ``[B, n_mels, T]`` (Whisper) or ``[B, T]`` (waveform encoders), zero-padded;
+        ``feature_lengths``: ``[B]`` valid frames/samples; ``text`` and ``id``: lists of length B;
+        ``skipped``: ``{reason: count}`` for the clips dropped from this batch.
+    """
+    kept = [e for e in examples if not e["skip"]]
+    skipped = dict(Counter(e["skip"] for e in examples if e["skip"]))
+    lengths = torch.tensor([e["features"].shape[-1] for e in kept], dtype=torch.long)
+    if kept:
+        first = kept[0]["features"]
+        features = torch.zeros(len(kept), *first.shape[:-1], int(lengths.max()), dtype=torch.float32)
+        for i, example in enumerate(kept):
+            features[i, ..., : lengths[i]] = torch.from_numpy(example["features"])
+    else:
+        features = torch.zeros(0)
+    return {"features": features, "feature_lengths": lengths, "text": [e["text"] for e in kept],
+            "id": [e["id"] for e in kept], "skipped": skipped}
+
+
+def find_parquet_files(root: Path, config_name: str | None, split: str) -> list[str]:
+    """Parquet files of ``split`` in a local folder laid out as ``[config/]split/*.parquet`` or ``split-*.parquet``."""
+    bases = [root / config_name, root] if config_name else [root]
+    patterns = [f"{split}/**/*.parquet", f"**/{split}-*.parquet", f"**/{split}/**/*.parquet"]
+    for base in bases:
+        for pattern in patterns:
+            files = sorted(str(p) for p in base.glob(pattern))
+            if files:
+                return files
+    raise FileNotFoundError(f"no parquet files for split '{split}' under {root} (looked for {patterns} "
+                            f"in {[str(b) for b in bases]})")
+
+
+class SpeechDataModule(LightningDataModule):
+    """Streams a speech dataset in the LoquaciousSet schema and batches it with dynamic padding."""
+
+    def __init__(
+        self,
+        dataset: str = "speechbrain/LoquaciousSet",
+        config_name: str | None = "large",
+        train_split: str = "train",
+        val_split: str = "dev",
+        audio_column: str = "wav",
+        text_column: str = "text",
+        id_column: str = "ID",
+        batch_size: int = 8,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        num_workers: int = 4,
+        shuffle_buffer: int = 1000,
+        max_duration: float = WHISPER_WINDOW_S,
+        text_normalization: Literal["lower", "none"] = "lower",
+        seed: int = 0,
+        encoder: str = "openai/whisper-large-v3-turbo",
+    ) -> None:
+        """Configure the data.
+
+        Args:
+            dataset: a hub dataset id, or a local folder of parquet files (``[config/]split/*.parquet``).
+            config_name: dataset configuration (LoquaciousSet: small, medium, large, clean); for a local
+                folder, a subfolder used when it exists.
+            train_split: split streamed for training.
+            val_split: split decoded for validation WER.
+            audio_column: column holding the audio ({bytes, path}, raw bytes, or a path).
+            text_column: column holding the transcript.
+            id_column: column holding a clip id, shown in logs and skip reports.
+            batch_size: clips per batch (per device).
+            max_train_samples: use only the first N clips of the train stream (the stream repeats
+                each epoch).
+            max_eval_samples: use only the first N clips of the validation split.
+            num_workers: dataloader worker processes; the stream's shards are split among them.
+            shuffle_buffer: size of the streaming shuffle buffer for training (0 disables shuffling).
+            max_duration: clips longer than this many seconds are skipped and counted (Whisper's
+                window is 30 s).
+            text_normalization: how transcripts become training targets: ``lower`` lower-cases
+                (LoquaciousSet is upper case), ``none`` keeps them as they are.
+            seed: seed of the shuffle buffer (each epoch reshuffles with seed + epoch).
+            encoder: the encoder whose feature extractor makes the features; linked to
+                ``model.encoder`` by the CLI.
+        """
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.save_hyperparameters()
+        self.train_dataset: IterableDataset | None = None
+        self.val_dataset: IterableDataset | None = None
+
+    def open_split(self, split: str) -> IterableDataset:
+        """Stream one split, keeping only the id, audio and text columns, audio left undecoded."""
+        hp = self.hparams
+        root = Path(hp.dataset)
+        if root.is_dir():
+            files = find_parquet_files(root, hp.config_name, split)
+            stream = load_dataset("parquet", data_files={split: files}, split=split, streaming=True)
+        else:
+            stream = load_dataset(hp.dataset, hp.config_name, split=split, streaming=True)
+        columns = list(stream.features or {})
+        missing = [c for c in (hp.audio_column, hp.text_column) if columns and c not in columns]
+        if missing:
+            raise ValueError(f"column(s) {missing} not in {hp.dataset} split '{split}'; it has {columns}. "
+                             "Set data.audio_column / data.text_column.")
+        if isinstance((stream.features or {}).get(hp.audio_column), Audio):
+            stream = stream.cast_column(hp.audio_column, Audio(decode=False))
+        keep = [c for c in (hp.id_column, hp.audio_column, hp.text_column) if not columns or c in columns]
+        return stream.select_columns(keep)
+
+    def setup(self, stage: str) -> None:
+        """Open the streams for this rank, shuffle and truncate them, and attach the clip preparation."""
+        hp = self.hparams
+        preparer = ClipPreparer(hp.encoder, hp.audio_column, hp.text_column, hp.id_column, hp.max_duration,
+                                hp.text_normalization)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        if stage == "fit":
+            train = self.open_split(hp.train_split)
+            if hp.max_train_samples is not None:
+                train = train.take(hp.max_train_samples)
+            if hp.shuffle_buffer > 0:
+                train = train.shuffle(seed=hp.seed, buffer_size=hp.shuffle_buffer)
+            self.train_dataset = split_dataset_by_node(train, rank, world).map(preparer)
+        if stage in ("fit", "validate"):
+            val = self.open_split(hp.val_split)
+            if hp.max_eval_samples is not None:
+                val = val.take(hp.max_eval_samples)
+            self.val_dataset = split_dataset_by_node(val, rank, world).map(preparer)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the training shuffle for a new pass over the stream."""
+        if self.train_dataset is not None:
+            self.train_dataset.set_epoch(epoch)
+
+    def _loader(self, dataset: IterableDataset) -> StatefulDataLoader:
+        return StatefulDataLoader(dataset, batch_size=self.hparams.batch_size, collate_fn=collate,
+                                  num_workers=self.hparams.num_workers, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.train_dataset)
+
+    def val_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.val_dataset)

@@ -1,0 +1,100 @@
+"""The frozen speech encoder: Whisper (log-mel input) or a HuBERT / wav2vec2-style model (waveform input).
+
+Both kinds produce about 50 frames per second. Two things need care:
+
+- Loading. ``WhisperEncoder.from_pretrained(<full Whisper checkpoint>)`` in transformers 5 silently
+  leaves the encoder randomly initialised, so the full model is loaded with ``AutoModel`` and its
+  ``get_encoder()`` taken. A CTC checkpoint such as ``facebook/hubert-xlarge-ls960-ft`` loads into
+  the bare ``HubertModel`` the same way (the ``hubert.`` prefix is mapped by transformers).
+- Whisper's 30 s window. The stock Whisper encoder refuses anything but 3000 mel frames (30 s), so
+  every 3 s clip would pay for 30 s of attention. We run its own modules on each batch padded only
+  to the longest clip: padded mel frames and conv outputs are zeroed (exactly what the convs' own
+  zero padding does at the end of a lone clip) and padded frames are masked out of self-attention,
+  so a clip encodes the same whatever it is batched with. This differs from Whisper's pretraining,
+  which always saw 30 s with trailing silence; ``full_window=True`` restores that (pads every clip
+  to 30 s with its silence floor and runs the stock encoder), at ~10x the encoder cost for 3 s clips.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel
+
+
+class AudioEncoder(nn.Module):
+    """Wraps a pretrained encoder; maps padded features plus lengths to frames plus lengths."""
+
+    def __init__(self, name: str, full_window: bool = False) -> None:
+        """Load the encoder.
+
+        Args:
+            name: hub id or local directory of a Whisper, HuBERT, wav2vec2, WavLM or data2vec-audio checkpoint.
+            full_window: Whisper only: pad every clip to the full 30 s window as in pretraining.
+        """
+        super().__init__()
+        config = AutoConfig.from_pretrained(name)
+        self.is_whisper = config.model_type == "whisper"
+        model = AutoModel.from_pretrained(name)
+        self.model = model.get_encoder() if self.is_whisper else model
+        if not self.is_whisper and not hasattr(self.model, "_get_feat_extract_output_lengths"):
+            raise ValueError(f"unsupported encoder type '{config.model_type}' ({name}): use a Whisper checkpoint or "
+                             "a waveform encoder such as HuBERT, wav2vec2, WavLM or data2vec-audio")
+        self.full_window = full_window and self.is_whisper
+        self.dim: int = config.d_model if self.is_whisper else config.hidden_size
+        # Waveform models with group-norm feature extractors (e.g. hubert-base) must not get a mask.
+        self.use_waveform_mask = not self.is_whisper and getattr(config, "feat_extract_norm", "layer") == "layer"
+
+    def frame_lengths(self, feature_lengths: torch.Tensor) -> torch.Tensor:
+        """Valid encoder frames for ``feature_lengths`` mel frames (Whisper) or samples (waveform)."""
+        if self.is_whisper:
+            return torch.div(feature_lengths + 1, 2, rounding_mode="floor")  # conv2 has stride 2
+        return self.model._get_feat_extract_output_lengths(feature_lengths).long()
+
+    def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode a padded batch.
+
+        Args:
+            features: ``[B, n_mels, T]`` log-mel (Whisper) or ``[B, T]`` waveform, zero-padded.
+            feature_lengths: ``[B]`` valid mel frames or samples.
+
+        Returns:
+            ``frames [B, T_enc, D]`` and ``frame_lengths [B]``; frames past a clip's length are padding.
+        """
+        lengths = self.frame_lengths(feature_lengths)
+        if not self.is_whisper:
+            mask = torch.arange(features.shape[-1], device=features.device) < feature_lengths[:, None]
+            out = self.model(features, attention_mask=mask.long() if self.use_waveform_mask else None)
+            return out.last_hidden_state, lengths
+        if self.full_window:
+            return self._whisper_full_window(features, feature_lengths), lengths
+        return self._whisper_trimmed(features, feature_lengths), lengths
+
+    def _whisper_trimmed(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
+        """Whisper's encoder over the batch's own length, with padding masked (see module docstring)."""
+        enc = self.model
+        max_frames = 2 * enc.config.max_source_positions
+        if mel.shape[-1] > max_frames:
+            raise ValueError(f"{mel.shape[-1]} mel frames exceed Whisper's window of {max_frames}")
+        mel_mask = (torch.arange(mel.shape[-1], device=mel.device) < mel_lengths[:, None]).unsqueeze(1)  # [B, 1, T]
+        x = F.gelu(enc.conv1(mel * mel_mask)) * mel_mask  # [B, D, T]
+        x = F.gelu(enc.conv2(x)).transpose(1, 2)  # [B, T/2, D]
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+        valid = torch.arange(x.shape[1], device=x.device) < self.frame_lengths(mel_lengths)[:, None]  # [B, T/2]
+        bias = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill(~valid, torch.finfo(x.dtype).min)
+        bias = bias[:, None, None, :]  # [B, 1, 1, T/2]: no query attends to padded keys
+        for layer in enc.layers:
+            x = layer(x, bias)
+        return enc.layer_norm(x)
+
+    def _whisper_full_window(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
+        """Stock Whisper: every clip padded to 3000 frames with its own floor (what silence maps to)."""
+        max_frames = 2 * self.model.config.max_source_positions
+        floor = mel.masked_fill(torch.arange(mel.shape[-1], device=mel.device) >= mel_lengths[:, None, None],
+                                float("inf")).amin(dim=(1, 2), keepdim=True)  # [B, 1, 1]
+        padded = floor.expand(-1, mel.shape[1], max_frames).clone()
+        length = min(mel.shape[-1], max_frames)
+        valid = torch.arange(length, device=mel.device) < mel_lengths[:, None, None]
+        padded[..., :length] = torch.where(valid, mel[..., :length], padded[..., :length])
+        return self.model(padded).last_hidden_state  # [B, 1500, D]

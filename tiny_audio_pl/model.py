@@ -1,0 +1,284 @@
+"""The LightningModule: frozen encoder -> trained projector -> frozen LLM decoder.
+
+One training example becomes the decoder input::
+
+    [chat prefix ... "Transcribe: "] [audio embeddings, n_i of them] [chat suffix ... assistant turn]
+    [transcript tokens] [end-of-turn]
+
+and the next-token loss covers only the transcript and the end-of-turn token. The prompt text comes
+from the decoder's own chat template, split at the ``<audio>`` placeholder, so training sees exactly
+what generation sees. Only the projector is trained: the encoder runs without autograd, the decoder
+passes gradients through to its input embeddings, and both stay in eval mode (no dropout) for the
+whole run. The LM head is applied only at positions that carry a label, which skips the 128k-wide
+logits of every prompt and audio position. Checkpoints hold only the projector (plus optimizer,
+scheduler, loop and data state); the frozen models are reloaded by name.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.text import WordErrorRate
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from tiny_audio_pl.encoder import AudioEncoder
+from tiny_audio_pl.projector import Projector
+
+AUDIO_PLACEHOLDER = "<audio>"
+IGNORE = -100
+
+_english = EnglishTextNormalizer()
+
+
+def normalize_for_wer(text: str) -> str:
+    """Whisper's English normaliser (the Open ASR Leaderboard convention), British spellings included."""
+    return _english(text)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warmup to 1 over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class ChatPrompt:
+    """Token ids around the audio, derived from the decoder's chat template."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, system_prompt: str, prompt: str) -> None:
+        if prompt.count(AUDIO_PLACEHOLDER) != 1:
+            raise ValueError(f"model.prompt must contain '{AUDIO_PLACEHOLDER}' exactly once, got {prompt!r}")
+        if not tokenizer.chat_template:
+            raise ValueError("the decoder's tokenizer has no chat template: use an instruct/chat model")
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        before, after = text.split(AUDIO_PLACEHOLDER)
+        self.prefix_ids: list[int] = tokenizer(before, add_special_tokens=False).input_ids
+        self.suffix_ids: list[int] = tokenizer(after, add_special_tokens=False).input_ids
+        # The end-of-turn token is whatever the template writes right after an assistant message.
+        sentinel = "SENTINEL7Q"
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": sentinel}], tokenize=False)
+        tail = tokenizer(full.split(sentinel, 1)[1].strip(), add_special_tokens=False).input_ids
+        self.end_ids: list[int] = tail[:1] or [tokenizer.eos_token_id]
+
+
+class SpeechLLM(LightningModule):
+    """Speech recognition with a frozen encoder, a trained projector and a frozen LLM decoder."""
+
+    def __init__(
+        self,
+        encoder: str = "openai/whisper-large-v3-turbo",
+        decoder: str = "HuggingFaceTB/SmolLM3-3B",
+        projector_stack: int = 2,
+        projector_hidden: int = 5120,
+        system_prompt: str = "/no_think",
+        prompt: str = "Transcribe: <audio>",
+        max_new_tokens: int = 128,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 500,
+        min_lr_ratio: float = 0.0,
+        whisper_full_window: bool = False,
+        num_logged_examples: int = 8,
+    ) -> None:
+        """Load the frozen models and build the projector.
+
+        Args:
+            encoder: speech encoder, hub id or local directory (Whisper, HuBERT, wav2vec2, ...).
+            decoder: causal LM with a chat template, hub id or local directory.
+            projector_stack: k, encoder frames stacked into one audio token (50/k tokens per second).
+            projector_hidden: hidden width of the projector's SwiGLU.
+            system_prompt: system message (``/no_think`` turns off SmolLM3's reasoning); empty for none.
+            prompt: user message; ``<audio>`` marks where the audio embeddings go.
+            max_new_tokens: generation limit when decoding for WER.
+            learning_rate: peak AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            warmup_steps: optimizer steps of linear warmup before the cosine decay.
+            min_lr_ratio: the cosine decays to ``learning_rate * min_lr_ratio`` at the last step.
+            whisper_full_window: feed Whisper every clip padded to 30 s, as in its pretraining (slower);
+                by default each batch is padded only to its longest clip.
+            num_logged_examples: decoded validation examples (reference vs hypothesis) sent to TensorBoard.
+        """
+        super().__init__()
+        if projector_stack < 1:
+            raise ValueError(f"model.projector_stack must be >= 1, got {projector_stack}")
+        self.save_hyperparameters()
+        self.encoder = AudioEncoder(encoder, full_window=whisper_full_window)
+        self.decoder = AutoModelForCausalLM.from_pretrained(decoder)
+        self.tokenizer = AutoTokenizer.from_pretrained(decoder)
+        self.prompt = ChatPrompt(self.tokenizer, system_prompt, prompt)
+        embeddings = self.decoder.get_input_embeddings().weight
+        self.projector = Projector(self.encoder.dim, embeddings.shape[1], projector_stack, projector_hidden,
+                                   output_scale=embeddings.detach().float().pow(2).mean().sqrt().item())
+        for frozen in (self.encoder, self.decoder):
+            frozen.requires_grad_(False)
+            frozen.eval()
+        self.wer = WordErrorRate()
+        self.strict_loading = False  # checkpoints carry only the projector; on_load_checkpoint checks it
+        self._examples: list[tuple[str, str, str]] = []
+
+    # ----------------------------------------------------------------------------------------- setup
+    def train(self, mode: bool = True) -> SpeechLLM:
+        """Lightning puts the whole module in train mode at fit start; the frozen models stay in eval."""
+        super().train(mode)
+        self.encoder.eval()
+        self.decoder.eval()
+        return self
+
+    def setup(self, stage: str) -> None:
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        p = self.projector
+        rank_zero_info(
+            f"encoder  {self.hparams.encoder} (frozen)\n"
+            f"decoder  {self.hparams.decoder} (frozen)\n"
+            f"projector stack {p.stack} x {self.encoder.dim} -> {p.gate.in_features} -> SwiGLU {p.gate.out_features}"
+            f" -> {p.down.out_features} (trainable)\n"
+            f"parameters: {frozen:,} frozen, {trainable:,} trainable")
+
+    # ------------------------------------------------------------------------------------ the model
+    def embed_audio(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features -> projected audio embeddings ``[B, N, D_dec]`` and valid token counts ``[B]``."""
+        with torch.no_grad():
+            frames, frame_lengths = self.encoder(features, feature_lengths)  # [B, T, D_enc]
+        audio = self.projector(frames)  # [B, ceil(T/k), D_dec]
+        return audio, self.projector.output_lengths(frame_lengths).clamp(max=audio.shape[1])
+
+    def assemble(self, audio: torch.Tensor, audio_lengths: torch.Tensor, targets: list[list[int]] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Splice audio embeddings into the chat prompt, one row per clip.
+
+        Args:
+            audio: ``[B, N, D]`` projected audio; row i is valid for ``audio_lengths[i]`` positions.
+            audio_lengths: ``[B]``.
+            targets: token ids to append after the prompt (training); ``None`` for generation.
+
+        Returns:
+            ``embeds [B, L, D]``, ``attention_mask [B, L]`` and ``labels [B, L]`` (``-100`` except on
+            targets). Training rows are right-padded; generation rows are left-padded so that every
+            row's next token is at the end.
+        """
+        embed = self.decoder.get_input_embeddings()
+        device = audio.device
+        prefix = embed(torch.tensor(self.prompt.prefix_ids, device=device))  # [P, D]
+        suffix = embed(torch.tensor(self.prompt.suffix_ids, device=device))  # [S, D]
+        targets = targets or [[] for _ in range(len(audio))]
+        target_embeds = [embed(torch.tensor(t, dtype=torch.long, device=device)) for t in targets]
+        rows, labels = [], []
+        for i, n in enumerate(audio_lengths.tolist()):
+            rows.append(torch.cat([prefix, audio[i, :n].to(prefix.dtype), suffix, target_embeds[i]]))
+            labels.append(torch.tensor([IGNORE] * (len(prefix) + n + len(suffix)) + targets[i], device=device))
+        length = max(len(r) for r in rows)
+        left = not any(targets)
+        embeds = audio.new_zeros(len(rows), length, prefix.shape[1], dtype=prefix.dtype)
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=device)
+        label_pad = torch.full((len(rows), length), IGNORE, dtype=torch.long, device=device)
+        for i, (row, label) in enumerate(zip(rows, labels)):
+            span = slice(length - len(row), length) if left else slice(0, len(row))
+            embeds[i, span], mask[i, span], label_pad[i, span] = row, 1, label
+        return embeds, mask, label_pad
+
+    def target_ids(self, texts: list[str]) -> list[list[int]]:
+        """Transcript tokens followed by the end-of-turn token."""
+        return [ids + self.prompt.end_ids for ids in self.tokenizer(texts, add_special_tokens=False).input_ids]
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean next-token loss over the transcript tokens of the batch."""
+        audio, audio_lengths = self.embed_audio(batch["features"], batch["feature_lengths"])
+        embeds, mask, labels = self.assemble(audio, audio_lengths, self.target_ids(batch["text"]))
+        hidden = self.decoder.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # [B, L, D]
+        next_labels = labels[:, 1:]  # position t predicts token t + 1
+        labelled = next_labels != IGNORE
+        logits = self.decoder.get_output_embeddings()(hidden[:, :-1][labelled])  # [N_labelled, V] only
+        return F.cross_entropy(logits.float(), next_labels[labelled])
+
+    @torch.no_grad()
+    def transcribe(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> list[str]:
+        """Greedy batched decoding of a padded batch; returns one string per clip."""
+        audio, audio_lengths = self.embed_audio(features, feature_lengths)
+        embeds, mask, _ = self.assemble(audio, audio_lengths)
+        config = GenerationConfig(max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
+                                  eos_token_id=self.prompt.end_ids[0],
+                                  pad_token_id=self.tokenizer.pad_token_id or self.prompt.end_ids[0])
+        tokens = self.decoder.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+        return [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    # -------------------------------------------------------------------------------------- training
+    def on_train_epoch_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
+
+    def _log_skipped(self, batch: dict[str, Any]) -> None:
+        for reason, count in batch["skipped"].items():
+            self.log(f"data/skipped/{reason}", float(count), reduce_fx="sum", on_step=False, on_epoch=True)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self._log_skipped(batch)
+        if not batch["text"]:
+            return None
+        loss = self(batch)
+        size = len(batch["text"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=size)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.projector.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if not batch["text"]:
+            return
+        size = len(batch["text"])
+        self.log("val/loss", self(batch), batch_size=size, sync_dist=True)
+        hypotheses = self.transcribe(batch["features"], batch["feature_lengths"])
+        self.wer.update([normalize_for_wer(h) for h in hypotheses], [normalize_for_wer(r) for r in batch["text"]])
+        self.log("val/wer", self.wer, batch_size=size)
+        room = self.hparams.num_logged_examples - len(self._examples)
+        self._examples += list(zip(batch["id"], batch["text"], hypotheses))[:max(0, room)]
+
+    def on_validation_epoch_end(self) -> None:
+        if self._examples and isinstance(self.logger, TensorBoardLogger):
+            rows = "\n".join(f"| {i} | {r} | {h} |" for i, r, h in self._examples)
+            self.logger.experiment.add_text("val/examples", "| id | reference | hypothesis |\n|---|---|---|\n" + rows,
+                                            self.global_step)
+        self._examples = []
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("set trainer.max_steps: a streaming dataset has no length, so the LR schedule "
+                             "cannot be sized from epochs")
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay,
+                                      fused=self.device.type == "cuda")
+        schedule = partial(warmup_cosine, warmup_steps=self.hparams.warmup_steps, total_steps=int(total),
+                           min_ratio=self.hparams.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trained weights: the frozen models are reloaded from their names."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        expected = {name for name, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(expected - checkpoint["state_dict"].keys())
+        if missing:
+            raise KeyError(f"checkpoint lacks trained weights {missing[:5]}{'...' if len(missing) > 5 else ''}: "
+                           "was it written with a different projector configuration?")
+
