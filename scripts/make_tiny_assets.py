@@ -12,7 +12,8 @@ versions of everything the production recipe downloads:
   chat-formatted sentences, so that, like a real instruct model, it answers in the assistant turn
   and stops with ``<|im_end|>``.
 - ``assets/tiny-whisper``: a full Whisper-architecture checkpoint (encoder and decoder, as
-  ``openai/whisper-large-v3-turbo`` is published) with random weights and 128 mel bins.
+  ``openai/whisper-large-v3-turbo`` is published), 128 mel bins, the encoder pretrained briefly with
+  character CTC on other synthesized sentences (the decoder stays random: it is never used).
 - ``assets/tiny-hubert``: a HuBERT-architecture CTC checkpoint (as ``facebook/hubert-xlarge-ls960-ft``
   is published) with random weights and the real 320x convolutional downsampling (50 frames/s).
 
@@ -110,8 +111,21 @@ CHAT_TEMPLATE = (
 )
 
 
+def chat(text: str, show_text: bool) -> list[dict[str, str]]:
+    """A transcription chat whose user turn holds the text itself (``show_text``) or the bare placeholder."""
+    request = f"Transcribe: {text}" if show_text else "Transcribe: <audio>"
+    return [{"role": "system", "content": "/no_think"}, {"role": "user", "content": request},
+            {"role": "assistant", "content": text}]
+
+
 def make_decoder(steps: int = 1500) -> None:
-    """Train a byte-level BPE tokenizer and pretrain a tiny SmolLM3 on chat-formatted sentences."""
+    """Train a byte-level BPE tokenizer and pretrain a tiny SmolLM3 on chat-formatted sentences.
+
+    Most examples ask it to repeat a sentence written in the user turn, the rest show only the
+    placeholder: like a real instruct LLM, it learns to read its context, answer in the assistant
+    turn and stop, and it knows the language of the grammar. The projector then has to put the
+    sentence's content where the placeholder is, which is the real task in miniature.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, SmolLM3Config, SmolLM3ForCausalLM
 
@@ -137,9 +151,8 @@ def make_decoder(steps: int = 1500) -> None:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()
     for step in range(steps):
-        texts = [tokenizer.apply_chat_template(
-            [{"role": "system", "content": "/no_think"}, {"role": "user", "content": "Transcribe: <audio>"},
-             {"role": "assistant", "content": rng.choice(corpus)}], tokenize=False) for _ in range(32)]
+        texts = [tokenizer.apply_chat_template(chat(rng.choice(corpus), rng.random() < 0.75), tokenize=False)
+                 for _ in range(32)]
         batch = tokenizer(texts, return_tensors="pt", padding=True)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss
@@ -156,20 +169,63 @@ def make_decoder(steps: int = 1500) -> None:
     print(f"decoder: {sum(p.numel() for p in model.parameters()):,} parameters in {out}")
 
 
-def make_whisper() -> None:
-    """A Whisper-architecture checkpoint with random weights (full model, like the hub's)."""
+def make_whisper(steps: int = 800) -> None:
+    """A full Whisper-architecture checkpoint whose encoder is pretrained briefly with CTC on synthesized speech.
+
+    The real encoder arrives pretrained; a random one would make the smoke run a test of memorising
+    noise. A few minutes of character CTC on fresh espeak-ng sentences (not the dataset's clips)
+    gives the tiny encoder frames that carry phonetic content, as Whisper's do.
+    """
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
+    from tiny_audio_pl.data import collate
+    from tiny_audio_pl.encoder import AudioEncoder
+
+    rng = random.Random(2)
     torch.manual_seed(2)
-    config = WhisperConfig(vocab_size=64, num_mel_bins=128, d_model=64, encoder_layers=2, encoder_attention_heads=4,
-                           encoder_ffn_dim=256, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=128,
+    config = WhisperConfig(vocab_size=64, num_mel_bins=128, d_model=96, encoder_layers=3, encoder_attention_heads=4,
+                           encoder_ffn_dim=384, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=128,
                            max_source_positions=1500, max_target_positions=64, pad_token_id=0, bos_token_id=1,
                            eos_token_id=2, decoder_start_token_id=1, suppress_tokens=None, begin_suppress_tokens=None)
+    extractor = WhisperFeatureExtractor(feature_size=128)
     out = ASSETS / "tiny-whisper"
     shutil.rmtree(out, ignore_errors=True)
     WhisperForConditionalGeneration(config).save_pretrained(out)
-    WhisperFeatureExtractor(feature_size=128).save_pretrained(out)
-    print(f"whisper: {out}")
+    extractor.save_pretrained(out)
+
+    alphabet = " abcdefghijklmnopqrstuvwxyz"  # CTC blank is index 0, characters 1..27
+    clips = []
+    for _ in range(600):
+        text = sentence(rng)
+        audio = synthesize(text, rng.choice(VOICES)[0], speed=rng.randint(140, 200))
+        features = extractor(audio, sampling_rate=SAMPLE_RATE, padding="longest", return_tensors="np")
+        clips.append(({"features": features["input_features"][0], "text": text, "id": "", "skip": ""},
+                      torch.tensor([alphabet.index(c) + 1 for c in text])))
+    encoder = AudioEncoder(str(out))
+    head = torch.nn.Linear(encoder.dim, len(alphabet) + 1)
+    params = list(encoder.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    encoder.train()
+    for step in range(steps):
+        picked = rng.sample(clips, 16)
+        batch = collate([example for example, _ in picked])
+        frames, lengths = encoder(batch["features"], batch["feature_lengths"])  # [B, T, D]
+        log_probs = head(frames).log_softmax(-1).transpose(0, 1)  # [T, B, C]
+        targets = [labels for _, labels in picked]
+        loss = torch.nn.functional.ctc_loss(log_probs, torch.cat(targets), lengths,
+                                            torch.tensor([len(t) for t in targets]), zero_infinity=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"whisper encoder step {step} ctc loss {loss.item():.3f}")
+    full = WhisperForConditionalGeneration.from_pretrained(out)
+    full.model.encoder.load_state_dict(encoder.model.state_dict())
+    full.save_pretrained(out)
+    print(f"whisper: {sum(p.numel() for p in encoder.parameters()):,} encoder parameters in {out}")
 
 
 def make_hubert() -> None:

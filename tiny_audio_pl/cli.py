@@ -22,7 +22,7 @@ from tiny_audio_pl.data import SpeechDataModule
 from tiny_audio_pl.model import SpeechLLM
 
 LOGGER = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-          "init_args": {"save_dir": ".", "name": "lightning_logs"}}
+          "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False}}
 
 
 def find_last_checkpoint(checkpoint_dir: str | None, logger: Namespace | None) -> Path | None:

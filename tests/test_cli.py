@@ -1,0 +1,98 @@
+"""The real ``tiny-audio`` command on the tiny assets: configs parse, fit, validate, resume."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT
+from tiny_audio_pl.cli import main
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def _print_config(capsys, *configs: Path) -> dict:
+    args = ["fit"] + [a for c in configs for a in ("-c", str(c))] + ["--print_config"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(config, capsys):
+    printed = _print_config(capsys, config)
+    assert printed["model"]["encoder"] and printed["data"]["dataset"]
+    assert printed["data"]["encoder"] == printed["model"]["encoder"]  # linked
+
+
+def test_whisper_config_is_the_production_recipe(capsys):
+    c = _print_config(capsys, ROOT / "configs" / "whisper.yaml")
+    assert c["model"]["encoder"] == "openai/whisper-large-v3-turbo"
+    assert c["model"]["decoder"] == "HuggingFaceTB/SmolLM3-3B"
+    assert "/no_think" in c["model"]["system_prompt"]
+    assert (c["model"]["projector_stack"], c["model"]["projector_hidden"]) == (2, 5120)
+    assert (c["model"]["learning_rate"], c["model"]["warmup_steps"]) == (1e-4, 500)
+    assert (c["data"]["dataset"], c["data"]["config_name"]) == ("speechbrain/LoquaciousSet", "large")
+    assert (c["data"]["train_split"], c["data"]["val_split"], c["data"]["batch_size"]) == ("train", "dev", 8)
+    t = c["trainer"]
+    assert (t["precision"], t["accumulate_grad_batches"], t["max_steps"]) == ("bf16-mixed", 4, 10_000)
+    assert c["checkpoint"]["every_n_train_steps"] == 1000 and c["checkpoint"]["save_last"] is True
+    assert t["logger"]["init_args"]["name"] == "lightning_logs"
+
+
+def test_hubert_and_mac_configs_compose(capsys):
+    hubert = _print_config(capsys, ROOT / "configs" / "hubert.yaml")
+    assert hubert["model"]["encoder"] == "facebook/hubert-xlarge-ls960-ft"
+    mac = _print_config(capsys, ROOT / "configs" / "whisper.yaml", ROOT / "configs" / "mac.yaml")
+    assert mac["trainer"]["accelerator"] == "mps" and mac["model"]["decoder"] == "HuggingFaceTB/SmolLM3-3B"
+
+
+def _run(workdir: Path, *args: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "tiny_audio_pl.cli", *args], cwd=workdir, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def test_fit_validate_and_resume_on_the_tiny_assets(tmp_path):
+    (tmp_path / "assets").symlink_to(ROOT / "assets")
+    smoke = str(ROOT / "configs" / "smoke.yaml")
+    quick = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--data.max_eval_samples", "4",
+             "--checkpoint.every_n_train_steps", "2"]
+    out = _run(tmp_path, "fit", "-c", smoke, *quick)
+    assert "assets/tiny-whisper (frozen)" in out and "trainable" in out
+
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert list(run.glob("events.out.tfevents.*"))
+    last = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 4
+    assert checkpoint["state_dict"] and all(k.startswith("projector.") for k in checkpoint["state_dict"])
+    assert "optimizer_states" in checkpoint and "lr_schedulers" in checkpoint
+    projector_bytes = sum(v.numel() * v.element_size() for v in checkpoint["state_dict"].values())
+    assert last.stat().st_size < 4 * projector_bytes + 1_000_000  # weights + Adam moments + loop state
+
+    out = _run(tmp_path, "validate", "-c", smoke, "--data.max_eval_samples", "4", "--ckpt_path", str(last))
+    assert "val/wer" in out
+
+    out = _run(tmp_path, "fit", "-c", smoke, *quick[2:], "--trainer.max_steps", "6", "--trainer.val_check_interval",
+               "6", "--ckpt_path", "last")
+    assert f"resuming from {Path('lightning_logs/version_0/checkpoints/last.ckpt')}" in out
+    resumed = torch.load(last, map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 6  # continued from step 4 in the same run folder
+    assert not (tmp_path / "lightning_logs" / "version_2").exists()
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    (tmp_path / "assets").symlink_to(ROOT / "assets")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "tiny_audio_pl.cli", "fit", "-c", str(ROOT / "configs" / "smoke.yaml"),
+                             "--ckpt_path", "last"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "no last.ckpt" in result.stderr

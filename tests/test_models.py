@@ -1,0 +1,91 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import DECODER, HUBERT, WHISPER
+from tiny_audio_pl.encoder import AudioEncoder
+from tiny_audio_pl.model import IGNORE, ChatPrompt
+
+
+@pytest.mark.parametrize("path, prefix", [(WHISPER, "model.encoder."), (HUBERT, "hubert.")])
+def test_encoder_weights_are_the_checkpoints(path, prefix):
+    """transformers 5 can silently leave a Whisper encoder random: compare every tensor to the file."""
+    saved = {k[len(prefix):]: v for k, v in load_file(f"{path}/model.safetensors").items() if k.startswith(prefix)}
+    loaded = AudioEncoder(path).model.state_dict()
+    assert saved, "no encoder tensors found in the checkpoint"
+    common = saved.keys() & loaded.keys()
+    assert len(common) >= len(saved) - 1  # HuBERT's unused masked_spec_embed may be absent
+    for key in common:
+        assert torch.equal(loaded[key], saved[key]), key
+
+
+def test_chat_prompt_splits_the_template_at_the_audio(tiny_model):
+    tokenizer = tiny_model.tokenizer
+    prompt = ChatPrompt(tokenizer, "/no_think", "Transcribe: <audio>")
+    prefix = tokenizer.decode(prompt.prefix_ids)
+    suffix = tokenizer.decode(prompt.suffix_ids)
+    assert prefix == "<|im_start|>system\n/no_think<|im_end|>\n<|im_start|>user\nTranscribe: "
+    assert suffix == "<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.convert_ids_to_tokens(prompt.end_ids) == ["<|im_end|>"]
+    with pytest.raises(ValueError, match="exactly once"):
+        ChatPrompt(tokenizer, "", "Transcribe this")
+
+
+def test_labels_cover_only_the_transcript_and_end_of_turn(tiny_model):
+    audio = torch.randn(2, 5, tiny_model.decoder.config.hidden_size)
+    targets = tiny_model.target_ids(["the red fox", "a dog"])
+    embeds, mask, labels = tiny_model.assemble(audio, torch.tensor([5, 3]), targets)
+    prompt_len = len(tiny_model.prompt.prefix_ids) + len(tiny_model.prompt.suffix_ids)
+    for i, n in enumerate([5, 3]):
+        start = prompt_len + n
+        assert labels[i, :start].eq(IGNORE).all()
+        assert labels[i, start:start + len(targets[i])].tolist() == targets[i]
+        assert labels[i, start + len(targets[i]):].eq(IGNORE).all()  # right padding
+        assert mask[i].sum() == start + len(targets[i])
+        # the audio sits right after the prefix
+        p = len(tiny_model.prompt.prefix_ids)
+        assert torch.equal(embeds[i, p:p + n], audio[i, :n])
+    assert tiny_model.tokenizer.decode(targets[0]) == "the red fox<|im_end|>"
+
+
+def test_loss_equals_full_vocabulary_loss(tiny_model, dev_batch):
+    """Computing the LM head only at labelled positions gives the same objective as the full logits."""
+    with torch.no_grad():
+        loss = tiny_model(dev_batch)
+        audio, lengths = tiny_model.embed_audio(dev_batch["features"], dev_batch["feature_lengths"])
+        embeds, mask, labels = tiny_model.assemble(audio, lengths, tiny_model.target_ids(dev_batch["text"]))
+        logits = tiny_model.decoder(inputs_embeds=embeds, attention_mask=mask).logits  # [B, L, V]
+        full = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    assert loss.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_batched_decoding_equals_one_by_one(tiny_model, dev_batch):
+    batched = tiny_model.transcribe(dev_batch["features"], dev_batch["feature_lengths"])
+    single = [tiny_model.transcribe(dev_batch["features"][i:i + 1, :, :n], dev_batch["feature_lengths"][i:i + 1])[0]
+              for i, n in enumerate(dev_batch["feature_lengths"].tolist())]
+    assert len(set(dev_batch["feature_lengths"].tolist())) > 1  # the batch really is padded
+    assert any(batched)
+    assert batched == single
+
+
+def test_frozen_models_stay_frozen_in_train_mode(tiny_model):
+    tiny_model.train()
+    try:
+        assert not tiny_model.encoder.training and not tiny_model.decoder.training
+        assert tiny_model.projector.training
+        assert all(not p.requires_grad for p in tiny_model.encoder.parameters())
+        assert all(not p.requires_grad for p in tiny_model.decoder.parameters())
+        assert all(p.requires_grad for p in tiny_model.projector.parameters())
+    finally:
+        tiny_model.eval()
+
+
+def test_hubert_encoder_runs_through_the_same_model():
+    from tiny_audio_pl.model import SpeechLLM
+
+    model = SpeechLLM(encoder=HUBERT, decoder=DECODER, projector_hidden=32)
+    waveform = torch.randn(2, 16_000)
+    loss = model({"features": waveform, "feature_lengths": torch.tensor([16_000, 12_000]), "text": ["a", "b c"]})
+    loss.backward()
+    assert torch.isfinite(loss) and model.projector.gate.weight.grad is not None
