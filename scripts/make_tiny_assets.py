@@ -118,7 +118,7 @@ def chat(text: str, show_text: bool) -> list[dict[str, str]]:
             {"role": "assistant", "content": text}]
 
 
-def make_decoder(steps: int = 1500) -> None:
+def make_decoder(steps: int = 2500) -> None:
     """Train a byte-level BPE tokenizer and pretrain a tiny SmolLM3 on chat-formatted sentences.
 
     Most examples ask it to repeat a sentence written in the user turn, the rest show only the
@@ -151,10 +151,13 @@ def make_decoder(steps: int = 1500) -> None:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()
     for step in range(steps):
-        texts = [tokenizer.apply_chat_template(chat(rng.choice(corpus), rng.random() < 0.75), tokenize=False)
-                 for _ in range(32)]
-        batch = tokenizer(texts, return_tensors="pt", padding=True)
+        chats = [chat(rng.choice(corpus), rng.random() < 0.8) for _ in range(32)]
+        batch = tokenizer([tokenizer.apply_chat_template(c, tokenize=False) for c in chats], return_tensors="pt",
+                          padding=True)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        for row, c in zip(labels, chats):  # learn the answer, not the (unpredictable) question
+            prompt = tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False)
+            row[: len(tokenizer(prompt).input_ids)] = -100
         loss = model(**batch, labels=labels).loss
         loss.backward()
         optimizer.step()

@@ -12,6 +12,7 @@ LightningCLI it adds three things:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -65,8 +66,12 @@ class TinyAudioCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``tiny-audio``."""
+    # The frozen encoder and decoder are in eval mode on purpose (no dropout).
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+    warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated")  # torchdata 0.11 on torch >= 2.9
+    # The model builds its own optimizer over the projector alone, so no --optimizer / --lr_scheduler.
     TinyAudioCLI(SpeechLLM, SpeechDataModule, args=args, trainer_defaults={"logger": LOGGER},
-                 save_config_kwargs={"overwrite": True})
+                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
 
 
 if __name__ == "__main__":
