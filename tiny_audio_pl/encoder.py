@@ -26,17 +26,18 @@ from transformers import AutoConfig, AutoModel
 class AudioEncoder(nn.Module):
     """Wraps a pretrained encoder; maps padded features plus lengths to frames plus lengths."""
 
-    def __init__(self, name: str, full_window: bool = False) -> None:
+    def __init__(self, name: str, full_window: bool = False, dtype: torch.dtype = torch.float32) -> None:
         """Load the encoder.
 
         Args:
             name: hub id or local directory of a Whisper, HuBERT, wav2vec2, WavLM or data2vec-audio checkpoint.
             full_window: Whisper only: pad every clip to the full 30 s window as in pretraining.
+            dtype: dtype of the weights (features are cast to it on the way in).
         """
         super().__init__()
         config = AutoConfig.from_pretrained(name)
         self.is_whisper = config.model_type == "whisper"
-        model = AutoModel.from_pretrained(name)
+        model = AutoModel.from_pretrained(name, dtype=dtype)
         self.model = model.get_encoder() if self.is_whisper else model
         if not self.is_whisper and not hasattr(self.model, "_get_feat_extract_output_lengths"):
             raise ValueError(f"unsupported encoder type '{config.model_type}' ({name}): use a Whisper checkpoint or "
@@ -63,6 +64,7 @@ class AudioEncoder(nn.Module):
             ``frames [B, T_enc, D]`` and ``frame_lengths [B]``; frames past a clip's length are padding.
         """
         lengths = self.frame_lengths(feature_lengths)
+        features = features.to(self.model.dtype)
         if not self.is_whisper:
             mask = torch.arange(features.shape[-1], device=features.device) < feature_lengths[:, None]
             out = self.model(features, attention_mask=mask.long() if self.use_waveform_mask else None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,7 @@ class SpeechLLM(LightningModule):
         warmup_steps: int = 500,
         min_lr_ratio: float = 0.0,
         whisper_full_window: bool = False,
+        frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         num_logged_examples: int = 8,
     ) -> None:
         """Load the frozen models and build the projector.
@@ -107,14 +108,17 @@ class SpeechLLM(LightningModule):
             min_lr_ratio: the cosine decays to ``learning_rate * min_lr_ratio`` at the last step.
             whisper_full_window: feed Whisper every clip padded to 30 s, as in its pretraining (slower);
                 by default each batch is padded only to its longest clip.
+            frozen_dtype: dtype the frozen encoder and decoder are held in (``bfloat16`` halves their
+                memory on a GPU; the projector always keeps float32 weights).
             num_logged_examples: decoded validation examples (reference vs hypothesis) sent to TensorBoard.
         """
         super().__init__()
         if projector_stack < 1:
             raise ValueError(f"model.projector_stack must be >= 1, got {projector_stack}")
         self.save_hyperparameters()
-        self.encoder = AudioEncoder(encoder, full_window=whisper_full_window)
-        self.decoder = AutoModelForCausalLM.from_pretrained(decoder)
+        dtype = getattr(torch, frozen_dtype)
+        self.encoder = AudioEncoder(encoder, full_window=whisper_full_window, dtype=dtype)
+        self.decoder = AutoModelForCausalLM.from_pretrained(decoder, dtype=dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(decoder)
         self.prompt = ChatPrompt(self.tokenizer, system_prompt, prompt)
         embeddings = self.decoder.get_input_embeddings().weight
@@ -151,7 +155,7 @@ class SpeechLLM(LightningModule):
         """Features -> projected audio embeddings ``[B, N, D_dec]`` and valid token counts ``[B]``."""
         with torch.no_grad():
             frames, frame_lengths = self.encoder(features, feature_lengths)  # [B, T, D_enc]
-        audio = self.projector(frames)  # [B, ceil(T/k), D_dec]
+        audio = self.projector(frames.float())  # [B, ceil(T/k), D_dec]; autocast picks the matmul dtype
         return audio, self.projector.output_lengths(frame_lengths).clamp(max=audio.shape[1])
 
     def assemble(self, audio: torch.Tensor, audio_lengths: torch.Tensor, targets: list[list[int]] | None = None
@@ -262,8 +266,9 @@ class SpeechLLM(LightningModule):
             raise ValueError("set trainer.max_steps: a streaming dataset has no length, so the LR schedule "
                              "cannot be sized from epochs")
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay,
-                                      fused=self.device.type == "cuda")
+        # Not fused: Lightning refuses gradient clipping with a fused optimizer under mixed precision,
+        # and the projector's optimizer step is a negligible part of a step either way.
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
         schedule = partial(warmup_cosine, warmup_steps=self.hparams.warmup_steps, total_steps=int(total),
                            min_ratio=self.hparams.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
