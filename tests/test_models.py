@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import DECODER, HUBERT, WHISPER
+from conftest import DECODER, HUBERT, SPEECH, WHISPER
 from tiny_audio_pl.encoder import AudioEncoder
 from tiny_audio_pl.model import IGNORE, ChatPrompt
 
@@ -89,3 +89,21 @@ def test_hubert_encoder_runs_through_the_same_model():
     loss = model({"features": waveform, "feature_lengths": torch.tensor([16_000, 12_000]), "text": ["a", "b c"]})
     loss.backward()
     assert torch.isfinite(loss) and model.projector.gate.weight.grad is not None
+
+
+@pytest.mark.parametrize("path", [WHISPER, HUBERT])
+def test_encoding_does_not_depend_on_batch_padding(path):
+    """Padded frames are masked in attention and zeroed in the output, so frame stacking cannot leak them."""
+    from tiny_audio_pl.data import SpeechDataModule
+
+    data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=4, num_workers=0, encoder=path)
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    encoder = AudioEncoder(path).eval()
+    with torch.no_grad():
+        frames, lengths = encoder(batch["features"], batch["feature_lengths"])
+        for i, n in enumerate(batch["feature_lengths"].tolist()):
+            alone, alone_length = encoder(batch["features"][i:i + 1, ..., :n], batch["feature_lengths"][i:i + 1])
+            assert alone_length.item() == lengths[i] == alone.shape[1]
+            assert torch.allclose(alone[0], frames[i, :lengths[i]], atol=1e-4)
+            assert frames[i, lengths[i]:].eq(0).all()

@@ -61,17 +61,21 @@ class AudioEncoder(nn.Module):
             feature_lengths: ``[B]`` valid mel frames or samples.
 
         Returns:
-            ``frames [B, T_enc, D]`` and ``frame_lengths [B]``; frames past a clip's length are padding.
+            ``frames [B, T_enc, D]`` and ``frame_lengths [B]``; frames past a clip's length are zero.
         """
-        lengths = self.frame_lengths(feature_lengths)
         features = features.to(self.model.dtype)
         if not self.is_whisper:
             mask = torch.arange(features.shape[-1], device=features.device) < feature_lengths[:, None]
-            out = self.model(features, attention_mask=mask.long() if self.use_waveform_mask else None)
-            return out.last_hidden_state, lengths
-        if self.full_window:
-            return self._whisper_full_window(features, feature_lengths), lengths
-        return self._whisper_trimmed(features, feature_lengths), lengths
+            frames = self.model(features, attention_mask=mask.long() if self.use_waveform_mask else None)
+            frames = frames.last_hidden_state
+        elif self.full_window:
+            frames = self._whisper_full_window(features, feature_lengths)
+        else:
+            frames = self._whisper_trimmed(features, feature_lengths)
+        lengths = self.frame_lengths(feature_lengths)
+        # Zero the padding: frame stacking would otherwise mix it into a clip's last audio token.
+        valid = torch.arange(frames.shape[1], device=frames.device) < lengths[:, None]  # [B, T_enc]
+        return frames * valid.unsqueeze(-1), lengths
 
     def _whisper_trimmed(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
         """Whisper's encoder over the batch's own length, with padding masked (see module docstring)."""
