@@ -8,16 +8,17 @@ versions of everything the production recipe downloads:
   with ``train`` and ``dev`` splits. Sentences come from a small grammar so the decoder cannot
   guess them: the audio has to carry the words.
 - ``assets/tiny-smollm3``: a SmolLM3-architecture decoder with a byte-level BPE tokenizer trained
-  on the grammar's text and a ChatML chat template, pretrained briefly as a language model on
-  chat-formatted sentences, so that, like a real instruct model, it answers in the assistant turn
-  and stops with ``<|im_end|>``.
+  on the grammar's text and a ChatML chat template, pretrained briefly to repeat a sentence shown in
+  its context (see ``make_decoder``), so that, like a real instruct model, it can read its input,
+  answers in the assistant turn and stops with ``<|im_end|>``.
 - ``assets/tiny-whisper``: a full Whisper-architecture checkpoint (encoder and decoder, as
   ``openai/whisper-large-v3-turbo`` is published), 128 mel bins, the encoder pretrained briefly with
   character CTC on other synthesized sentences (the decoder stays random: it is never used).
 - ``assets/tiny-hubert``: a HuBERT-architecture CTC checkpoint (as ``facebook/hubert-xlarge-ls960-ft``
   is published) with random weights and the real 320x convolutional downsampling (50 frames/s).
 
-Everything is seeded; needs ``espeak-ng`` (``apt-get install espeak-ng``). Usage::
+Everything is seeded (CPU, one thread); needs ``espeak-ng`` (``apt-get install espeak-ng``) and the
+package installed (``pip install -e .``), whose prompt and encoder code the pretraining reuses. Usage::
 
     python scripts/make_tiny_assets.py            # all assets
     python scripts/make_tiny_assets.py speech     # one of: speech, decoder, whisper, hubert
@@ -111,23 +112,21 @@ CHAT_TEMPLATE = (
 )
 
 
-def chat(text: str, show_text: bool) -> list[dict[str, str]]:
-    """A transcription chat whose user turn holds the text itself (``show_text``) or the bare placeholder."""
-    request = f"Transcribe: {text}" if show_text else "Transcribe: <audio>"
-    return [{"role": "system", "content": "/no_think"}, {"role": "user", "content": request},
-            {"role": "assistant", "content": text}]
-
-
 def make_decoder(steps: int = 2500) -> None:
-    """Train a byte-level BPE tokenizer and pretrain a tiny SmolLM3 on chat-formatted sentences.
+    """Train a byte-level BPE tokenizer and pretrain a tiny SmolLM3 as a transcription-style chat model.
 
-    Most examples ask it to repeat a sentence written in the user turn, the rest show only the
-    placeholder: like a real instruct LLM, it learns to read its context, answer in the assistant
-    turn and stop, and it knows the language of the grammar. The projector then has to put the
-    sentence's content where the placeholder is, which is the real task in miniature.
+    A real instruct LLM can read a sentence from its context, however it is presented, and repeat it
+    in its answer; that is what lets a projector teach it to read audio. The tiny decoder learns the
+    same in miniature: the user turn ``Transcribe: X`` holds the sentence's tokens (30 %), the same
+    tokens each repeated 1-5 times (50 %, so it learns to read slow, stretched input as audio
+    embeddings are), or the bare ``<audio>`` placeholder (20 %, so it knows the language of the
+    grammar), and the assistant answers with the sentence and ``<|im_end|>``. The loss is on the
+    answer only.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, SmolLM3Config, SmolLM3ForCausalLM
+
+    from tiny_audio_pl.model import ChatPrompt
 
     rng = random.Random(1)
     torch.manual_seed(1)
@@ -141,6 +140,16 @@ def make_decoder(steps: int = 2500) -> None:
         vocab_size=512, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=None, eos_token="<|im_end|>",
                                         pad_token="<|pad|>", chat_template=CHAT_TEMPLATE)
+    prompt = ChatPrompt(tokenizer, "/no_think", "Transcribe: <audio>")
+    placeholder = tokenizer("<audio>", add_special_tokens=False).input_ids
+
+    def example() -> tuple[list[int], list[int]]:
+        ids = tokenizer(rng.choice(corpus), add_special_tokens=False).input_ids
+        draw = rng.random()
+        shown = placeholder if draw < 0.2 else ids if draw < 0.5 else [i for i in ids for _ in range(rng.randint(1, 5))]
+        context = prompt.prefix_ids + shown + prompt.suffix_ids
+        answer = ids + prompt.end_ids
+        return context + answer, [-100] * len(context) + answer
 
     config = SmolLM3Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -151,14 +160,11 @@ def make_decoder(steps: int = 2500) -> None:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()
     for step in range(steps):
-        chats = [chat(rng.choice(corpus), rng.random() < 0.8) for _ in range(32)]
-        batch = tokenizer([tokenizer.apply_chat_template(c, tokenize=False) for c in chats], return_tensors="pt",
-                          padding=True)
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        for row, c in zip(labels, chats):  # learn the answer, not the (unpredictable) question
-            prompt = tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False)
-            row[: len(tokenizer(prompt).input_ids)] = -100
-        loss = model(**batch, labels=labels).loss
+        rows = [example() for _ in range(32)]
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.tensor([ids + [config.pad_token_id] * (width - len(ids)) for ids, _ in rows])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+        loss = model(input_ids=input_ids, attention_mask=input_ids != config.pad_token_id, labels=labels).loss
         loss.backward()
         optimizer.step()
         schedule.step()

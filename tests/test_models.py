@@ -107,3 +107,24 @@ def test_encoding_does_not_depend_on_batch_padding(path):
             assert alone_length.item() == lengths[i] == alone.shape[1]
             assert torch.allclose(alone[0], frames[i, :lengths[i]], atol=1e-4)
             assert frames[i, lengths[i]:].eq(0).all()
+
+
+def test_whisper_full_window_switch_pads_to_thirty_seconds(dev_batch):
+    trimmed, full = AudioEncoder(WHISPER).eval(), AudioEncoder(WHISPER, full_window=True).eval()
+    with torch.no_grad():
+        short, lengths = trimmed(dev_batch["features"], dev_batch["feature_lengths"])
+        window, window_lengths = full(dev_batch["features"], dev_batch["feature_lengths"])
+    assert short.shape[1] == dev_batch["features"].shape[-1] // 2 < 1500 == window.shape[1]
+    assert torch.equal(lengths, window_lengths)
+    assert window[:, lengths.max():].eq(0).all()  # only each clip's own frames go on to the projector
+    assert not torch.allclose(window[0, :lengths[0]], short[0, :lengths[0]], atol=1e-3)  # attends to the silence
+
+
+def test_bf16_frozen_models_train_the_projector(dev_batch):
+    from tiny_audio_pl.model import SpeechLLM
+
+    model = SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=32, frozen_dtype="bfloat16")
+    assert model.decoder.dtype == torch.bfloat16 and model.projector.gate.weight.dtype == torch.float32
+    loss = model(dev_batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.projector.down.weight.grad.abs().sum() > 0

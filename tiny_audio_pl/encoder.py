@@ -17,31 +17,60 @@ Both kinds produce about 50 frames per second. Two things need care:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants as hub_constants
 from torch import nn
 from transformers import AutoConfig, AutoModel
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+
+@contextmanager
+def explained_loading(name: str, what: str) -> Iterator[None]:
+    """Turn transformers' errors for an unreachable model into one line that says what to change."""
+    try:
+        yield
+    except OSError as error:
+        if Path(name).is_dir():
+            raise
+        why = ("HF_HUB_OFFLINE is set, so only local directories and already-cached models can be used"
+               if hub_constants.HF_HUB_OFFLINE else
+               "the hub could not be reached or has no such repository (gated models also need HF_TOKEN)")
+        raise OSError(f"cannot load the {what} '{name}': it is not a local directory, and {why}. "
+                      "Pass a local directory (e.g. assets/tiny-whisper) or a reachable hub id.") from error
 
 
 class AudioEncoder(nn.Module):
     """Wraps a pretrained encoder; maps padded features plus lengths to frames plus lengths."""
 
-    def __init__(self, name: str, full_window: bool = False, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, name: str, full_window: bool = False, dtype: torch.dtype = torch.float32,
+                 trust_remote_code: bool = False) -> None:
         """Load the encoder.
 
         Args:
             name: hub id or local directory of a Whisper, HuBERT, wav2vec2, WavLM or data2vec-audio checkpoint.
             full_window: Whisper only: pad every clip to the full 30 s window as in pretraining.
             dtype: dtype of the weights (features are cast to it on the way in).
+            trust_remote_code: allow the checkpoint to run its own Python code.
         """
         super().__init__()
-        config = AutoConfig.from_pretrained(name)
+        with explained_loading(name, "encoder"):
+            config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
         self.is_whisper = config.model_type == "whisper"
-        model = AutoModel.from_pretrained(name, dtype=dtype)
+        unsupported = ValueError(f"unsupported encoder type '{config.model_type}' ({name}): use a Whisper checkpoint "
+                                 "or a waveform encoder such as HuBERT, wav2vec2, WavLM or data2vec-audio")
+        known_class = MODEL_MAPPING.get(type(config), None)  # None for remote code: checked once loaded
+        if not self.is_whisper and known_class and not hasattr(known_class, "_get_feat_extract_output_lengths"):
+            raise unsupported  # before any weights are read
+        with explained_loading(name, "encoder"):
+            model = AutoModel.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        if not self.is_whisper and not hasattr(model, "_get_feat_extract_output_lengths"):
+            raise unsupported
         self.model = model.get_encoder() if self.is_whisper else model
-        if not self.is_whisper and not hasattr(self.model, "_get_feat_extract_output_lengths"):
-            raise ValueError(f"unsupported encoder type '{config.model_type}' ({name}): use a Whisper checkpoint or "
-                             "a waveform encoder such as HuBERT, wav2vec2, WavLM or data2vec-audio")
         self.full_window = full_window and self.is_whisper
         self.dim: int = config.d_model if self.is_whisper else config.hidden_size
         # Waveform models with group-norm feature extractors (e.g. hubert-base) must not get a mask.

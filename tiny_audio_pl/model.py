@@ -29,7 +29,7 @@ from torchmetrics.text import WordErrorRate
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from tiny_audio_pl.encoder import AudioEncoder
+from tiny_audio_pl.encoder import AudioEncoder, explained_loading
 from tiny_audio_pl.projector import Projector
 
 AUDIO_PLACEHOLDER = "<audio>"
@@ -91,6 +91,7 @@ class SpeechLLM(LightningModule):
         whisper_full_window: bool = False,
         frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         num_logged_examples: int = 8,
+        trust_remote_code: bool = False,
     ) -> None:
         """Load the frozen models and build the projector.
 
@@ -111,16 +112,21 @@ class SpeechLLM(LightningModule):
             frozen_dtype: dtype the frozen encoder and decoder are held in (``bfloat16`` halves their
                 memory on a GPU; the projector always keeps float32 weights).
             num_logged_examples: decoded validation examples (reference vs hypothesis) sent to TensorBoard.
+            trust_remote_code: let the encoder or decoder checkpoint run its own Python code (off: only
+                architectures built into transformers load).
         """
         super().__init__()
         if projector_stack < 1:
             raise ValueError(f"model.projector_stack must be >= 1, got {projector_stack}")
         self.save_hyperparameters()
+        with explained_loading(decoder, "decoder"):
+            self.tokenizer = AutoTokenizer.from_pretrained(decoder, trust_remote_code=trust_remote_code)
+        self.prompt = ChatPrompt(self.tokenizer, system_prompt, prompt)  # checks the template before any weights
         dtype = getattr(torch, frozen_dtype)
-        self.encoder = AudioEncoder(encoder, full_window=whisper_full_window, dtype=dtype)
-        self.decoder = AutoModelForCausalLM.from_pretrained(decoder, dtype=dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(decoder)
-        self.prompt = ChatPrompt(self.tokenizer, system_prompt, prompt)
+        self.encoder = AudioEncoder(encoder, whisper_full_window, dtype, trust_remote_code)
+        with explained_loading(decoder, "decoder"):
+            self.decoder = AutoModelForCausalLM.from_pretrained(decoder, dtype=dtype,
+                                                                trust_remote_code=trust_remote_code)
         embeddings = self.decoder.get_input_embeddings().weight
         self.projector = Projector(self.encoder.dim, embeddings.shape[1], projector_stack, projector_hidden,
                                    output_scale=embeddings.detach().float().pow(2).mean().sqrt().item())
