@@ -12,8 +12,8 @@ versions of everything the production recipe downloads:
   its context (see ``make_decoder``), so that, like a real instruct model, it can read its input,
   answers in the assistant turn and stops with ``<|im_end|>``.
 - ``assets/tiny-whisper``: a full Whisper-architecture checkpoint (encoder and decoder, as
-  ``openai/whisper-large-v3-turbo`` is published), 128 mel bins, the encoder pretrained briefly with
-  character CTC on other synthesized sentences (the decoder stays random: it is never used).
+  ``openai/whisper-large-v3-turbo`` is published), 128 mel bins, pretrained briefly as a speech
+  recogniser on other synthesized sentences (only its encoder is used here).
 - ``assets/tiny-hubert``: a HuBERT-architecture CTC checkpoint (as ``facebook/hubert-xlarge-ls960-ft``
   is published) with random weights and the real 320x convolutional downsampling (50 frames/s).
 
@@ -179,62 +179,62 @@ def make_decoder(steps: int = 2500) -> None:
 
 
 def make_whisper(steps: int = 800) -> None:
-    """A full Whisper-architecture checkpoint whose encoder is pretrained briefly with CTC on synthesized speech.
+    """A full Whisper-architecture checkpoint, pretrained briefly as Whisper is: speech in, transcript out.
 
-    The real encoder arrives pretrained; a random one would make the smoke run a test of memorising
-    noise. A few minutes of character CTC on fresh espeak-ng sentences (not the dataset's clips)
-    gives the tiny encoder frames that carry phonetic content, as Whisper's do.
+    The real encoder arrives pretrained, with frames that carry what was said; a random one would
+    turn the smoke run into a test of memorising noise. A few minutes of sequence-to-sequence
+    training on fresh espeak-ng sentences (not the dataset's clips), with the tiny decoder's BPE
+    tokens as Whisper's vocabulary, gives the tiny encoder such frames (dense, read through
+    cross-attention, unlike the spiky frames a CTC objective leaves). Build the decoder first.
     """
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+    from transformers import AutoTokenizer, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     from tiny_audio_pl.data import collate
     from tiny_audio_pl.encoder import AudioEncoder
 
     rng = random.Random(2)
     torch.manual_seed(2)
-    config = WhisperConfig(vocab_size=64, num_mel_bins=128, d_model=96, encoder_layers=3, encoder_attention_heads=4,
-                           encoder_ffn_dim=384, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=128,
-                           max_source_positions=1500, max_target_positions=64, pad_token_id=0, bos_token_id=1,
-                           eos_token_id=2, decoder_start_token_id=1, suppress_tokens=None, begin_suppress_tokens=None)
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tiny-smollm3")
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    config = WhisperConfig(vocab_size=len(tokenizer), num_mel_bins=128, d_model=96, encoder_layers=3,
+                           encoder_attention_heads=4, encoder_ffn_dim=384, decoder_layers=2, decoder_attention_heads=4,
+                           decoder_ffn_dim=384, max_source_positions=1500, max_target_positions=64,
+                           pad_token_id=tokenizer.pad_token_id, bos_token_id=start, eos_token_id=end,
+                           decoder_start_token_id=start, suppress_tokens=None, begin_suppress_tokens=None)
     extractor = WhisperFeatureExtractor(feature_size=128)
     out = ASSETS / "tiny-whisper"
     shutil.rmtree(out, ignore_errors=True)
-    WhisperForConditionalGeneration(config).save_pretrained(out)
-    extractor.save_pretrained(out)
+    whisper = WhisperForConditionalGeneration(config)
 
-    alphabet = " abcdefghijklmnopqrstuvwxyz"  # CTC blank is index 0, characters 1..27
     clips = []
     for _ in range(600):
         text = sentence(rng)
         audio = synthesize(text, rng.choice(VOICES)[0], speed=rng.randint(140, 200))
         features = extractor(audio, sampling_rate=SAMPLE_RATE, padding="longest", return_tensors="np")
-        clips.append(({"features": features["input_features"][0], "text": text, "id": "", "skip": ""},
-                      torch.tensor([alphabet.index(c) + 1 for c in text])))
-    encoder = AudioEncoder(str(out))
-    head = torch.nn.Linear(encoder.dim, len(alphabet) + 1)
-    params = list(encoder.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+        clips.append({"features": features["input_features"][0], "text": text, "id": "", "skip": ""})
+    whisper.save_pretrained(out)
+    extractor.save_pretrained(out)
+    encoder = AudioEncoder(str(out))  # the trimmed-window encoder the projector will sit on
+    encoder.model = whisper.model.encoder
+    optimizer = torch.optim.AdamW(whisper.parameters(), lr=2e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    encoder.train()
+    whisper.train()
     for step in range(steps):
-        picked = rng.sample(clips, 16)
-        batch = collate([example for example, _ in picked])
-        frames, lengths = encoder(batch["features"], batch["feature_lengths"])  # [B, T, D]
-        log_probs = head(frames).log_softmax(-1).transpose(0, 1)  # [T, B, C]
-        targets = [labels for _, labels in picked]
-        loss = torch.nn.functional.ctc_loss(log_probs, torch.cat(targets), lengths,
-                                            torch.tensor([len(t) for t in targets]), zero_infinity=True)
+        batch = collate(rng.sample(clips, 16))
+        frames, _ = encoder(batch["features"], batch["feature_lengths"])  # [B, T, D], padding zeroed
+        labels = tokenizer([t + "<|im_end|>" for t in batch["text"]], add_special_tokens=False, padding=True,
+                           return_tensors="pt")
+        targets = labels.input_ids.masked_fill(labels.attention_mask == 0, -100)
+        loss = whisper(encoder_outputs=(frames,), labels=targets).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(whisper.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
         if step % 100 == 0 or step == steps - 1:
-            print(f"whisper encoder step {step} ctc loss {loss.item():.3f}")
-    full = WhisperForConditionalGeneration.from_pretrained(out)
-    full.model.encoder.load_state_dict(encoder.model.state_dict())
-    full.save_pretrained(out)
-    print(f"whisper: {sum(p.numel() for p in encoder.parameters()):,} encoder parameters in {out}")
+            print(f"whisper step {step} loss {loss.item():.3f}")
+    whisper.eval().save_pretrained(out)
+    print(f"whisper: {sum(p.numel() for p in whisper.model.encoder.parameters()):,} encoder parameters in {out}")
 
 
 def make_hubert() -> None:
@@ -257,5 +257,6 @@ def make_hubert() -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     builders = {"speech": make_speech, "decoder": make_decoder, "whisper": make_whisper, "hubert": make_hubert}
+    # tiny Whisper's vocabulary is the tiny decoder's tokenizer: keep this order
     for name in sys.argv[1:] or list(builders):
         builders[name]()
