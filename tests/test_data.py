@@ -98,3 +98,28 @@ def test_training_stream_is_shuffled_and_truncated():
     ids = [i for b in data.train_dataloader() for i in b["id"]]
     assert sorted(ids) != ids and len(ids) == 10
     assert set(ids) <= {f"train-{i:04d}" for i in range(20)}
+
+
+def _ids(batches) -> list[str]:
+    return [i for b in batches for i in b["id"]]
+
+
+def test_training_stream_resumes_exactly_mid_epoch_with_workers():
+    """The saved position restores the shuffled stream exactly: nothing repeated, nothing skipped."""
+    def loader():
+        data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=3, num_workers=2, encoder=WHISPER,
+                                shuffle_buffer=8, seed=5)
+        data.setup("fit")
+        return data.train_dataloader()
+
+    first = loader()
+    batches = iter(first)
+    seen = _ids(next(batches) for _ in range(7))
+    state = first.state_dict()
+    rest = _ids(batches)
+    assert sorted(seen + rest) == sorted(f"train-{i:04d}" for i in range(80))  # one pass, each clip once
+    assert seen + rest != sorted(seen + rest)  # and shuffled
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert _ids(resumed) == rest

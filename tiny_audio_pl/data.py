@@ -10,16 +10,20 @@ Why it looks like this:
   dataloader workers. The collate pads each batch only to its longest clip (not to Whisper's 30 s)
   and passes the true lengths, so the model can mask the padding and a clip's encoding does not
   depend on what it was batched with.
-- A ``StatefulDataLoader`` over the ``datasets`` ``IterableDataset`` saves the stream position
-  (workers included) in every checkpoint, so a resumed run continues where it stopped.
+- A ``StatefulDataLoader`` saves the stream position (workers included) in every checkpoint, and
+  the training shuffle (:class:`WindowShuffled`) is built so that this position is exact: a resumed
+  run sees the same clips in the same order as one that never stopped.
 - A clip that cannot be used is not dropped silently: it travels as a ``skip`` reason to the
   collate, which drops it from the batch and counts it, and the model logs the counts.
 """
 
 from __future__ import annotations
 
+import copy
 import io
+import itertools
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +34,8 @@ import torch
 from datasets import Audio, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from lightning.pytorch import LightningDataModule
+from torch.utils.data import IterableDataset as TorchIterableDataset
+from torch.utils.data import get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import AutoFeatureExtractor
 
@@ -122,6 +128,55 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
             "id": [e["id"] for e in kept], "skipped": skipped}
 
 
+class WindowShuffled(TorchIterableDataset):
+    """Shuffles a stream window by window, with a position that is saved and restored exactly.
+
+    ``datasets``' own buffer shuffle does not save its buffer, so a resumed run would silently skip
+    the clips that sat in it. Here the rows are read in windows of ``window``; each window is
+    yielded in a permutation seeded by (seed, epoch, worker, window index). The saved state is the
+    source's position at the start of the current window plus how many of its rows were yielded: on
+    resume the window is read again and the same permutation continues where it stopped, so no clip
+    is repeated or skipped. Rows are prepared (decoded, featurized) only when they are yielded.
+    Inside dataloader workers the ``datasets`` stream splits its shards among them by itself.
+    """
+
+    def __init__(self, source: IterableDataset, prepare: Callable[[dict], dict], window: int, seed: int) -> None:
+        self.source, self.prepare, self.window, self.seed = source, prepare, max(1, window), seed
+        self.epoch = 0
+        self._state: dict[str, Any] = {"epoch": 0, "source": None, "window": 0, "yielded": 0}
+        self._resume: dict[str, Any] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = state
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        resume, self._resume = self._resume, None
+        if resume and resume["epoch"] == self.epoch:
+            window_start, index, skip = resume["source"], resume["window"], resume["yielded"]
+        else:
+            window_start, index, skip = None, 0, 0
+        source = copy.deepcopy(self.source)  # a fresh position for every pass
+        source.set_epoch(self.epoch)
+        if window_start is not None:
+            source.load_state_dict(window_start)
+        worker = get_worker_info()
+        rows = iter(source)
+        while window := list(itertools.islice(rows, self.window)):
+            order = np.random.default_rng([self.seed, self.epoch, worker.id if worker else 0, index])
+            for position, row in enumerate(order.permutation(len(window)).tolist()):
+                if position < skip:
+                    continue
+                self._state = {"epoch": self.epoch, "source": window_start, "window": index, "yielded": position + 1}
+                yield self.prepare(window[row])
+            window_start, index, skip = source.state_dict(), index + 1, 0
+
+
 def find_parquet_files(root: Path, config_name: str | None, split: str) -> list[str]:
     """Parquet files of ``split`` in a local folder laid out as ``[config/]split/*.parquet`` or ``split-*.parquet``."""
     bases = [root / config_name, root] if config_name else [root]
@@ -173,12 +228,12 @@ class SpeechDataModule(LightningDataModule):
                 each epoch).
             max_eval_samples: use only the first N clips of the validation split.
             num_workers: dataloader worker processes; the stream's shards are split among them.
-            shuffle_buffer: size of the streaming shuffle buffer for training (0 disables shuffling).
+            shuffle_buffer: training clips are shuffled within windows of this many (0 or 1: stream order).
             max_duration: clips longer than this many seconds are skipped and counted (Whisper's
                 window is 30 s).
             text_normalization: how transcripts become training targets: ``lower`` lower-cases
                 (LoquaciousSet is upper case), ``none`` keeps them as they are.
-            seed: seed of the shuffle buffer (each epoch reshuffles with seed + epoch).
+            seed: seed of the shuffle (each epoch, worker and window gets its own permutation).
             encoder: the encoder whose feature extractor makes the features; linked to
                 ``model.encoder`` by the CLI.
         """
@@ -186,7 +241,7 @@ class SpeechDataModule(LightningDataModule):
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         self.save_hyperparameters()
-        self.train_dataset: IterableDataset | None = None
+        self.train_dataset: WindowShuffled | None = None
         self.val_dataset: IterableDataset | None = None
 
     def open_split(self, split: str) -> IterableDataset:
@@ -218,9 +273,8 @@ class SpeechDataModule(LightningDataModule):
             train = self.open_split(hp.train_split)
             if hp.max_train_samples is not None:
                 train = train.take(hp.max_train_samples)
-            if hp.shuffle_buffer > 0:
-                train = train.shuffle(seed=hp.seed, buffer_size=hp.shuffle_buffer)
-            self.train_dataset = split_dataset_by_node(train, rank, world).map(preparer)
+            train = split_dataset_by_node(train, rank, world)
+            self.train_dataset = WindowShuffled(train, preparer, window=hp.shuffle_buffer, seed=hp.seed)
         if stage in ("fit", "validate"):
             val = self.open_split(hp.val_split)
             if hp.max_eval_samples is not None:
@@ -232,7 +286,7 @@ class SpeechDataModule(LightningDataModule):
         if self.train_dataset is not None:
             self.train_dataset.set_epoch(epoch)
 
-    def _loader(self, dataset: IterableDataset) -> StatefulDataLoader:
+    def _loader(self, dataset: TorchIterableDataset | IterableDataset) -> StatefulDataLoader:
         return StatefulDataLoader(dataset, batch_size=self.hparams.batch_size, collate_fn=collate,
                                   num_workers=self.hparams.num_workers, pin_memory=torch.cuda.is_available())
 
