@@ -16,9 +16,9 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from tiny_audio_pl.checkpoint import Checkpoint, read_checkpoint
 from tiny_audio_pl.data import SpeechDataModule
 from tiny_audio_pl.model import SpeechLLM
 
@@ -42,26 +42,34 @@ class TinyAudioCLI(LightningCLI):
     """LightningCLI with an always-present checkpoint callback and run-aware ``--ckpt_path last``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1000,
                              "checkpoint.save_top_k": -1})
         parser.link_arguments("model.encoder", "data.encoder")
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
-        if config.get("ckpt_path") != "last":
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Resolve ``--ckpt_path last`` and check the checkpoint is readable, before anything loads."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else None
+        if config is None or not config.get("ckpt_path"):
             return
-        logger = config.trainer.logger
-        found = find_last_checkpoint(config.checkpoint.dirpath, logger)
-        if found is None:
-            where = config.checkpoint.dirpath or "lightning_logs/*/checkpoints"
-            raise SystemExit(f"--ckpt_path last: no last.ckpt under {where}. Drop --ckpt_path to start a new run, "
-                             "or pass the path of a checkpoint.")
-        print(f"resuming from {found}")
-        config.ckpt_path = str(found)
-        if self.subcommand == "fit" and isinstance(logger, Namespace) and "init_args" in logger \
-                and found.parent.name == "checkpoints":
-            logger.init_args.version = found.parent.parent.name  # keep logging into the same run folder
+        if config.ckpt_path == "last":
+            logger = config.trainer.logger
+            found = find_last_checkpoint(config.checkpoint.dirpath, logger)
+            if found is None:
+                where = config.checkpoint.dirpath or "lightning_logs/*/checkpoints"
+                raise SystemExit(f"--ckpt_path last: no last.ckpt under {where}. Drop --ckpt_path to start a new "
+                                 "run, or pass the path of a checkpoint.")
+            print(f"resuming from {found}")
+            config.ckpt_path = str(found)
+            if subcommand == "fit" and isinstance(logger, Namespace) and "init_args" in logger \
+                    and found.parent.name == "checkpoints":
+                logger.init_args.version = found.parent.parent.name  # keep logging into the same run folder
+        try:
+            read_checkpoint(config.ckpt_path)
+        except (FileNotFoundError, RuntimeError) as error:
+            raise SystemExit(f"--ckpt_path: {error}") from error
 
 
 def main(args: list[str] | None = None) -> None:

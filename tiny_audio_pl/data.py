@@ -177,6 +177,33 @@ class WindowShuffled(TorchIterableDataset):
             window_start, index, skip = source.state_dict(), index + 1, 0
 
 
+class TrainLoader(StatefulDataLoader):
+    """A StatefulDataLoader whose saved position is that of the batch being trained on.
+
+    Lightning fetches one batch ahead of the one it trains on (to know when an epoch ends), so the
+    loader's own state at checkpoint time already counts a batch that was never trained on, and a
+    resumed run would skip it. This loader reports its state from before the latest fetch.
+    """
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        iterator = super().__iter__()
+        while True:
+            before = super().state_dict()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self._trained_position = before
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return getattr(self, "_trained_position", None) or super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._trained_position = None
+        super().load_state_dict(state_dict)
+
+
 def find_parquet_files(root: Path, config_name: str | None, split: str) -> list[str]:
     """Parquet files of ``split`` in a local folder laid out as ``[config/]split/*.parquet`` or ``split-*.parquet``."""
     bases = [root / config_name, root] if config_name else [root]
@@ -286,12 +313,13 @@ class SpeechDataModule(LightningDataModule):
         if self.train_dataset is not None:
             self.train_dataset.set_epoch(epoch)
 
-    def _loader(self, dataset: TorchIterableDataset | IterableDataset) -> StatefulDataLoader:
-        return StatefulDataLoader(dataset, batch_size=self.hparams.batch_size, collate_fn=collate,
-                                  num_workers=self.hparams.num_workers, pin_memory=torch.cuda.is_available())
+    def _loader(self, dataset: TorchIterableDataset | IterableDataset, kind: type[StatefulDataLoader]
+                ) -> StatefulDataLoader:
+        return kind(dataset, batch_size=self.hparams.batch_size, collate_fn=collate,
+                    num_workers=self.hparams.num_workers, pin_memory=torch.cuda.is_available())
 
-    def train_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.train_dataset)
+    def train_dataloader(self) -> TrainLoader:
+        return self._loader(self.train_dataset, TrainLoader)
 
     def val_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.val_dataset)
+        return self._loader(self.val_dataset, StatefulDataLoader)

@@ -1,0 +1,84 @@
+"""Checkpoints that survive crashes: atomic writes, a save on SIGTERM, and plain errors on bad files.
+
+- Lightning writes a checkpoint straight over the old file, so a kill during the write can leave
+  ``last.ckpt`` truncated. :class:`AtomicCheckpointIO` writes to a temporary file in the same
+  folder, flushes it to disk and renames it over the target: the old file stays whole until the
+  new one is complete.
+- Cloud GPU providers send SIGTERM before taking a machine. Lightning then stops after the current
+  batch; :class:`Checkpoint` saves that step (and ``last``) before the process exits, and only on
+  SIGTERM: a crash from bad numerics must not overwrite the last good checkpoint.
+- Checkpoints are read with ``weights_only=True`` (no pickled code runs), and a truncated or
+  corrupt file gives one line saying which file and what to do, before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load`` with ``weights_only=True``, and an error that says what to do when it fails."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+    except Exception as error:
+        raise RuntimeError(f"cannot read checkpoint {path} ({type(error).__name__}). It is truncated, corrupt or "
+                           "not a tiny-audio checkpoint: pass another one, e.g. an earlier epoch=*-step=*.ckpt "
+                           "from the same folder. Nothing was written.") from error
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write-then-rename saving and safe, explained loading."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+                        ) -> dict[str, Any]:
+        return read_checkpoint(path, map_location)
+
+
+class Checkpoint(ModelCheckpoint):
+    """ModelCheckpoint that writes atomically and also saves when the run is stopped by SIGTERM."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a user's own CheckpointIO
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def _save_current_step(self, trainer: Trainer) -> None:
+        if self._last_global_step_saved != trainer.global_step and not trainer.sanity_checking:
+            candidates = self._monitor_candidates(trainer)
+            self._save_checkpoint(trainer, self.format_checkpoint_name(candidates))
+            self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The final step is saved too, when ``max_steps`` is not a multiple of the save interval."""
+        self._save_current_step(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self._save_current_step(trainer)
+            print(f"SIGTERM: saved step {trainer.global_step}; continue with --ckpt_path last")
+
