@@ -46,6 +46,7 @@ class TinyAudioCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1000,
                              "checkpoint.save_top_k": -1})
         parser.link_arguments("model.encoder", "data.encoder")
+        parser.link_arguments("model.decoder", "data.decoder")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Resolve ``--ckpt_path last`` and check the checkpoint is readable, before anything loads."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import io
 import itertools
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +37,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import IterableDataset as TorchIterableDataset
 from torch.utils.data import get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
-from transformers import AutoFeatureExtractor
+from transformers import AutoFeatureExtractor, AutoTokenizer
 
 # The Whisper encoder's position table covers 30 s; longer clips cannot be encoded in one window.
 WHISPER_WINDOW_S = 30.0
@@ -71,15 +71,24 @@ def normalize_target(text: str, mode: Literal["lower", "none"]) -> str:
 
 
 class ClipPreparer:
-    """Turns one raw dataset row into encoder features plus target text (runs in the workers)."""
+    """Turns one raw dataset row into encoder features plus target text, or a reason to skip it.
 
-    def __init__(self, encoder: str, audio_column: str, text_column: str, id_column: str, max_duration: float,
+    Runs in the dataloader workers. A row that cannot be used is never fatal: it comes back with
+    ``skip`` set to one of ``missing_field``, ``empty_transcript``, ``transcript_too_long``,
+    ``undecodable``, ``empty_audio``, ``nan_or_inf``, ``silent``, ``too_short`` or ``too_long``.
+    """
+
+    def __init__(self, encoder: str, decoder: str | None, audio_column: str, text_column: str, id_column: str,
+                 min_duration: float, max_duration: float, max_target_tokens: int,
                  text_normalization: Literal["lower", "none"]) -> None:
         self.feature_extractor = AutoFeatureExtractor.from_pretrained(encoder)
+        self.tokenizer = AutoTokenizer.from_pretrained(decoder) if decoder else None
         self.sample_rate: int = self.feature_extractor.sampling_rate
         self.is_whisper = "WhisperFeatureExtractor" in type(self.feature_extractor).__name__
         self.audio_column, self.text_column, self.id_column = audio_column, text_column, id_column
+        self.min_samples = int(min_duration * self.sample_rate)
         self.max_samples = int(max_duration * self.sample_rate)
+        self.max_target_tokens = max_target_tokens
         self.text_normalization = text_normalization
 
     def features(self, audio: np.ndarray) -> np.ndarray:
@@ -90,19 +99,42 @@ class ClipPreparer:
             return out["input_features"][0]
         return self.feature_extractor(audio, sampling_rate=self.sample_rate, return_tensors="np")["input_values"][0]
 
+    def _text_problem(self, text: str) -> str:
+        if not text:
+            return "empty_transcript"
+        if self.tokenizer and len(self.tokenizer(text, add_special_tokens=False).input_ids) > self.max_target_tokens:
+            return "transcript_too_long"
+        return ""
+
+    def _audio_problem(self, audio: np.ndarray) -> str:
+        if len(audio) == 0:
+            return "empty_audio"
+        if not np.isfinite(audio).all():
+            return "nan_or_inf"
+        if not audio.any():
+            return "silent"
+        if len(audio) < self.min_samples:
+            return "too_short"
+        return "too_long" if len(audio) > self.max_samples else ""
+
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        uid = str(row.get(self.id_column, ""))
-        out = {"id": uid, "text": normalize_target(row[self.text_column] or "", self.text_normalization),
-               "features": None, "skip": ""}
+        out = {"id": str(row.get(self.id_column) or ""), "text": "", "features": None, "skip": ""}
+        value, text = row.get(self.audio_column), row.get(self.text_column)
+        if value is None or text is None or (isinstance(value, dict) and not (value.get("bytes") or value.get("path"))):
+            out["skip"] = "missing_field"
+            return out
+        out["text"] = normalize_target(str(text), self.text_normalization)
+        out["skip"] = self._text_problem(out["text"])
+        if out["skip"]:
+            return out
         try:
-            audio = decode_audio(row[self.audio_column], self.sample_rate)
-        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+            audio = decode_audio(value, self.sample_rate)
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError):
             out["skip"] = "undecodable"
             return out
-        if len(audio) > self.max_samples:
-            out["skip"] = "too_long"
-            return out
-        out["features"] = self.features(audio)
+        out["skip"] = self._audio_problem(audio)
+        if not out["skip"]:
+            out["features"] = self.features(audio)
         return out
 
 
@@ -112,10 +144,13 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
     Returns:
         ``features``: ``[B, n_mels, T]`` (Whisper) or ``[B, T]`` (waveform encoders), zero-padded;
         ``feature_lengths``: ``[B]`` valid frames/samples; ``text`` and ``id``: lists of length B;
-        ``skipped``: ``{reason: count}`` for the clips dropped from this batch.
+        ``skipped``: ``{reason: [ids]}`` for the clips dropped from this batch.
     """
     kept = [e for e in examples if not e["skip"]]
-    skipped = dict(Counter(e["skip"] for e in examples if e["skip"]))
+    skipped: dict[str, list[str]] = defaultdict(list)
+    for example in examples:
+        if example["skip"]:
+            skipped[example["skip"]].append(example["id"])
     lengths = torch.tensor([e["features"].shape[-1] for e in kept], dtype=torch.long)
     if kept:
         first = kept[0]["features"]
@@ -125,7 +160,34 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
     else:
         features = torch.zeros(0)
     return {"features": features, "feature_lengths": lengths, "text": [e["text"] for e in kept],
-            "id": [e["id"] for e in kept], "skipped": skipped}
+            "id": [e["id"] for e in kept], "skipped": dict(skipped)}
+
+
+class SkipLedger:
+    """Counts skipped clips by reason with example ids, and stops a run that is mostly bad data."""
+
+    def __init__(self, max_share: float, window: int) -> None:
+        self.max_share = max_share
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = defaultdict(list)
+        self.recent: deque[bool] = deque(maxlen=window)  # True for a skipped clip
+        self.judge_after = min(window, 100)
+
+    def record(self, skipped: dict[str, list[str]], kept: int) -> None:
+        for reason, ids in skipped.items():
+            self.counts[reason] += len(ids)
+            self.examples[reason] = list(dict.fromkeys(self.examples[reason] + ids))[:5]  # distinct ids
+        bad = sum(len(ids) for ids in skipped.values())
+        self.recent.extend([True] * bad + [False] * kept)
+        share = sum(self.recent) / max(1, len(self.recent))
+        if len(self.recent) >= self.judge_after and share > self.max_share:
+            raise RuntimeError(f"{share:.0%} of the last {len(self.recent)} clips were unusable, more than "
+                               f"data.max_bad_share={self.max_share:g}: {self.summary()}. Check the dataset and "
+                               "data.audio_column / data.text_column, or raise data.max_bad_share.")
+
+    def summary(self) -> str:
+        return "; ".join(f"{reason} {count} (e.g. {', '.join(self.examples[reason])})"
+                         for reason, count in self.counts.most_common())
 
 
 class WindowShuffled(TorchIterableDataset):
@@ -145,6 +207,23 @@ class WindowShuffled(TorchIterableDataset):
         self.epoch = 0
         self._state: dict[str, Any] = {"epoch": 0, "source": None, "window": 0, "yielded": 0}
         self._resume: dict[str, Any] | None = None
+
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Count the clips the collate dropped (main process), log the totals, stop if too many."""
+        skipped = batch.pop("skipped")
+        if skipped:
+            self.skips.record(skipped, len(batch["text"]))
+            if self.trainer is not None and self.trainer.logger is not None:
+                self.trainer.logger.log_metrics({f"data/skipped/{reason}": float(count)
+                                                 for reason, count in self.skips.counts.items()},
+                                                step=self.trainer.global_step)
+        else:
+            self.skips.record({}, len(batch["text"]))
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        if self.skips.counts:
+            print(f"skipped clips: {self.skips.summary()}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -235,9 +314,13 @@ class SpeechDataModule(LightningDataModule):
         num_workers: int = 4,
         shuffle_buffer: int = 1000,
         max_duration: float = WHISPER_WINDOW_S,
+        min_duration: float = 0.1,
+        max_target_tokens: int = 256,
+        max_bad_share: float = 0.05,
         text_normalization: Literal["lower", "none"] = "lower",
         seed: int = 0,
         encoder: str = "openai/whisper-large-v3-turbo",
+        decoder: str | None = None,
     ) -> None:
         """Configure the data.
 
@@ -258,11 +341,16 @@ class SpeechDataModule(LightningDataModule):
             shuffle_buffer: training clips are shuffled within windows of this many (0 or 1: stream order).
             max_duration: clips longer than this many seconds are skipped and counted (Whisper's
                 window is 30 s).
+            min_duration: clips shorter than this many seconds are skipped and counted.
+            max_target_tokens: transcripts longer than this many decoder tokens are skipped and counted.
+            max_bad_share: stop the run when more than this share of the last 1000 clips was skipped
+                (judged once 100 clips were seen): a run that is mostly bad data is a config mistake.
             text_normalization: how transcripts become training targets: ``lower`` lower-cases
                 (LoquaciousSet is upper case), ``none`` keeps them as they are.
             seed: seed of the shuffle (each epoch, worker and window gets its own permutation).
             encoder: the encoder whose feature extractor makes the features; linked to
                 ``model.encoder`` by the CLI.
+            decoder: the decoder whose tokenizer measures transcripts; linked to ``model.decoder``.
         """
         super().__init__()
         if batch_size < 1:
@@ -270,6 +358,7 @@ class SpeechDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.train_dataset: WindowShuffled | None = None
         self.val_dataset: IterableDataset | None = None
+        self.skips = SkipLedger(max_bad_share, window=1000)
 
     def open_split(self, split: str) -> IterableDataset:
         """Stream one split, keeping only the id, audio and text columns, audio left undecoded."""
@@ -293,8 +382,8 @@ class SpeechDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         """Open the streams for this rank, shuffle and truncate them, and attach the clip preparation."""
         hp = self.hparams
-        preparer = ClipPreparer(hp.encoder, hp.audio_column, hp.text_column, hp.id_column, hp.max_duration,
-                                hp.text_normalization)
+        preparer = ClipPreparer(hp.encoder, hp.decoder, hp.audio_column, hp.text_column, hp.id_column,
+                                hp.min_duration, hp.max_duration, hp.max_target_tokens, hp.text_normalization)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         if stage == "fit":
             train = self.open_split(hp.train_split)
@@ -307,6 +396,23 @@ class SpeechDataModule(LightningDataModule):
             if hp.max_eval_samples is not None:
                 val = val.take(hp.max_eval_samples)
             self.val_dataset = split_dataset_by_node(val, rank, world).map(preparer)
+
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Count the clips the collate dropped (main process), log the totals, stop if too many."""
+        skipped = batch.pop("skipped")
+        if skipped:
+            self.skips.record(skipped, len(batch["text"]))
+            if self.trainer is not None and self.trainer.logger is not None:
+                self.trainer.logger.log_metrics({f"data/skipped/{reason}": float(count)
+                                                 for reason, count in self.skips.counts.items()},
+                                                step=self.trainer.global_step)
+        else:
+            self.skips.record({}, len(batch["text"]))
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        if self.skips.counts:
+            print(f"skipped clips: {self.skips.summary()}")
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed the training shuffle for a new pass over the stream."""

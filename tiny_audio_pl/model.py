@@ -229,13 +229,8 @@ class SpeechLLM(LightningModule):
         if hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(self.current_epoch)
 
-    def _log_skipped(self, batch: dict[str, Any]) -> None:
-        for reason, count in batch["skipped"].items():
-            self.log(f"data/skipped/{reason}", float(count), reduce_fx="sum", on_step=False, on_epoch=True)
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        self._log_skipped(batch)
-        if not batch["text"]:
+        if not batch["text"]:  # every clip of the batch was skipped
             return None
         loss = self(batch)
         size = len(batch["text"])
