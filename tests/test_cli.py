@@ -100,3 +100,33 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
                              "--ckpt_path", "last"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "no last.ckpt" in result.stderr
+
+
+def _fit_result(workdir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tiny_audio_pl.cli", "fit", "-c", str(ROOT / "configs" / "smoke.yaml"),
+                           *args], cwd=workdir, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_auto_resume_starts_fresh_only_when_asked_and_max_steps_is_required(tmp_path):
+    (tmp_path / "assets").symlink_to(ROOT / "assets")
+    result = _fit_result(tmp_path, "--trainer.max_steps", "-1")
+    assert result.returncode != 0 and "set --trainer.max_steps" in result.stderr
+    assert "Loading weights" not in result.stderr  # failed before any model was loaded
+    quick = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"]
+    result = _fit_result(tmp_path, *quick, "--ckpt_path", "auto")
+    assert result.returncode == 0 and "no checkpoint yet, starting a new run" in result.stdout
+    result = _fit_result(tmp_path, *quick[2:], "--trainer.max_steps", "3", "--ckpt_path", "auto")
+    assert result.returncode == 0 and "resuming from" in result.stdout
+
+
+def test_a_token_in_the_environment_is_written_nowhere(tmp_path):
+    (tmp_path / "assets").symlink_to(ROOT / "assets")
+    token = "hf_PlantedTokenDoNotWrite1234567890"
+    result = _fit_result(tmp_path, "--trainer.max_steps", "2", "--data.max_eval_samples", "2",
+                         "--trainer.val_check_interval", "2", env={"HF_TOKEN": token, "HUGGING_FACE_HUB_TOKEN": token})
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".ckpt" for p in written) and any(p.name == "config.yaml" for p in written)
+    assert not [p for p in written if token.encode() in p.read_bytes()]
+    assert token not in result.stdout + result.stderr

@@ -128,3 +128,24 @@ def test_bf16_frozen_models_train_the_projector(dev_batch):
     loss = model(dev_batch)
     loss.backward()
     assert torch.isfinite(loss) and model.projector.down.weight.grad.abs().sum() > 0
+
+
+def test_nonfinite_gradients_skip_the_step_and_too_many_stop_the_run():
+    from tiny_audio_pl.model import SpeechLLM
+
+    model = SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=16, max_nonfinite_steps=3)
+    model.log = lambda *args, **kwargs: None  # no trainer attached
+    for step in range(2):
+        for p in model.projector.parameters():
+            p.grad = torch.full_like(p, float("nan"))
+        model.on_before_optimizer_step(None)
+        assert all(p.grad is None for p in model.projector.parameters())
+    for p in model.projector.parameters():
+        p.grad = torch.ones_like(p)
+    model.on_before_optimizer_step(None)  # a good step resets the count
+    assert model._nonfinite_in_row == 0 and model._nonfinite_total == 2
+    with pytest.raises(FloatingPointError, match="3 times in a row"):
+        for _ in range(3):
+            for p in model.projector.parameters():
+                p.grad = torch.full_like(p, float("inf"))
+            model.on_before_optimizer_step(None)

@@ -94,3 +94,11 @@ def test_corrupt_checkpoint_is_refused_clearly_and_nothing_is_overwritten(tmp_pa
     assert "cannot read checkpoint" in result.stderr and "broken.ckpt" in result.stderr
     assert broken.read_bytes() == b"\x80\x04not a checkpoint"
     assert not list(workdir.glob("lightning_logs/*/checkpoints/*.ckpt"))
+
+
+def test_diverging_run_skips_nonfinite_steps_then_stops_with_a_clear_error(tmp_path):
+    workdir = _workdir(tmp_path / "diverging")
+    result = subprocess.run(_command("--trainer.max_steps", "40", "--model.learning_rate", "1e30",
+                                     "--model.warmup_steps", "0"), cwd=workdir, env=ENV, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "5 times in a row" in result.stderr and "lower model.learning_rate" in result.stderr

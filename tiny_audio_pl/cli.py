@@ -1,13 +1,18 @@
 """The ``tiny-audio`` command: LightningCLI over :class:`SpeechLLM` and :class:`SpeechDataModule`.
 
 ``tiny-audio fit|validate|test|predict -c configs/X.yaml [--section.key value ...]``. Beyond the stock
-LightningCLI it adds three things:
+LightningCLI it adds:
 
-- a ``checkpoint.*`` section: the ModelCheckpoint is always there (every 1000 steps plus ``last``);
-- ``model.encoder`` feeds ``data.encoder``, so the data uses the encoder's own feature extractor;
+- a ``checkpoint.*`` section: the checkpoint callback is always there (every 1000 steps plus
+  ``last``, written atomically, and also on SIGTERM: see ``checkpoint.py``);
+- ``model.encoder`` and ``model.decoder`` feed ``data.encoder`` and ``data.decoder``, so the data
+  uses the encoder's own feature extractor and measures transcripts with the decoder's tokenizer;
 - ``--ckpt_path last`` means the newest ``last.ckpt`` of any earlier run, and ``fit`` then keeps
   logging into that run's folder. Stock Lightning would look only in the new run's (empty) folder
-  and silently start from scratch.
+  and silently start from scratch; here a missing checkpoint is an error, unless ``--ckpt_path
+  auto`` asked to start afresh in that case (for restart loops on preemptible machines);
+- checks that fail in the first second instead of after the models load: ``trainer.max_steps``
+  set, the checkpoint readable.
 """
 
 from __future__ import annotations
@@ -53,20 +58,30 @@ class TinyAudioCLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else None
-        if config is None or not config.get("ckpt_path"):
+        if config is None:
             return
-        if config.ckpt_path == "last":
+        if subcommand == "fit" and (config.trainer.max_steps is None or config.trainer.max_steps <= 0):
+            raise SystemExit("set --trainer.max_steps (e.g. 10000): the data is a stream with no length, so the "
+                             "run and its learning-rate schedule are measured in optimizer steps")
+        if config.get("ckpt_path") in ("last", "auto"):
             logger = config.trainer.logger
             found = find_last_checkpoint(config.checkpoint.dirpath, logger)
+            if found is None and config.ckpt_path == "auto":
+                print("--ckpt_path auto: no checkpoint yet, starting a new run")
+                config.ckpt_path = None
+                return
             if found is None:
                 where = config.checkpoint.dirpath or "lightning_logs/*/checkpoints"
                 raise SystemExit(f"--ckpt_path last: no last.ckpt under {where}. Drop --ckpt_path to start a new "
-                                 "run, or pass the path of a checkpoint.")
+                                 "run, pass the path of a checkpoint, or use --ckpt_path auto to resume when there "
+                                 "is one and start afresh when there is not.")
             print(f"resuming from {found}")
             config.ckpt_path = str(found)
             if subcommand == "fit" and isinstance(logger, Namespace) and "init_args" in logger \
                     and found.parent.name == "checkpoints":
                 logger.init_args.version = found.parent.parent.name  # keep logging into the same run folder
+        if not config.get("ckpt_path"):
+            return
         try:
             read_checkpoint(config.ckpt_path)
         except (FileNotFoundError, RuntimeError) as error:

@@ -91,6 +91,7 @@ class SpeechLLM(LightningModule):
         whisper_full_window: bool = False,
         frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         num_logged_examples: int = 8,
+        max_nonfinite_steps: int = 5,
         trust_remote_code: bool = False,
     ) -> None:
         """Load the frozen models and build the projector.
@@ -112,6 +113,8 @@ class SpeechLLM(LightningModule):
             frozen_dtype: dtype the frozen encoder and decoder are held in (``bfloat16`` halves their
                 memory on a GPU; the projector always keeps float32 weights).
             num_logged_examples: decoded validation examples (reference vs hypothesis) sent to TensorBoard.
+            max_nonfinite_steps: a batch with a non-finite loss, or an optimizer step with non-finite
+                gradients, is skipped and counted; this many in a row stop the run.
             trust_remote_code: let the encoder or decoder checkpoint run its own Python code (off: only
                 architectures built into transformers load).
         """
@@ -136,6 +139,8 @@ class SpeechLLM(LightningModule):
         self.wer = WordErrorRate()
         self.strict_loading = False  # checkpoints carry only the projector; on_load_checkpoint checks it
         self._examples: list[tuple[str, str, str]] = []
+        self._nonfinite_in_row = 0
+        self._nonfinite_total = 0
 
     # ----------------------------------------------------------------------------------------- setup
     def train(self, mode: bool = True) -> SpeechLLM:
@@ -233,15 +238,37 @@ class SpeechLLM(LightningModule):
         if not batch["text"]:  # every clip of the batch was skipped
             return None
         loss = self(batch)
+        if not torch.isfinite(loss):
+            self._skip_nonfinite(f"loss ({loss.item()})")
+            return None
         size = len(batch["text"])
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=size)
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.projector.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+        params = [p for p in self.projector.parameters() if p.grad is not None]
+        if not params:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        if not torch.isfinite(norm):
+            for p in params:
+                p.grad = None  # AdamW leaves parameters without a gradient untouched: the step is skipped
+            self._skip_nonfinite("gradients")
+            return
+        self._nonfinite_in_row = 0
+        self.log("train/grad_norm", norm)
+
+    def _skip_nonfinite(self, what: str) -> None:
+        """Count a skipped non-finite loss or gradient; stop the run after too many in a row."""
+        self._nonfinite_in_row += 1
+        self._nonfinite_total += 1
+        self.log("train/nonfinite_skipped", float(self._nonfinite_total))
+        if self._nonfinite_in_row >= self.hparams.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"non-finite {what} {self._nonfinite_in_row} times in a row at step {self.global_step}: stopping. "
+                "The last checkpoint was written before this and is kept; resume from it with a lower "
+                "model.learning_rate or with trainer.gradient_clip_val.")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if not batch["text"]:
