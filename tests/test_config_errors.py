@@ -31,3 +31,16 @@ def test_decoder_without_chat_template(tmp_path):
 def test_nonsense_sizes():
     with pytest.raises(ValueError, match="projector_stack"):
         SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_stack=0)
+
+
+@pytest.mark.parametrize("override, key", [("--data.batch_size=0", "data.batch_size"),
+                                           ("--model.projector_stack=0", "model.projector_stack"),
+                                           ("--model.projector_hidden=-5", "model.projector_hidden")])
+def test_cli_rejects_nonsense_sizes_while_parsing(override, key, capsys, monkeypatch):
+    from conftest import ROOT
+    from tiny_audio_pl.cli import main
+
+    monkeypatch.setattr("sys.argv", ["tiny-audio"])
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(ROOT / "configs" / "smoke.yaml"), override])
+    assert f'Parser key "{key}"' in capsys.readouterr().err

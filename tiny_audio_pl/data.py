@@ -33,6 +33,7 @@ import soxr
 import torch
 from datasets import Audio, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import IterableDataset as TorchIterableDataset
 from torch.utils.data import get_worker_info
@@ -308,10 +309,10 @@ class SpeechDataModule(LightningDataModule):
         audio_column: str = "wav",
         text_column: str = "text",
         id_column: str = "ID",
-        batch_size: int = 8,
+        batch_size: PositiveInt = 8,
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
-        num_workers: int = 4,
+        num_workers: NonNegativeInt = 4,
         shuffle_buffer: int = 1000,
         max_duration: float = WHISPER_WINDOW_S,
         min_duration: float = 0.1,

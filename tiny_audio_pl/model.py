@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -79,11 +80,11 @@ class SpeechLLM(LightningModule):
         self,
         encoder: str = "openai/whisper-large-v3-turbo",
         decoder: str = "HuggingFaceTB/SmolLM3-3B",
-        projector_stack: int = 2,
-        projector_hidden: int = 5120,
+        projector_stack: PositiveInt = 2,
+        projector_hidden: PositiveInt = 5120,
         system_prompt: str = "/no_think",
         prompt: str = "Transcribe: <audio>",
-        max_new_tokens: int = 128,
+        max_new_tokens: PositiveInt = 128,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 500,
