@@ -13,8 +13,9 @@ Why it looks like this:
 - A ``StatefulDataLoader`` saves the stream position (workers included) in every checkpoint, and
   the training shuffle (:class:`WindowShuffled`) is built so that this position is exact: a resumed
   run sees the same clips in the same order as one that never stopped.
-- A clip that cannot be used is not dropped silently: it travels as a ``skip`` reason to the
-  collate, which drops it from the batch and counts it, and the model logs the counts.
+- A clip that cannot be used is never fatal and never silent: it travels as a ``skip`` reason to
+  the collate, which drops it from the batch; the data module counts the reasons in the main
+  process (:class:`SkipLedger`), logs them, and stops a run that is mostly bad data.
 """
 
 from __future__ import annotations
