@@ -25,6 +25,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """``torch.load`` with ``weights_only=True``, and an error that says what to do when it fails."""
     if not Path(path).is_file():
@@ -49,6 +53,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, file)
                 file.flush()
                 os.fsync(file.fileno())
+            os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes it private; give it the usual mode
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)

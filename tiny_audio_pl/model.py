@@ -225,7 +225,8 @@ class SpeechLLM(LightningModule):
         embeds, mask, _ = self.assemble(audio, audio_lengths)
         config = GenerationConfig(max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
                                   eos_token_id=self.prompt.end_ids[0],
-                                  pad_token_id=self.tokenizer.pad_token_id or self.prompt.end_ids[0])
+                                  pad_token_id=self.prompt.end_ids[0] if self.tokenizer.pad_token_id is None
+                                  else self.tokenizer.pad_token_id)
         tokens = self.decoder.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
         return [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
@@ -252,7 +253,8 @@ class SpeechLLM(LightningModule):
         if not params:
             return
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-        if not torch.isfinite(norm):
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer else None
+        if not torch.isfinite(norm) and scaler is None:  # fp16's GradScaler skips overflow steps itself
             for p in params:
                 p.grad = None  # AdamW leaves parameters without a gradient untouched: the step is skipped
             self._skip_nonfinite("gradients")
