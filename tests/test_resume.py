@@ -102,3 +102,19 @@ def test_diverging_run_skips_nonfinite_steps_then_stops_with_a_clear_error(tmp_p
                                      "--model.warmup_steps", "0"), cwd=workdir, env=ENV, capture_output=True, text=True)
     assert result.returncode != 0
     assert "5 times in a row" in result.stderr and "lower model.learning_rate" in result.stderr
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path):
+    from tiny_audio_pl.checkpoint import AtomicCheckpointIO, read_checkpoint
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise KeyboardInterrupt("killed mid-save")
+
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 3, "weights": torch.ones(1000)}, target)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 4, "weights": torch.zeros(1000), "boom": Unpicklable()}, target)
+    assert read_checkpoint(target)["global_step"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
