@@ -210,23 +210,6 @@ class WindowShuffled(TorchIterableDataset):
         self._state: dict[str, Any] = {"epoch": 0, "source": None, "window": 0, "yielded": 0}
         self._resume: dict[str, Any] | None = None
 
-    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Count the clips the collate dropped (main process), log the totals, stop if too many."""
-        skipped = batch.pop("skipped")
-        if skipped:
-            self.skips.record(skipped, len(batch["text"]))
-            if self.trainer is not None and self.trainer.logger is not None:
-                self.trainer.logger.log_metrics({f"data/skipped/{reason}": float(count)
-                                                 for reason, count in self.skips.counts.items()},
-                                                step=self.trainer.global_step)
-        else:
-            self.skips.record({}, len(batch["text"]))
-        return batch
-
-    def teardown(self, stage: str) -> None:
-        if self.skips.counts:
-            print(f"skipped clips: {self.skips.summary()}")
-
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -402,14 +385,10 @@ class SpeechDataModule(LightningDataModule):
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Count the clips the collate dropped (main process), log the totals, stop if too many."""
         skipped = batch.pop("skipped")
-        if skipped:
-            self.skips.record(skipped, len(batch["text"]))
-            if self.trainer is not None and self.trainer.logger is not None:
-                self.trainer.logger.log_metrics({f"data/skipped/{reason}": float(count)
-                                                 for reason, count in self.skips.counts.items()},
-                                                step=self.trainer.global_step)
-        else:
-            self.skips.record({}, len(batch["text"]))
+        self.skips.record(skipped, len(batch["text"]))
+        if skipped and self.trainer is not None and self.trainer.logger is not None:
+            totals = {f"data/skipped/{reason}": float(count) for reason, count in self.skips.counts.items()}
+            self.trainer.logger.log_metrics(totals, step=self.trainer.global_step)
         return batch
 
     def teardown(self, stage: str) -> None:
