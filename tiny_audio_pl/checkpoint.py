@@ -24,9 +24,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+_UMASK = os.umask(0)  # read the process umask (there is no getter) ...
+os.umask(_UMASK)  # ... and put it back
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
