@@ -58,7 +58,8 @@ def main() -> None:
     samples = dict(ResidentMemory.samples)
     early, last_step = samples[200], max(samples)
     growth = samples[last_step] / early - 1
-    result = {"steps": args.steps, "rss_mb_at_200": round(early, 1), f"rss_mb_at_{last_step}": round(samples[last_step], 1),
+    result = {"steps": args.steps, "rss_mb_at_200": round(early, 1),
+              f"rss_mb_at_{last_step}": round(samples[last_step], 1),
               "growth": round(growth, 4), "seconds": round(seconds, 1), "machine": f"{platform.machine()}, "
               f"{os.cpu_count()} cores", "samples": ResidentMemory.samples}
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}))

@@ -17,8 +17,13 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import (SmolLM3Config, SmolLM3ForCausalLM, WhisperConfig, WhisperFeatureExtractor,
-                          WhisperForConditionalGeneration)
+from transformers import (
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+)
 
 WHISPER_LARGE_V3_TURBO = dict(vocab_size=51866, num_mel_bins=128, d_model=1280, encoder_layers=32,
                               encoder_attention_heads=20, encoder_ffn_dim=5120, decoder_layers=4,

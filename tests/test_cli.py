@@ -96,7 +96,8 @@ def test_fit_validate_and_resume_on_the_tiny_assets(tmp_path):
 def test_resume_without_a_checkpoint_says_so(tmp_path):
     (tmp_path / "assets").symlink_to(ROOT / "assets")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "tiny_audio_pl.cli", "fit", "-c", str(ROOT / "configs" / "smoke.yaml"),
+    smoke = str(ROOT / "configs" / "smoke.yaml")
+    result = subprocess.run([sys.executable, "-m", "tiny_audio_pl.cli", "fit", "-c", smoke,
                              "--ckpt_path", "last"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "no last.ckpt" in result.stderr

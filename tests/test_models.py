@@ -135,7 +135,7 @@ def test_nonfinite_gradients_skip_the_step_and_too_many_stop_the_run():
 
     model = SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=16, max_nonfinite_steps=3)
     model.log = lambda *args, **kwargs: None  # no trainer attached
-    for step in range(2):
+    for _ in range(2):
         for p in model.projector.parameters():
             p.grad = torch.full_like(p, float("nan"))
         model.on_before_optimizer_step(None)

@@ -80,7 +80,8 @@ class TinyAudioCLI(LightningCLI):
             if subcommand == "fit" and isinstance(logger, Namespace) and "init_args" in logger \
                     and found.parent.name == "checkpoints":
                 logger.init_args.version = found.parent.parent.name  # keep logging into the same run folder
-        if not config.get("ckpt_path") or config.ckpt_path in ("best", "hpc") or config.ckpt_path.startswith("registry"):
+        path = config.get("ckpt_path")
+        if not path or path in ("best", "hpc") or path.startswith("registry"):
             return  # nothing to check, or resolved by Lightning itself
         try:
             read_checkpoint(config.ckpt_path)
