@@ -12,7 +12,7 @@ Both kinds produce about 50 frames per second. Two things need care:
   zero padding does at the end of a lone clip) and padded frames are masked out of self-attention,
   so a clip encodes the same whatever it is batched with. This differs from Whisper's pretraining,
   which always saw 30 s with trailing silence; ``full_window=True`` restores that (pads every clip
-  to 30 s with its silence floor and runs the stock encoder), at ~10x the encoder cost for 3 s clips.
+  to 30 s with its silence floor and runs the stock encoder), encoding ten times the frames of a 3 s clip.
 """
 
 from __future__ import annotations
