@@ -70,4 +70,6 @@ class Projector(nn.Module):
         """Map ``[B, T, encoder_dim]`` frames to ``[B, ceil(T / k), decoder_dim]`` audio embeddings."""
         x = self.norm_in(stack_frames(frames, self.stack))  # [B, T/k, D_enc * k]
         x = F.silu(self.gate(x)) * self.up(x)  # [B, T/k, hidden]
-        return self.norm_out(self.down(x))  # [B, T/k, D_dec]
+        # The norm in float32, like its weight: under bf16 autocast the matmuls come out in bf16, and a
+        # mixed-dtype rms_norm falls back to an unfused kernel.
+        return self.norm_out(self.down(x).float())  # [B, T/k, D_dec]
