@@ -131,3 +131,10 @@ def test_a_token_in_the_environment_is_written_nowhere(tmp_path):
     assert any(p.suffix == ".ckpt" for p in written) and any(p.name == "config.yaml" for p in written)
     assert not [p for p in written if token.encode() in p.read_bytes()]
     assert token not in result.stdout + result.stderr
+
+
+def test_only_the_subcommands_the_model_supports_are_offered(capsys):
+    with pytest.raises(SystemExit), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["tiny-audio"])
+        main(["test", "-c", str(ROOT / "configs" / "smoke.yaml")])
+    assert "invalid choice: 'test' (choose from 'fit', 'validate')" in capsys.readouterr().err

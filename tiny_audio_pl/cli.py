@@ -1,6 +1,6 @@
 """The ``tiny-audio`` command: LightningCLI over :class:`SpeechLLM` and :class:`SpeechDataModule`.
 
-``tiny-audio fit|validate|test|predict -c configs/X.yaml [--section.key value ...]``. Beyond the stock
+``tiny-audio fit|validate -c configs/X.yaml [--section.key value ...]``. Beyond the stock
 LightningCLI it adds:
 
 - a ``checkpoint.*`` section: the checkpoint callback is always there (every 1000 steps plus
@@ -45,6 +45,11 @@ def find_last_checkpoint(checkpoint_dir: str | None, logger: Namespace | None) -
 
 class TinyAudioCLI(LightningCLI):
     """LightningCLI with an always-present checkpoint callback and run-aware ``--ckpt_path last``."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Only ``fit`` and ``validate``: the model defines no test or predict step (yet)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
