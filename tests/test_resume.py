@@ -118,3 +118,16 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path):
         io.save_checkpoint({"global_step": 4, "weights": torch.zeros(1000), "boom": Unpicklable()}, target)
     assert read_checkpoint(target)["global_step"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_truncated_checkpoint_is_refused(tmp_path, mmap):
+    from tiny_audio_pl.checkpoint import AtomicCheckpointIO, read_checkpoint
+
+    whole = tmp_path / "whole.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3, "weights": torch.ones(100_000)}, whole)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert read_checkpoint(whole, mmap=mmap)["global_step"] == 3
+    with pytest.raises(RuntimeError, match="truncated.ckpt.*truncated, corrupt"):
+        read_checkpoint(truncated, mmap=mmap)

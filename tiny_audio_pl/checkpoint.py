@@ -28,12 +28,15 @@ _UMASK = os.umask(0)  # read the process umask (there is no getter) ...
 os.umask(_UMASK)  # ... and put it back
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """``torch.load`` with ``weights_only=True``, and an error that says what to do when it fails."""
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """``torch.load`` with ``weights_only=True``, and an error that says what to do when it fails.
+
+    ``mmap=True`` maps the tensors instead of reading them: a cheap check that the file is whole.
+    """
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True, mmap=mmap)
     except Exception as error:
         raise RuntimeError(f"cannot read checkpoint {path} ({type(error).__name__}). It is truncated, corrupt or "
                            "not a tiny-audio checkpoint: pass another one, e.g. an earlier epoch=*-step=*.ckpt "

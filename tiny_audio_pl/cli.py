@@ -89,7 +89,7 @@ class TinyAudioCLI(LightningCLI):
         if not path or path in ("best", "hpc") or path.startswith("registry"):
             return  # nothing to check, or resolved by Lightning itself
         try:
-            read_checkpoint(config.ckpt_path)
+            read_checkpoint(path, mmap=True)  # Lightning reads it in full right after
         except (FileNotFoundError, RuntimeError) as error:
             raise SystemExit(f"--ckpt_path: {error}") from error
 
