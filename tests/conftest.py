@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,34 @@ WHISPER = str(ASSETS / "tiny-whisper")
 HUBERT = str(ASSETS / "tiny-hubert")
 DECODER = str(ASSETS / "tiny-smollm3")
 SPEECH = str(ASSETS / "tiny-speech")
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+
+def cli(*args: str) -> list[str]:
+    """The real ``tiny-audio`` command line."""
+    return [sys.executable, "-m", "tiny_audio_pl.cli", *args]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Offline, one thread, unbuffered output."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_cli(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``tiny-audio ARGS`` in ``workdir`` and capture its output."""
+    return subprocess.run(cli(*args), cwd=workdir, env=cli_env(**env), capture_output=True, text=True, timeout=300)
+
+
+def make_workdir(path: Path) -> Path:
+    """A folder to run the CLI in, with the tiny assets where the smoke config expects them."""
+    path.mkdir(exist_ok=True)
+    (path / "assets").symlink_to(ASSETS)
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return make_workdir(tmp_path)
 
 
 @pytest.fixture(scope="session")

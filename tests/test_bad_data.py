@@ -1,9 +1,7 @@
 """Bad clips are skipped and counted, never fatal one by one; a run that is mostly bad data stops."""
 
 import io
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +11,7 @@ import soundfile as sf
 import soxr
 from datasets import Audio, Features, Value, load_dataset
 
-from conftest import ROOT, SPEECH, WHISPER
+from conftest import ROOT, SMOKE, SPEECH, WHISPER, run_cli
 from tiny_audio_pl.data import ClipPreparer
 
 REASONS = ["missing_field", "empty_transcript", "transcript_too_long", "undecodable", "empty_audio", "nan_or_inf",
@@ -73,34 +71,29 @@ def test_each_bad_case_gets_its_reason(bad_dataset):
                        "six-seconds": "too_long"}
 
 
-def _fit(dataset, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "tiny_audio_pl.cli", "fit", "-c", str(ROOT / "configs" / "smoke.yaml"),
-               "--data.dataset", str(dataset), "--data.val_split", "train", "--data.max_duration", "5",
-               "--data.max_target_tokens", "64", "--trainer.max_steps", "12", "--trainer.limit_val_batches", "0",
-               "--trainer.num_sanity_val_steps", "0", "--data.num_workers", "1", "--trainer.enable_progress_bar",
-               "false", *extra]
-    return subprocess.run(command, cwd=dataset.parent, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+def _fit(workdir, dataset, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli(workdir, "fit", "-c", SMOKE, "--data.dataset", str(dataset), "--data.val_split", "train",
+                   "--data.max_duration", "5", "--data.max_target_tokens", "64", "--trainer.max_steps", "12",
+                   "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--data.num_workers", "1",
+                   "--trainer.enable_progress_bar", "false", *extra)
 
 
-def test_a_run_over_bad_data_finishes_and_reports_every_reason(bad_dataset):
-    (bad_dataset.parent / "assets").symlink_to(ROOT / "assets")
-    result = _fit(bad_dataset, "--data.max_bad_share", "1.0")
+def test_a_run_over_bad_data_finishes_and_reports_every_reason(bad_dataset, workdir):
+    result = _fit(workdir, bad_dataset, "--data.max_bad_share", "1.0")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = next(line for line in result.stdout.splitlines() if line.startswith("skipped clips:"))
     for reason in REASONS:
         assert reason in summary, reason
     assert "nan_or_inf" in summary and "(e.g. nan)" in summary
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(next((bad_dataset.parent / "lightning_logs").iterdir())))
+    events = EventAccumulator(str(workdir / "lightning_logs" / "version_0"))
     events.Reload()
     assert {f"data/skipped/{reason}" for reason in REASONS} <= set(events.Tags()["scalars"])
 
 
-def test_mostly_bad_data_stops_the_run_with_reasons_and_ids(bad_dataset):
-    if not (bad_dataset.parent / "assets").exists():
-        (bad_dataset.parent / "assets").symlink_to(ROOT / "assets")
-    result = _fit(bad_dataset, "--trainer.max_steps", "20")  # default max_bad_share 0.05; 10 of 24 clips are bad
+def test_mostly_bad_data_stops_the_run_with_reasons_and_ids(bad_dataset, workdir):
+    # default data.max_bad_share 0.05; 10 of the 24 clips are bad
+    result = _fit(workdir, bad_dataset, "--trainer.max_steps", "20")
     assert result.returncode != 0
     assert "clips were unusable, more than data.max_bad_share=0.05" in result.stderr
     assert "(e.g. garbage)" in result.stderr and "(e.g. nan)" in result.stderr

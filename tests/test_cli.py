@@ -1,7 +1,5 @@
 """The real ``tiny-audio`` command on the tiny assets: configs parse, fit, validate, resume."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -9,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, SMOKE, run_cli
 from tiny_audio_pl.cli import main
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -57,16 +55,13 @@ def test_hubert_and_mac_configs_compose(capsys):
 
 
 def _run(workdir: Path, *args: str) -> str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "tiny_audio_pl.cli", *args], cwd=workdir, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = run_cli(workdir, *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
 
-def test_fit_validate_and_resume_on_the_tiny_assets(tmp_path):
-    (tmp_path / "assets").symlink_to(ROOT / "assets")
-    smoke = str(ROOT / "configs" / "smoke.yaml")
+def test_fit_validate_and_resume_on_the_tiny_assets(workdir):
+    tmp_path, smoke = workdir, SMOKE
     quick = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--data.max_eval_samples", "4",
              "--checkpoint.every_n_train_steps", "2"]
     out = _run(tmp_path, "fit", "-c", smoke, *quick)
@@ -93,41 +88,29 @@ def test_fit_validate_and_resume_on_the_tiny_assets(tmp_path):
     assert not (tmp_path / "lightning_logs" / "version_2").exists()
 
 
-def test_resume_without_a_checkpoint_says_so(tmp_path):
-    (tmp_path / "assets").symlink_to(ROOT / "assets")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    smoke = str(ROOT / "configs" / "smoke.yaml")
-    result = subprocess.run([sys.executable, "-m", "tiny_audio_pl.cli", "fit", "-c", smoke,
-                             "--ckpt_path", "last"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+def test_resume_without_a_checkpoint_says_so(workdir):
+    result = run_cli(workdir, "fit", "-c", SMOKE, "--ckpt_path", "last")
     assert result.returncode != 0
     assert "no last.ckpt" in result.stderr
 
 
-def _fit_result(workdir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tiny_audio_pl.cli", "fit", "-c", str(ROOT / "configs" / "smoke.yaml"),
-                           *args], cwd=workdir, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_auto_resume_starts_fresh_only_when_asked_and_max_steps_is_required(tmp_path):
-    (tmp_path / "assets").symlink_to(ROOT / "assets")
-    result = _fit_result(tmp_path, "--trainer.max_steps", "-1")
+def test_auto_resume_starts_fresh_only_when_asked_and_max_steps_is_required(workdir):
+    result = run_cli(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "-1")
     assert result.returncode != 0 and "set --trainer.max_steps" in result.stderr
     assert "Loading weights" not in result.stderr  # failed before any model was loaded
     quick = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"]
-    result = _fit_result(tmp_path, *quick, "--ckpt_path", "auto")
+    result = run_cli(workdir, "fit", "-c", SMOKE, *quick, "--ckpt_path", "auto")
     assert result.returncode == 0 and "no checkpoint yet, starting a new run" in result.stdout
-    result = _fit_result(tmp_path, *quick[2:], "--trainer.max_steps", "3", "--ckpt_path", "auto")
+    result = run_cli(workdir, "fit", "-c", SMOKE, *quick[2:], "--trainer.max_steps", "3", "--ckpt_path", "auto")
     assert result.returncode == 0 and "resuming from" in result.stdout
 
 
-def test_a_token_in_the_environment_is_written_nowhere(tmp_path):
-    (tmp_path / "assets").symlink_to(ROOT / "assets")
+def test_a_token_in_the_environment_is_written_nowhere(workdir):
     token = "hf_PlantedTokenDoNotWrite1234567890"
-    result = _fit_result(tmp_path, "--trainer.max_steps", "2", "--data.max_eval_samples", "2",
-                         "--trainer.val_check_interval", "2", env={"HF_TOKEN": token, "HUGGING_FACE_HUB_TOKEN": token})
+    result = run_cli(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "2", "--data.max_eval_samples", "2",
+                     "--trainer.val_check_interval", "2", HF_TOKEN=token, HUGGING_FACE_HUB_TOKEN=token)
     assert result.returncode == 0, result.stderr[-2000:]
-    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    written = [p for p in workdir.rglob("*") if p.is_file()]
     assert any(p.suffix == ".ckpt" for p in written) and any(p.name == "config.yaml" for p in written)
     assert not [p for p in written if token.encode() in p.read_bytes()]
     assert token not in result.stdout + result.stderr

@@ -1,34 +1,25 @@
 """Nothing lost: SIGKILL and SIGTERM mid-run, then ``--ckpt_path last``, on the real CLI and tiny assets."""
 
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import SMOKE, cli, cli_env, make_workdir
 
-SMOKE = str(ROOT / "configs" / "smoke.yaml")
 # 2 batches per optimizer step, a checkpoint every 4 steps (mid-epoch: an epoch is 10 batches)
 RUN = ["--trainer.accumulate_grad_batches", "2", "--checkpoint.every_n_train_steps", "4",
        "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--data.batch_size", "8",
        "--data.shuffle_buffer", "16", "--trainer.enable_progress_bar", "false"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = cli_env()
 
 
 def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tiny_audio_pl.cli", "fit", "-c", SMOKE, *RUN, *args]
-
-
-def _workdir(path: Path) -> Path:
-    path.mkdir()
-    (path / "assets").symlink_to(ROOT / "assets")
-    return path
+    return cli("fit", "-c", SMOKE, *RUN, *args)
 
 
 def _last(workdir: Path) -> dict:
@@ -45,10 +36,10 @@ def _wait_for_step(workdir: Path, process: subprocess.Popen, step: int) -> None:
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
-    straight = _workdir(tmp_path / "straight")
+    straight = make_workdir(tmp_path / "straight")
     subprocess.run(_command("--trainer.max_steps", "14"), cwd=straight, env=ENV, check=True, capture_output=True)
 
-    crashed = _workdir(tmp_path / "crashed")
+    crashed = make_workdir(tmp_path / "crashed")
     process = subprocess.Popen(_command("--trainer.max_steps", "14"), cwd=crashed, env=ENV, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _wait_for_step(crashed, process, 4)
@@ -67,7 +58,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
-    workdir = _workdir(tmp_path / "preempted")
+    workdir = make_workdir(tmp_path / "preempted")
     process = subprocess.Popen(_command("--trainer.max_steps", "500"), cwd=workdir, env=ENV, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _wait_for_step(workdir, process, 4)
@@ -85,7 +76,7 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
 
 
 def test_corrupt_checkpoint_is_refused_clearly_and_nothing_is_overwritten(tmp_path):
-    workdir = _workdir(tmp_path / "corrupt")
+    workdir = make_workdir(tmp_path / "corrupt")
     broken = workdir / "broken.ckpt"
     broken.write_bytes(b"\x80\x04not a checkpoint")
     result = subprocess.run(_command("--trainer.max_steps", "2", "--ckpt_path", str(broken)), cwd=workdir, env=ENV,
@@ -97,7 +88,7 @@ def test_corrupt_checkpoint_is_refused_clearly_and_nothing_is_overwritten(tmp_pa
 
 
 def test_diverging_run_skips_nonfinite_steps_then_stops_with_a_clear_error(tmp_path):
-    workdir = _workdir(tmp_path / "diverging")
+    workdir = make_workdir(tmp_path / "diverging")
     result = subprocess.run(_command("--trainer.max_steps", "40", "--model.learning_rate", "1e30",
                                      "--model.warmup_steps", "0"), cwd=workdir, env=ENV, capture_output=True, text=True)
     assert result.returncode != 0
