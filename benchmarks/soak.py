@@ -33,7 +33,7 @@ def resident_mb() -> float:
 class ResidentMemory(Callback):
     """Records (step, RSS MB) every 100 optimizer steps."""
 
-    samples: list[tuple[int, float]] = []
+    samples: list[tuple[int, float]] = []  # on the class: the CLI builds the instance from a class path
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step % 100 == 0 and (not self.samples or self.samples[-1][0] != trainer.global_step):
