@@ -13,6 +13,9 @@ Why it looks like this:
 - A ``StatefulDataLoader`` saves the stream position (workers included) in every checkpoint, and
   the training shuffle (:class:`WindowShuffled`) is built so that this position is exact: a resumed
   run sees the same clips in the same order as one that never stopped.
+- Batches are length-grouped: each shuffle window is cut into batches of clips of similar duration
+  (read from the stored audio's header, no decoding), served in random order, so a batch of 3 s
+  clips is not padded to the 20 s clip that happened to arrive with them (see :func:`length_grouped`).
 - A clip that cannot be used is never fatal and never silent: it travels as a ``skip`` reason to
   the collate, which drops it from the batch; the data module counts the reasons in the main
   process (:class:`SkipLedger`), logs them, and stops a run that is mostly bad data.
@@ -25,6 +28,7 @@ import io
 import itertools
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,6 +68,32 @@ def decode_audio(value: dict | bytes | str, sample_rate: int) -> np.ndarray:
     if rate != sample_rate:
         audio = soxr.resample(audio, rate, sample_rate)
     return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def stored_duration(column: str, row: dict[str, Any]) -> float:
+    """Duration in seconds of ``row[column]``'s audio, read from its header (0 when unreadable)."""
+    value = row.get(column)
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    try:
+        return sf.info(io.BytesIO(value) if isinstance(value, bytes) else value).duration
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError):
+        return 0.0  # the clip is skipped later, when it fails to decode
+
+
+def length_grouped(durations: list[float], batch_size: int, rng: np.random.Generator) -> list[int]:
+    """An order of ``durations``' indices whose consecutive runs of ``batch_size`` have similar durations.
+
+    The indices are sorted by duration times a random factor in [0.9, 1.1] (so batch membership
+    changes from epoch to epoch instead of always grouping the same neighbours), cut into batches,
+    and the batches are put in random order (so training does not see short clips first, then
+    long ones). Randomness lost against a plain shuffle: a batch holds clips within ~10 % of one
+    another in duration instead of any clips of the window.
+    """
+    jittered = np.asarray(durations, dtype=np.float64) * rng.uniform(0.9, 1.1, len(durations))
+    ordered = np.argsort(jittered, kind="stable")
+    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    return [int(i) for b in rng.permutation(len(batches)) for i in batches[b]]
 
 
 def normalize_target(text: str, mode: Literal["lower", "none"]) -> str:
@@ -197,15 +227,22 @@ class WindowShuffled(TorchIterableDataset):
 
     ``datasets``' own buffer shuffle does not save its buffer, so a resumed run would silently skip
     the clips that sat in it. Here the rows are read in windows of ``window``; each window is
-    yielded in a permutation seeded by (seed, epoch, worker, window index). The saved state is the
+    yielded in a permutation seeded by (seed, epoch, worker, window index): a plain shuffle, or,
+    with ``group_size`` (the batch size), an order whose consecutive runs of ``group_size`` clips
+    have similar durations (:func:`length_grouped`). The dataloader cuts a worker's rows into
+    batches in the order they come, so those runs become its batches; the window is rounded up to
+    a multiple of ``group_size`` to keep them aligned. The saved state is the
     source's position at the start of the current window plus how many of its rows were yielded: on
     resume the window is read again and the same permutation continues where it stopped, so no clip
     is repeated or skipped. Rows are prepared (decoded, featurized) only when they are yielded.
     Inside dataloader workers the ``datasets`` stream splits its shards among them by itself.
     """
 
-    def __init__(self, source: IterableDataset, prepare: Callable[[dict], dict], window: int, seed: int) -> None:
-        self.source, self.prepare, self.window, self.seed = source, prepare, max(1, window), seed
+    def __init__(self, source: IterableDataset, prepare: Callable[[dict], dict], window: int, seed: int,
+                 group_size: int | None = None, duration: Callable[[dict], float] | None = None) -> None:
+        self.source, self.prepare, self.seed = source, prepare, seed
+        self.group_size, self.duration = group_size, duration
+        self.window = -(-max(1, window) // group_size) * group_size if group_size else max(1, window)
         self.epoch = 0
         self._state: dict[str, Any] = {"epoch": 0, "source": None, "window": 0, "yielded": 0}
         self._resume: dict[str, Any] | None = None
@@ -232,8 +269,12 @@ class WindowShuffled(TorchIterableDataset):
         worker = get_worker_info()
         rows = iter(source)
         while window := list(itertools.islice(rows, self.window)):
-            order = np.random.default_rng([self.seed, self.epoch, worker.id if worker else 0, index])
-            for position, row in enumerate(order.permutation(len(window)).tolist()):
+            rng = np.random.default_rng([self.seed, self.epoch, worker.id if worker else 0, index])
+            if self.group_size and self.duration:
+                order = length_grouped([self.duration(row) for row in window], self.group_size, rng)
+            else:
+                order = rng.permutation(len(window)).tolist()
+            for position, row in enumerate(order):
                 if position < skip:
                     continue
                 self._state = {"epoch": self.epoch, "source": window_start, "window": index, "yielded": position + 1}
@@ -298,6 +339,7 @@ class SpeechDataModule(LightningDataModule):
         max_eval_samples: int | None = None,
         num_workers: NonNegativeInt = 4,
         shuffle_buffer: int = 1000,
+        group_by_length: bool = True,
         max_duration: float = WHISPER_WINDOW_S,
         min_duration: float = 0.1,
         max_target_tokens: int = 256,
@@ -324,6 +366,8 @@ class SpeechDataModule(LightningDataModule):
             max_eval_samples: use only the first N clips of the validation split.
             num_workers: dataloader worker processes; the stream's shards are split among them.
             shuffle_buffer: training clips are shuffled within windows of this many (0 or 1: stream order).
+            group_by_length: form each window's training batches from clips of similar duration, in
+                random batch order, to cut padding (read from the audio headers; see ``length_grouped``).
             max_duration: clips longer than this many seconds are skipped and counted (Whisper's
                 window is 30 s).
             min_duration: clips shorter than this many seconds are skipped and counted.
@@ -375,7 +419,9 @@ class SpeechDataModule(LightningDataModule):
             if hp.max_train_samples is not None:
                 train = train.take(hp.max_train_samples)
             train = split_dataset_by_node(train, rank, world)
-            self.train_dataset = WindowShuffled(train, preparer, window=hp.shuffle_buffer, seed=hp.seed)
+            self.train_dataset = WindowShuffled(train, preparer, window=hp.shuffle_buffer, seed=hp.seed,
+                                                group_size=hp.batch_size if hp.group_by_length else None,
+                                                duration=partial(stored_duration, hp.audio_column))
         if stage in ("fit", "validate"):
             val = self.open_split(hp.val_split)
             if hp.max_eval_samples is not None:
