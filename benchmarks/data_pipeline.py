@@ -30,20 +30,35 @@ from tiny_audio_pl.data import ClipPreparer, collate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_clips(count: int, rate: int, seed: int = 0) -> list[dict]:
-    """``count`` rows in the LoquaciousSet schema with log-normal durations (median 6 s, 1-30 s)."""
+def make_clips(count: int, rate: int = 16_000, seed: int = 0) -> list[dict]:
+    """``count`` rows in the LoquaciousSet schema with log-normal durations (median 6 s, 1-30 s).
+
+    Each clip is a random stretch of the tiny set's speech laid end to end; its transcript is the
+    words spoken in that stretch (each word placed evenly within its utterance), so transcript
+    length follows duration as in real speech.
+    """
     rng = np.random.default_rng(seed)
     rows = load_dataset("parquet", data_files=str(ROOT / "assets/tiny-speech/train/*.parquet"),
                         split="train").cast_column("wav", Audio(decode=False))
-    speech = np.concatenate([sf.read(io.BytesIO(r["wav"]["bytes"]), dtype="float32")[0] for r in rows])
+    pieces, words, word_times, offset = [], [], [], 0.0
+    for row in rows:
+        audio = sf.read(io.BytesIO(row["wav"]["bytes"]), dtype="float32")[0]
+        spoken = row["text"].split()
+        words += spoken
+        word_times += list(offset + (np.arange(len(spoken)) + 0.5) * len(audio) / 16_000 / len(spoken))
+        pieces.append(audio)
+        offset += len(audio) / 16_000
+    speech, word_times = np.concatenate(pieces), np.array(word_times)
     if rate != 16_000:
         speech = soxr.resample(speech, 16_000, rate)
     clips = []
     for i, seconds in enumerate(np.clip(rng.lognormal(np.log(6.0), 0.6, count), 1.0, 30.0)):
-        start = rng.integers(0, len(speech) - int(30 * rate))
+        start = int(rng.integers(0, len(speech) - int(30 * rate)))
         buffer = io.BytesIO()
         sf.write(buffer, speech[start:start + int(seconds * rate)], rate, format="FLAC")
-        clips.append({"ID": f"clip-{i}", "wav": {"bytes": buffer.getvalue(), "path": None}, "text": "A TEST"})
+        spoken = (word_times >= start / rate) & (word_times < start / rate + seconds)
+        text = " ".join(w for w, keep in zip(words, spoken) if keep) or words[0]
+        clips.append({"ID": f"clip-{i}", "wav": {"bytes": buffer.getvalue(), "path": None}, "text": text})
     return clips
 
 

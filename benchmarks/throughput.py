@@ -1,0 +1,308 @@
+"""Training throughput of the real training step: the seed's naive recipe against ours, side by side.
+
+Every mode trains the project's own ``SpeechLLM`` with a Lightning ``Trainer`` on the same clips,
+prepared by the project's ``ClipPreparer`` and batched by its ``collate``; the modes differ only in
+the optimisations switched on, one more per mode, so each one's effect is measured:
+
+- ``naive``: what the seed's system does: every clip padded to 30 s through the Whisper encoder,
+  logits over the whole vocabulary at every decoder position (``transformers``' own loss), batches
+  formed in arrival order;
+- ``trim``: Whisper fed each batch at its longest clip, padding masked;
+- ``head``: and the LM head only at the labelled positions;
+- ``ours``: and length-grouped batches (:func:`tiny_audio_pl.data.length_grouped` over windows of
+  ``data.shuffle_buffer`` clips), i.e. the project's defaults.
+
+The model settings, precision and batch size come from the config under test: ``configs/smoke.yaml``
+for ``--size tiny`` (the tiny assets, CPU) and ``configs/whisper.yaml`` for ``--size real`` (GPU):
+Whisper-large-v3-turbo's encoder and SmolLM3-3B rebuilt from their shapes with random weights by
+``scripts/make_real_size_models.py``, frozen in bf16, bf16-mixed. Each optimizer step here follows
+one batch (no accumulation) and clips gradients as the config does. Clip durations are log-normal
+with a median of 6 s, clipped to 1-30 s (mean ~7 s; LoquaciousSet clips are mostly a few seconds to
+~20 s), real speech with the words spoken in it as the transcript (``data_pipeline.make_clips``).
+
+Useful FLOPs (for model-FLOPs utilisation) are counted analytically and only for work a perfect
+implementation must do: the encoder's forward over each clip's real frames, the projector's forward
+and backward, the decoder's forward and input-gradient backward over non-padding positions, and the
+LM head at labelled positions only. Usage::
+
+    python benchmarks/throughput.py --size tiny [--json PATH]
+    python benchmarks/throughput.py --size real --json PATH    # one GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+import yaml
+from lightning.pytorch import Callback, Trainer
+from torch.utils.data import DataLoader
+
+from data_pipeline import make_clips
+from tiny_audio_pl.data import ClipPreparer, collate, length_grouped
+from tiny_audio_pl.model import SpeechLLM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    full_window: bool  # Whisper padded to 30 s
+    full_vocabulary_head: bool  # logits at every position
+    grouped: bool  # length-grouped batches instead of arrival order
+
+
+MODES = [Mode("naive", True, True, False), Mode("trim", False, True, False), Mode("head", False, False, False),
+         Mode("ours", False, False, True)]
+
+
+class BenchmarkedSpeechLLM(SpeechLLM):
+    """``SpeechLLM`` with a switch back to the naive loss: full-vocabulary logits at every position."""
+
+    full_vocabulary_head = False
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        if not self.full_vocabulary_head:
+            return super().forward(batch)
+        audio, audio_lengths = self.embed_audio(batch["features"], batch["feature_lengths"])
+        embeds, mask, labels = self.assemble(audio, audio_lengths, self.target_ids(batch["text"]))
+        return self.decoder(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss  # [B, L, V] logits
+
+
+class Stopwatch(Callback):
+    """Times the training batches after the first ``warmup`` (device synchronised at both ends)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.seconds = warmup, 0.0, 0.0
+
+    def on_train_start(self, trainer: Trainer, *args: Any) -> None:
+        self.on_train_batch_end(trainer)
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step == self.warmup:
+            _synchronize()
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer: Trainer, *args: Any) -> None:
+        _synchronize()
+        self.seconds = time.perf_counter() - self.start
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    elif Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the resident-set high-water mark
+
+
+def peak_memory_mb() -> float | None:
+    """Peak GPU memory allocated, or on the CPU the process's peak resident set since the reset."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def batches_in_order(durations: list[float], batch_size: int, grouped: bool, window: int, seed: int = 0
+                     ) -> list[list[int]]:
+    """Arrival order, or the training stream's length grouping over windows of ``window`` clips."""
+    order = list(range(len(durations)))
+    if grouped:
+        rng = np.random.default_rng(seed)
+        order = [start + i for start in range(0, len(order), window)
+                 for i in length_grouped(durations[start:start + window], batch_size, rng)]
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def decoder_lengths(model: SpeechLLM, batch: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
+    """Per clip: decoder positions (prompt + audio + target), audio tokens and labelled positions."""
+    frames = model.encoder.frame_lengths(batch["feature_lengths"])
+    audio = model.projector.output_lengths(frames).tolist()
+    targets = [len(t) for t in model.target_ids(batch["text"])]
+    prompt = len(model.prompt.prefix_ids) + len(model.prompt.suffix_ids)
+    return [prompt + a + t for a, t in zip(audio, targets)], audio, targets
+
+
+def useful_flops(model: SpeechLLM, batch: dict[str, Any]) -> float:
+    """Analytic FLOPs of the work a perfect implementation must do for one batch (see module docstring)."""
+    enc = model.encoder.model.config
+    dec = model.decoder.config
+    d, heads = dec.hidden_size, dec.num_attention_heads
+    head_dim = getattr(dec, "head_dim", None) or d // heads
+    q, kv = heads * head_dim, dec.num_key_value_heads * head_dim
+    dec_linear = 2 * dec.num_hidden_layers * (d * q + 2 * d * kv + q * d + 3 * d * dec.intermediate_size)
+    proj_params = sum(p.numel() for p in model.projector.parameters())
+    total = 0.0
+    lengths, audio, targets = decoder_lengths(model, batch)
+    frames = model.encoder.frame_lengths(batch["feature_lengths"]).tolist()
+    for n, length, a, t in zip(frames, lengths, audio, targets):
+        e = enc.d_model
+        total += 2 * (enc.num_mel_bins * 3 * e) * 2 * n + 2 * (3 * e * e) * n  # the two convs over 2n, n frames
+        total += enc.encoder_layers * (2 * (4 * e * e + 2 * e * enc.encoder_ffn_dim) * n + 4 * n * n * e)
+        total += 3 * 2 * proj_params * a  # projector forward + backward (weights and inputs)
+        attention = dec.num_hidden_layers * 2 * length * length * q  # causal: half of QK^T and AV
+        total += 2 * dec_linear * length + 3 * attention  # forward + input-gradient backward
+        total += 2 * 2 * d * dec.vocab_size * t  # LM head at labelled positions, forward + input gradient
+    return total
+
+
+def peak_flops(device: str, override_tflops: float | None) -> float | None:
+    """Dense bf16 peak of the GPU (vendor figures), or ``--peak-tflops``."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("A100", 312),
+                        ("A40", 150), ("L40S", 362), ("L4", 121)):
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def load_config(size: str, models: Path) -> dict[str, Any]:
+    config = yaml.safe_load((ROOT / "configs" / ("smoke.yaml" if size == "tiny" else "whisper.yaml")).read_text())
+    model = dict(config["model"])
+    if size == "real":
+        if not (models / "smollm3").is_dir():
+            subprocess.run([sys.executable, str(ROOT / "scripts/make_real_size_models.py"), str(models)], check=True)
+        model.update(encoder=str(models / "whisper"), decoder=str(models / "smollm3"))
+    else:
+        model.update(encoder=str(ROOT / model["encoder"]), decoder=str(ROOT / model["decoder"]))
+    return {"model": model, "trainer": config["trainer"], "data": config["data"]}
+
+
+def run_mode(model: BenchmarkedSpeechLLM, mode: Mode, prepared: list[dict], batches: list[list[int]],
+             warmup: list[list[int]], trainer_config: dict[str, Any], device: str) -> dict[str, Any]:
+    """Train on ``warmup`` then ``batches`` (timed) with the mode's switches; return its figures."""
+    model.encoder.full_window = mode.full_window
+    model.full_vocabulary_head = mode.full_vocabulary_head
+    loader = DataLoader(prepared, batch_sampler=warmup + batches, collate_fn=collate,
+                        pin_memory=device == "cuda")
+    stopwatch = Stopwatch(len(warmup))
+    trainer = Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1,
+                      precision=trainer_config.get("precision", "32-true"),
+                      gradient_clip_val=trainer_config.get("gradient_clip_val"),
+                      max_steps=len(warmup) + len(batches), logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[stopwatch])
+    reset_peak_memory()
+    trainer.fit(model, train_dataloaders=loader)
+    seconds = stopwatch.seconds
+    clips = [prepared[i] for b in batches for i in b]
+    positions = padded = labelled = 0
+    flops = 0.0
+    for b in batches:
+        batch = collate([prepared[i] for i in b])
+        lengths, _, targets = decoder_lengths(model, batch)
+        positions += sum(lengths)
+        padded += len(lengths) * max(lengths)
+        labelled += sum(targets)
+        flops += useful_flops(model, batch)
+    return {"mode": mode.name, "seconds": round(seconds, 3),
+            "samples_per_s": round(len(clips) / seconds, 2),
+            "audio_s_per_s": round(sum(c["duration"] for c in clips) / seconds, 1),
+            "decoder_tokens_per_s": round(positions / seconds, 1),
+            "padding_share": round(1 - positions / padded, 4),
+            "peak_mem_mb": round(peak_memory_mb() or 0.0, 1),
+            "useful_tflops_per_s": round(flops / seconds / 1e12, 3), "final_loss": round(
+                float(trainer.callback_metrics.get("train/loss", float("nan"))), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["tiny", "real"], default="tiny")
+    parser.add_argument("--batches", type=int, help="timed batches per mode (default: 12 tiny, 24 real)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed batches per mode first")
+    parser.add_argument("--modes", default=",".join(m.name for m in MODES), help="comma-separated subset")
+    parser.add_argument("--models", type=Path, default=Path("/tmp/real-size-models"),
+                        help="--size real: where the random-weight real-size models are made (once) and read")
+    parser.add_argument("--peak-tflops", type=float, help="the accelerator's dense peak, if not recognised")
+    parser.add_argument("--profile", action="store_true", help="then profile 4 batches of the last mode")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.size == "real" and device != "cuda":
+        parser.error("--size real needs a GPU")
+    config = load_config(args.size, args.models)
+    batch_size = config["data"]["batch_size"]
+    num_batches = args.batches or (12 if args.size == "tiny" else 24)
+    torch.manual_seed(0)
+    model = BenchmarkedSpeechLLM(**config["model"])
+    initial_projector = {k: v.clone() for k, v in model.projector.state_dict().items()}
+
+    preparer = ClipPreparer(config["model"]["encoder"], config["model"]["decoder"], "wav", "text", "ID",
+                            min_duration=0.1, max_duration=30.0, max_target_tokens=10_000, text_normalization="lower")
+    rows = make_clips((args.warmup + num_batches) * batch_size)
+    prepared = []
+    for row in rows:
+        prepared.append({**preparer(row), "duration": sf.info(io.BytesIO(row["wav"]["bytes"])).duration})
+    warmup = [list(range(i * batch_size, (i + 1) * batch_size)) for i in range(args.warmup)]
+    timed = list(range(args.warmup * batch_size, len(prepared)))
+    durations = [prepared[i]["duration"] for i in timed]
+    window = config["data"].get("shuffle_buffer", 1000)
+
+    results = []
+    for mode in [m for m in MODES if m.name in args.modes.split(",")]:
+        model.projector.load_state_dict(initial_projector)
+        batches = [[timed[i] for i in b] for b in batches_in_order(durations, batch_size, mode.grouped, window)]
+        results.append(run_mode(model, mode, prepared, batches, warmup, config["trainer"], device))
+        print(json.dumps(results[-1]), flush=True)
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as profiler:
+            run_mode(model, mode, prepared, batches[:4], warmup[:1], config["trainer"], device)
+        print(profiler.key_averages().table(sort_by=f"{'cuda' if device == 'cuda' else 'cpu'}_time_total",
+                                            row_limit=30))
+
+    by_mode = {r["mode"]: r for r in results}
+    peak = peak_flops(device, args.peak_tflops)
+    for r in results:
+        r["mfu"] = round(r["useful_tflops_per_s"] * 1e12 / peak, 4) if peak else None
+    report: dict[str, Any] = {
+        "size": args.size, "device": torch.cuda.get_device_name() if device == "cuda"
+        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "torch": torch.__version__, "batch_size": batch_size, "timed_batches": num_batches,
+        "clip_duration_s": {"mean": round(float(np.mean(durations)), 2),
+                            "median": round(float(np.median(durations)), 2),
+                            "max": round(float(np.max(durations)), 2)},
+        "peak_tflops": peak / 1e12 if peak else None, "modes": results,
+        "padding_share": {r["mode"]: r["padding_share"] for r in results},
+        "peak_mem_mb": {r["mode"]: r["peak_mem_mb"] for r in results},
+    }
+    if "naive" in by_mode and "ours" in by_mode:
+        ours = by_mode["ours"]["samples_per_s"]
+        report.update(naive_samples_per_s=by_mode["naive"]["samples_per_s"], ours_samples_per_s=ours,
+                      ratio=round(ours / by_mode["naive"]["samples_per_s"], 2),
+                      recipe_hours_10k_steps_x32=round(10_000 * 32 / ours / 3600, 2))
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
