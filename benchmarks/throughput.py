@@ -8,6 +8,9 @@ the optimisations switched on, one more per mode, so each one's effect is measur
   logits over the whole vocabulary at every decoder position (``transformers``' own loss), batches
   formed in arrival order;
 - ``trim``: Whisper fed each batch at its longest clip, padding masked;
+- ``attention``: and attention restricted to SDPA's flash / memory-efficient kernels (not cuDNN's,
+  which plans anew for every new shape), the decoder run without a padding mask (its rows are
+  right-padded and causal, so none is needed), which lets it use the flash kernel;
 - ``head``: and the LM head only at the labelled positions;
 - ``ours``: and length-grouped batches (:func:`tiny_audio_pl.data.length_grouped` over windows of
   ``data.shuffle_buffer`` clips), i.e. the project's defaults.
@@ -61,16 +64,18 @@ ROOT = Path(__file__).resolve().parents[1]
 class Mode:
     name: str
     full_window: bool  # Whisper padded to 30 s
+    default_attention: bool  # PyTorch's own SDPA kernel choice, padding mask in the decoder
     full_vocabulary_head: bool  # logits at every position
     grouped: bool  # length-grouped batches instead of arrival order
 
 
-MODES = [Mode("naive", True, True, False), Mode("trim", False, True, False), Mode("head", False, False, False),
-         Mode("ours", False, False, True)]
+MODES = [Mode("naive", True, True, True, False), Mode("trim", False, True, True, False),
+         Mode("attention", False, False, True, False), Mode("head", False, False, False, False),
+         Mode("ours", False, False, False, True)]
 
 
 class BenchmarkedSpeechLLM(SpeechLLM):
-    """``SpeechLLM`` with a switch back to the naive loss: full-vocabulary logits at every position."""
+    """``SpeechLLM`` with a switch back to the naive loss: ``transformers``' own, logits at every position."""
 
     full_vocabulary_head = False
 
@@ -79,14 +84,16 @@ class BenchmarkedSpeechLLM(SpeechLLM):
             return super().forward(batch)
         audio, audio_lengths = self.embed_audio(batch["features"], batch["feature_lengths"])
         embeds, mask, labels = self.assemble(audio, audio_lengths, self.target_ids(batch["text"]))
-        return self.decoder(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss  # [B, L, V] logits
+        with self.attention():
+            return self.decoder(inputs_embeds=embeds, attention_mask=None if self.attention_backends else mask,
+                                labels=labels, use_cache=False).loss  # from [B, L, V] logits
 
 
 class Stopwatch(Callback):
-    """Times the training batches after the first ``warmup`` (device synchronised at both ends)."""
+    """Times (and optionally profiles) the training batches after the first ``warmup``, device synchronised."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.seconds = warmup, 0.0, 0.0
+    def __init__(self, warmup: int, profiler: torch.profiler.profile | None = None) -> None:
+        self.warmup, self.profiler, self.start, self.seconds = warmup, profiler, 0.0, 0.0
 
     def on_train_start(self, trainer: Trainer, *args: Any) -> None:
         self.on_train_batch_end(trainer)
@@ -95,10 +102,14 @@ class Stopwatch(Callback):
         if trainer.global_step == self.warmup:
             _synchronize()
             self.start = time.perf_counter()
+            if self.profiler:
+                self.profiler.start()
 
     def on_train_end(self, trainer: Trainer, *args: Any) -> None:
         _synchronize()
         self.seconds = time.perf_counter() - self.start
+        if self.profiler:
+            self.profiler.stop()
 
 
 def _synchronize() -> None:
@@ -194,13 +205,15 @@ def load_config(size: str, models: Path) -> dict[str, Any]:
 
 
 def run_mode(model: BenchmarkedSpeechLLM, mode: Mode, prepared: list[dict], batches: list[list[int]],
-             warmup: list[list[int]], trainer_config: dict[str, Any], device: str) -> dict[str, Any]:
+             warmup: list[list[int]], trainer_config: dict[str, Any], device: str,
+             profiler: torch.profiler.profile | None = None) -> dict[str, Any]:
     """Train on ``warmup`` then ``batches`` (timed) with the mode's switches; return its figures."""
     model.encoder.full_window = mode.full_window
     model.full_vocabulary_head = mode.full_vocabulary_head
+    model.attention_backends = None if mode.default_attention else SpeechLLM.attention_backends
     loader = DataLoader(prepared, batch_sampler=warmup + batches, collate_fn=collate,
                         pin_memory=device == "cuda")
-    stopwatch = Stopwatch(len(warmup))
+    stopwatch = Stopwatch(len(warmup), profiler)
     trainer = Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1,
                       precision=trainer_config.get("precision", "32-true"),
                       gradient_clip_val=trainer_config.get("gradient_clip_val"),
@@ -232,13 +245,14 @@ def run_mode(model: BenchmarkedSpeechLLM, mode: Mode, prepared: list[dict], batc
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["tiny", "real"], default="tiny")
+    parser.add_argument("--batch-size", type=int, help="clips per batch (default: the config's data.batch_size)")
     parser.add_argument("--batches", type=int, help="timed batches per mode (default: 12 tiny, 24 real)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches per mode first")
     parser.add_argument("--modes", default=",".join(m.name for m in MODES), help="comma-separated subset")
     parser.add_argument("--models", type=Path, default=Path("/tmp/real-size-models"),
                         help="--size real: where the random-weight real-size models are made (once) and read")
     parser.add_argument("--peak-tflops", type=float, help="the accelerator's dense peak, if not recognised")
-    parser.add_argument("--profile", action="store_true", help="then profile 4 batches of the last mode")
+    parser.add_argument("--profile", action="store_true", help="then profile 6 batches of the last mode")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -246,7 +260,7 @@ def main() -> None:
     if args.size == "real" and device != "cuda":
         parser.error("--size real needs a GPU")
     config = load_config(args.size, args.models)
-    batch_size = config["data"]["batch_size"]
+    batch_size = args.batch_size or config["data"]["batch_size"]
     num_batches = args.batches or (12 if args.size == "tiny" else 24)
     torch.manual_seed(0)
     model = BenchmarkedSpeechLLM(**config["model"])
@@ -274,8 +288,8 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-        with profile(activities=activities) as profiler:
-            run_mode(model, mode, prepared, batches[:4], warmup[:1], config["trainer"], device)
+        profiler = profile(activities=activities)
+        run_mode(model, mode, prepared, batches[:6], warmup[:1], config["trainer"], device, profiler)
         print(profiler.key_averages().table(sort_by=f"{'cuda' if device == 'cuda' else 'cpu'}_time_total",
                                             row_limit=30))
 

@@ -35,7 +35,7 @@ def test_chat_prompt_splits_the_template_at_the_audio(tiny_model):
 def test_labels_cover_only_the_transcript_and_end_of_turn(tiny_model):
     audio = torch.randn(2, 5, tiny_model.decoder.config.hidden_size)
     targets = tiny_model.target_ids(["the red fox", "a dog"])
-    embeds, mask, labels = tiny_model.assemble(audio, torch.tensor([5, 3]), targets)
+    embeds, mask, labels = tiny_model.assemble(audio, [5, 3], targets)
     prompt_len = len(tiny_model.prompt.prefix_ids) + len(tiny_model.prompt.suffix_ids)
     for i, n in enumerate([5, 3]):
         start = prompt_len + n

@@ -17,6 +17,7 @@ scheduler, loop and data state); the frozen models are reloaded by name.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchmetrics.text import WordErrorRate
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 from whisper_normalizer.english import EnglishTextNormalizer
@@ -75,6 +77,12 @@ class ChatPrompt:
 
 class SpeechLLM(LightningModule):
     """Speech recognition with a frozen encoder, a trained projector and a frozen LLM decoder."""
+
+    # Attention kernels for the frozen models. Not cuDNN's: it builds an execution plan for every new
+    # input shape, and with batches of varying length nearly every batch is a new shape (measured on
+    # an H100: see docs/benchmarks.md). Flash / memory-efficient kernels take any shape at no setup cost.
+    attention_backends: list[SDPBackend] | None = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                                   SDPBackend.MATH]
 
     def __init__(
         self,
@@ -163,46 +171,62 @@ class SpeechLLM(LightningModule):
             f"parameters: {frozen:,} frozen, {trainable:,} trainable")
 
     # ------------------------------------------------------------------------------------ the model
-    def embed_audio(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features -> projected audio embeddings ``[B, N, D_dec]`` and valid token counts ``[B]``."""
-        with torch.no_grad():
-            frames, frame_lengths = self.encoder(features, feature_lengths)  # [B, T, D_enc]
+    def embed_audio(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Features -> projected audio embeddings ``[B, N, D_dec]`` and each clip's valid token count."""
+        # The one host sync of a step, made before any of its kernels is queued: every later shape
+        # and index is computed on the CPU from these counts, so the GPU is never waited on again.
+        lengths = self.projector.output_lengths(self.encoder.frame_lengths(feature_lengths)).tolist()
+        with torch.no_grad(), self.attention():
+            frames, _ = self.encoder(features, feature_lengths)  # [B, T, D_enc]
         audio = self.projector(frames.float())  # [B, ceil(T/k), D_dec]; autocast picks the matmul dtype
-        return audio, self.projector.output_lengths(frame_lengths).clamp(max=audio.shape[1])
+        return audio, [min(n, audio.shape[1]) for n in lengths]
 
-    def assemble(self, audio: torch.Tensor, audio_lengths: torch.Tensor, targets: list[list[int]] | None = None
+    def attention(self) -> AbstractContextManager:
+        """The attention kernels the frozen models may use (all of PyTorch's when ``attention_backends`` is None)."""
+        return sdpa_kernel(self.attention_backends) if self.attention_backends else nullcontext()
+
+    def assemble(self, audio: torch.Tensor, audio_lengths: list[int], targets: list[list[int]] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Splice audio embeddings into the chat prompt, one row per clip.
 
+        The layout (token ids, where each audio vector goes, labels) is built on the CPU and sent
+        with one non-blocking copy each; the embeddings are then gathered in a few batched ops.
+
         Args:
             audio: ``[B, N, D]`` projected audio; row i is valid for ``audio_lengths[i]`` positions.
-            audio_lengths: ``[B]``.
+            audio_lengths: B counts.
             targets: token ids to append after the prompt (training); ``None`` for generation.
 
         Returns:
-            ``embeds [B, L, D]``, ``attention_mask [B, L]`` and ``labels [B, L]`` (``-100`` except on
-            targets). Training rows are right-padded; generation rows are left-padded so that every
-            row's next token is at the end.
+            ``embeds [B, L, D]`` (zero at padding), ``attention_mask [B, L]`` and ``labels [B, L]``
+            (``-100`` except on targets). Training rows are right-padded; generation rows are
+            left-padded so that every row's next token is at the end.
         """
-        embed = self.decoder.get_input_embeddings()
-        device = audio.device
-        prefix = embed(torch.tensor(self.prompt.prefix_ids, device=device))  # [P, D]
-        suffix = embed(torch.tensor(self.prompt.suffix_ids, device=device))  # [S, D]
-        targets = targets or [[] for _ in range(len(audio))]
-        target_embeds = [embed(torch.tensor(t, dtype=torch.long, device=device)) for t in targets]
-        rows, labels = [], []
-        for i, n in enumerate(audio_lengths.tolist()):
-            rows.append(torch.cat([prefix, audio[i, :n].to(prefix.dtype), suffix, target_embeds[i]]))
-            labels.append(torch.tensor([IGNORE] * (len(prefix) + n + len(suffix)) + targets[i], device=device))
-        length = max(len(r) for r in rows)
+        prefix, suffix = self.prompt.prefix_ids, self.prompt.suffix_ids
+        targets = targets or [[] for _ in audio_lengths]
+        batch, slots = len(audio_lengths), audio.shape[1]
+        rows = [len(prefix) + n + len(suffix) + len(t) for n, t in zip(audio_lengths, targets)]
+        length = max(rows)
         left = not any(targets)
-        embeds = audio.new_zeros(len(rows), length, prefix.shape[1], dtype=prefix.dtype)
-        mask = torch.zeros(len(rows), length, dtype=torch.long, device=device)
-        label_pad = torch.full((len(rows), length), IGNORE, dtype=torch.long, device=device)
-        for i, (row, label) in enumerate(zip(rows, labels)):
-            span = slice(length - len(row), length) if left else slice(0, len(row))
-            embeds[i, span], mask[i, span], label_pad[i, span] = row, 1, label
-        return embeds, mask, label_pad
+        ids = torch.zeros(batch, length, dtype=torch.long)  # token ids; 0 at audio and padding
+        source = torch.full((batch, length), -1, dtype=torch.long)  # row of audio.view(B * N, D), -1: none
+        labels = torch.full((batch, length), IGNORE, dtype=torch.long)
+        mask = torch.zeros(batch, length, dtype=torch.long)
+        for i, (n, target) in enumerate(zip(audio_lengths, targets)):
+            start = length - rows[i] if left else 0
+            audio_at = start + len(prefix)
+            ids[i, start:audio_at] = torch.tensor(prefix)
+            source[i, audio_at:audio_at + n] = torch.arange(i * slots, i * slots + n)
+            tail = torch.tensor(suffix + target, dtype=torch.long)
+            ids[i, audio_at + n:start + rows[i]] = tail
+            labels[i, start + rows[i] - len(target):start + rows[i]] = tail[len(suffix):]
+            mask[i, start:start + rows[i]] = 1
+        device = audio.device
+        ids, source, labels, mask = (t.to(device, non_blocking=True) for t in (ids, source, labels, mask))
+        tokens = self.decoder.get_input_embeddings()(ids)  # [B, L, D]
+        placed = audio.reshape(batch * slots, -1).to(tokens.dtype)[source.clamp(min=0)]  # [B, L, D]
+        embeds = torch.where(source[..., None] >= 0, placed, tokens) * mask[..., None].to(tokens.dtype)
+        return embeds, mask, labels
 
     def target_ids(self, texts: list[str]) -> list[list[int]]:
         """Transcript tokens followed by the end-of-turn token."""
@@ -211,12 +235,19 @@ class SpeechLLM(LightningModule):
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean next-token loss over the transcript tokens of the batch."""
         audio, audio_lengths = self.embed_audio(batch["features"], batch["feature_lengths"])
-        embeds, mask, labels = self.assemble(audio, audio_lengths, self.target_ids(batch["text"]))
-        hidden = self.decoder.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # [B, L, D]
-        next_labels = labels[:, 1:]  # position t predicts token t + 1
-        labelled = next_labels != IGNORE
-        logits = self.decoder.get_output_embeddings()(hidden[:, :-1][labelled])  # [N_labelled, V] only
-        return F.cross_entropy(logits.float(), next_labels[labelled])
+        targets = self.target_ids(batch["text"])
+        embeds, _, labels = self.assemble(audio, audio_lengths, targets)
+        # Rows are right-padded and attention is causal, so no real position can see padding: no mask
+        # is needed, which lets SDPA run its flash kernel. Padded positions compute garbage nobody reads.
+        with self.attention():
+            hidden = self.decoder.get_decoder()(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, L, D]
+        # Position t predicts token t + 1: the LM head runs only where that token is a label.
+        prompt = len(self.prompt.prefix_ids) + len(self.prompt.suffix_ids)
+        where = torch.cat([torch.arange(len(t)) + i * embeds.shape[1] + prompt + n - 1
+                           for i, (n, t) in enumerate(zip(audio_lengths, targets))])
+        where = where.to(embeds.device, non_blocking=True)  # [N_labelled] flat positions
+        logits = self.decoder.get_output_embeddings()(hidden.flatten(0, 1)[where])  # [N_labelled, V] only
+        return F.cross_entropy(logits.float(), labels.flatten()[where + 1])
 
     @torch.no_grad()
     def transcribe(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> list[str]:
@@ -227,7 +258,8 @@ class SpeechLLM(LightningModule):
                                   eos_token_id=self.prompt.end_ids[0],
                                   pad_token_id=self.prompt.end_ids[0] if self.tokenizer.pad_token_id is None
                                   else self.tokenizer.pad_token_id)
-        tokens = self.decoder.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+        with self.attention():
+            tokens = self.decoder.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
         return [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
     # -------------------------------------------------------------------------------------- training
