@@ -18,10 +18,10 @@ the optimisations switched on, one more per mode, so each one's effect is measur
 The model settings, precision and batch size come from the config under test: ``configs/smoke.yaml``
 for ``--size tiny`` (the tiny assets, CPU) and ``configs/whisper.yaml`` for ``--size real`` (GPU):
 Whisper-large-v3-turbo's encoder and SmolLM3-3B rebuilt from their shapes with random weights by
-``scripts/make_real_size_models.py``, frozen in bf16, bf16-mixed. Each optimizer step here follows
-one batch (no accumulation) and clips gradients as the config does. Clip durations are log-normal
-with a median of 6 s, clipped to 1-30 s (mean ~7 s; LoquaciousSet clips are mostly a few seconds to
-~20 s), real speech with the words spoken in it as the transcript (``data_pipeline.make_clips``).
+``scripts/make_real_size_models.py``, frozen in bf16, bf16-mixed. Batches are accumulated and
+gradients clipped as the config says. Clip durations are log-normal with a median of 6 s, clipped
+to 1-30 s (mean ~7 s; LoquaciousSet clips are mostly a few seconds to ~20 s), real speech with the
+words spoken in it as the transcript (``data_pipeline.make_clips``).
 
 Useful FLOPs (for model-FLOPs utilisation) are counted analytically and only for work a perfect
 implementation must do: the encoder's forward over each clip's real frames, the projector's forward
@@ -95,15 +95,20 @@ class Stopwatch(Callback):
     def __init__(self, warmup: int, profiler: torch.profiler.profile | None = None) -> None:
         self.warmup, self.profiler, self.start, self.seconds = warmup, profiler, 0.0, 0.0
 
-    def on_train_start(self, trainer: Trainer, *args: Any) -> None:
-        self.on_train_batch_end(trainer)
+    def on_train_start(self, trainer: Trainer, pl_module: SpeechLLM) -> None:
+        if self.warmup == 0:
+            self._start()
 
-    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        if trainer.global_step == self.warmup:
-            _synchronize()
-            self.start = time.perf_counter()
-            if self.profiler:
-                self.profiler.start()
+    def on_train_batch_end(self, trainer: Trainer, pl_module: SpeechLLM, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if batch_idx + 1 == self.warmup:
+            self._start()
+
+    def _start(self) -> None:
+        _synchronize()
+        self.start = time.perf_counter()
+        if self.profiler:
+            self.profiler.start()
 
     def on_train_end(self, trainer: Trainer, *args: Any) -> None:
         _synchronize()
@@ -205,7 +210,7 @@ def load_config(size: str, models: Path) -> dict[str, Any]:
 
 
 def run_mode(model: BenchmarkedSpeechLLM, mode: Mode, prepared: list[dict], batches: list[list[int]],
-             warmup: list[list[int]], trainer_config: dict[str, Any], device: str,
+             warmup: list[list[int]], trainer_config: dict[str, Any], accumulate: int, device: str,
              profiler: torch.profiler.profile | None = None) -> dict[str, Any]:
     """Train on ``warmup`` then ``batches`` (timed) with the mode's switches; return its figures."""
     model.encoder.full_window = mode.full_window
@@ -217,7 +222,8 @@ def run_mode(model: BenchmarkedSpeechLLM, mode: Mode, prepared: list[dict], batc
     trainer = Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1,
                       precision=trainer_config.get("precision", "32-true"),
                       gradient_clip_val=trainer_config.get("gradient_clip_val"),
-                      max_steps=len(warmup) + len(batches), logger=False, enable_checkpointing=False,
+                      accumulate_grad_batches=accumulate, max_steps=(len(warmup) + len(batches)) // accumulate,
+                      logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[stopwatch])
     reset_peak_memory()
     trainer.fit(model, train_dataloaders=loader)
@@ -246,8 +252,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["tiny", "real"], default="tiny")
     parser.add_argument("--batch-size", type=int, help="clips per batch (default: the config's data.batch_size)")
+    parser.add_argument("--accumulate", type=int,
+                        help="batches per optimizer step (default: the config's trainer.accumulate_grad_batches)")
     parser.add_argument("--batches", type=int, help="timed batches per mode (default: 12 tiny, 24 real)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed batches per mode first")
+    parser.add_argument("--warmup", type=int, help="untimed optimizer steps per mode first (default 1, 2 tiny)")
     parser.add_argument("--modes", default=",".join(m.name for m in MODES), help="comma-separated subset")
     parser.add_argument("--models", type=Path, default=Path("/tmp/real-size-models"),
                         help="--size real: where the random-weight real-size models are made (once) and read")
@@ -261,19 +269,23 @@ def main() -> None:
         parser.error("--size real needs a GPU")
     config = load_config(args.size, args.models)
     batch_size = args.batch_size or config["data"]["batch_size"]
+    accumulate = args.accumulate or config["trainer"].get("accumulate_grad_batches", 1)
     num_batches = args.batches or (12 if args.size == "tiny" else 24)
+    num_warmup = (args.warmup or (2 if args.size == "tiny" else 1)) * accumulate
+    if num_batches % accumulate:
+        parser.error(f"--batches must be a multiple of the {accumulate} batches per optimizer step")
     torch.manual_seed(0)
     model = BenchmarkedSpeechLLM(**config["model"])
     initial_projector = {k: v.clone() for k, v in model.projector.state_dict().items()}
 
     preparer = ClipPreparer(config["model"]["encoder"], config["model"]["decoder"], "wav", "text", "ID",
                             min_duration=0.1, max_duration=30.0, max_target_tokens=10_000, text_normalization="lower")
-    rows = make_clips((args.warmup + num_batches) * batch_size)
+    rows = make_clips((num_warmup + num_batches) * batch_size)
     prepared = []
     for row in rows:
         prepared.append({**preparer(row), "duration": sf.info(io.BytesIO(row["wav"]["bytes"])).duration})
-    warmup = [list(range(i * batch_size, (i + 1) * batch_size)) for i in range(args.warmup)]
-    timed = list(range(args.warmup * batch_size, len(prepared)))
+    warmup = [list(range(i * batch_size, (i + 1) * batch_size)) for i in range(num_warmup)]
+    timed = list(range(num_warmup * batch_size, len(prepared)))
     durations = [prepared[i]["duration"] for i in timed]
     window = config["data"].get("shuffle_buffer", 1000)
 
@@ -281,7 +293,7 @@ def main() -> None:
     for mode in [m for m in MODES if m.name in args.modes.split(",")]:
         model.projector.load_state_dict(initial_projector)
         batches = [[timed[i] for i in b] for b in batches_in_order(durations, batch_size, mode.grouped, window)]
-        results.append(run_mode(model, mode, prepared, batches, warmup, config["trainer"], device))
+        results.append(run_mode(model, mode, prepared, batches, warmup, config["trainer"], accumulate, device))
         print(json.dumps(results[-1]), flush=True)
 
     if args.profile:
@@ -289,7 +301,8 @@ def main() -> None:
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         profiler = profile(activities=activities)
-        run_mode(model, mode, prepared, batches[:6], warmup[:1], config["trainer"], device, profiler)
+        run_mode(model, mode, prepared, batches[:2 * accumulate], warmup, config["trainer"], accumulate, device,
+                 profiler)
         print(profiler.key_averages().table(sort_by=f"{'cuda' if device == 'cuda' else 'cpu'}_time_total",
                                             row_limit=30))
 
@@ -300,7 +313,8 @@ def main() -> None:
     report: dict[str, Any] = {
         "size": args.size, "device": torch.cuda.get_device_name() if device == "cuda"
         else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "batch_size": batch_size, "timed_batches": num_batches,
+        "torch": torch.__version__, "batch_size": batch_size, "accumulate_grad_batches": accumulate,
+        "timed_batches": num_batches,
         "clip_duration_s": {"mean": round(float(np.mean(durations)), 2),
                             "median": round(float(np.median(durations)), 2),
                             "max": round(float(np.max(durations)), 2)},

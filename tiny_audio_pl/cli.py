@@ -3,6 +3,7 @@
 ``tiny-audio fit|validate -c configs/X.yaml [--section.key value ...]``. Beyond the stock
 LightningCLI it adds:
 
+- ``train/lr`` logged by Lightning's ``LearningRateMonitor`` (always present);
 - a ``checkpoint.*`` section: the checkpoint callback is always there (every 1000 steps plus
   ``last``, written atomically, and also on SIGTERM: see ``checkpoint.py``);
 - ``model.encoder`` and ``model.decoder`` feed ``data.encoder`` and ``data.decoder``, so the data
@@ -21,6 +22,7 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from tiny_audio_pl.checkpoint import Checkpoint, read_checkpoint
@@ -100,7 +102,8 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
     warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated")  # torchdata 0.11 on torch >= 2.9
     # The model builds its own optimizer over the projector alone, so no --optimizer / --lr_scheduler.
-    TinyAudioCLI(SpeechLLM, SpeechDataModule, args=args, trainer_defaults={"logger": LOGGER},
+    TinyAudioCLI(SpeechLLM, SpeechDataModule, args=args,
+                 trainer_defaults={"logger": LOGGER, "callbacks": [LearningRateMonitor("step")]},
                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
 
 

@@ -93,6 +93,7 @@ class AudioEncoder(nn.Module):
             ``frames [B, T_enc, D]`` and ``frame_lengths [B]``; frames past a clip's length are zero.
         """
         features = features.to(self.model.dtype)
+        feature_lengths = feature_lengths.to(features.device, non_blocking=True)  # may come from the CPU
         if not self.is_whisper:
             mask = torch.arange(features.shape[-1], device=features.device) < feature_lengths[:, None]
             frames = self.model(features, attention_mask=mask.long() if self.use_waveform_mask else None)

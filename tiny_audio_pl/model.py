@@ -268,19 +268,25 @@ class SpeechLLM(LightningModule):
         if hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(self.current_epoch)
 
+    def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int
+                                 ) -> dict[str, Any]:
+        """Move all but ``feature_lengths``: the step reads them on the CPU to lay out the decoder input."""
+        lengths = batch.pop("feature_lengths")
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        batch["feature_lengths"] = lengths
+        return batch
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if not batch["text"]:  # every clip of the batch was skipped
             return None
+        # No finiteness check here: it would make the CPU wait for the GPU every micro-batch. A
+        # non-finite loss makes non-finite gradients, which on_before_optimizer_step skips.
         loss = self(batch)
-        if not torch.isfinite(loss):
-            self._skip_nonfinite(f"loss ({loss.item()})")
-            return None
-        size = len(batch["text"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["text"]))
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip the step if the gradients are not finite (one device sync per optimizer step)."""
         params = [p for p in self.projector.parameters() if p.grad is not None]
         if not params:
             return
@@ -335,7 +341,9 @@ class SpeechLLM(LightningModule):
         schedule = partial(warmup_cosine, warmup_steps=self.hparams.warmup_steps, total_steps=int(total),
                            min_ratio=self.hparams.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # Logged as train/lr by the CLI's LearningRateMonitor (self.log of a float would sync the GPU).
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
