@@ -1,0 +1,79 @@
+"""The speed optimisations keep the objective, and both benchmarks run."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DECODER, ROOT, WHISPER, cli_env
+from throughput import BenchmarkedSpeechLLM
+from tiny_audio_pl.data import length_grouped
+
+
+def _loss_and_grads(model: BenchmarkedSpeechLLM, batch: dict) -> tuple[float, list[torch.Tensor]]:
+    model.zero_grad()
+    loss = model(batch)
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.projector.parameters()]
+
+
+def test_optimised_step_has_the_naive_steps_loss_and_gradients(dev_batch):
+    """Same batch, same encoder input: the trimmed-padding, labelled-only, mask-free step equals the naive one."""
+    torch.manual_seed(0)
+    model = BenchmarkedSpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=64)
+    ours, ours_grads = _loss_and_grads(model, dev_batch)
+    model.full_vocabulary_head, model.attention_backends = True, None  # transformers' loss, padding mask, any kernel
+    naive, naive_grads = _loss_and_grads(model, dev_batch)
+    assert ours == pytest.approx(naive, rel=1e-5)
+    for mine, theirs in zip(ours_grads, naive_grads):
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_whisper_full_window_is_the_one_change_of_objective(dev_batch):
+    """Padding every clip to 30 s changes what Whisper sees (its own silence), so the loss moves a little."""
+    torch.manual_seed(0)
+    model = BenchmarkedSpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=64).eval()
+    with torch.no_grad():
+        trimmed = model(dev_batch).item()
+        model.encoder.full_window = True
+        full = model(dev_batch).item()
+    assert trimmed != full
+    assert abs(trimmed - full) / full < 0.2  # same task, different encoder input: see docs/benchmarks.md
+
+
+def test_length_grouping_is_a_permutation_of_similar_length_batches():
+    rng = np.random.default_rng(0)
+    durations = rng.lognormal(np.log(6.0), 0.6, 1000).clip(1, 30).tolist()
+    order = length_grouped(durations, 8, np.random.default_rng(1))
+    assert sorted(order) == list(range(1000))
+
+    def padding(order: list[int]) -> float:
+        batches = [np.array(durations)[order[i:i + 8]] for i in range(0, len(order), 8)]
+        return 1 - sum(b.sum() for b in batches) / sum(b.max() * len(b) for b in batches)
+
+    assert padding(order) < 0.1 < 0.3 < padding(list(range(1000)))
+    firsts = [durations[order[i]] for i in range(0, 1000, 8)]
+    assert firsts != sorted(firsts)  # batches come in random order, not short to long
+    again = length_grouped(durations, 8, np.random.default_rng(2))
+    assert {frozenset(again[i:i + 8]) for i in range(0, 1000, 8)} != {frozenset(order[i:i + 8])
+                                                                     for i in range(0, 1000, 8)}
+
+
+def test_benchmarks_run_and_write_their_figures(tmp_path):
+    """One command each, as in docs/benchmarks.md (short versions)."""
+    throughput = tmp_path / "throughput.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/throughput.py"), "--size", "tiny", "--batches", "2",
+                    "--warmup", "1", "--modes", "naive,ours", "--json", str(throughput)],
+                   check=True, env=cli_env(), capture_output=True, timeout=300)
+    figures = json.loads(throughput.read_text())
+    for key in ("naive_samples_per_s", "ours_samples_per_s", "ratio", "padding_share", "peak_mem_mb"):
+        assert key in figures
+    assert figures["ratio"] > 1 and figures["padding_share"]["ours"] < figures["padding_share"]["naive"]
+
+    pipeline = tmp_path / "pipeline.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/data_pipeline.py"), "--clips", "16", "--json",
+                    str(pipeline)], check=True, env=cli_env(), capture_output=True, timeout=300)
+    assert json.loads(pipeline.read_text())["whisper_per_worker"]["samples_per_s"] > 0
