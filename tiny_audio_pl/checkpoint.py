@@ -67,7 +67,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class Checkpoint(ModelCheckpoint):
-    """ModelCheckpoint that writes atomically and also saves when the run is stopped by SIGTERM."""
+    """ModelCheckpoint that writes atomically, saves on SIGTERM, and keeps the scores of a validation.
+
+    Lightning saves a step's checkpoint before that step's validation runs; the checkpoint is
+    written again after it, so the validation scores travel with the weights (``tiny-audio export``
+    puts them in the model card).
+    """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -79,6 +84,13 @@ class Checkpoint(ModelCheckpoint):
             candidates = self._monitor_candidates(trainer)
             self._save_checkpoint(trainer, self.format_checkpoint_name(candidates))
             self._save_last_checkpoint(trainer, candidates)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A step saved just before its validation ran is saved again, now holding the scores."""
+        super().on_validation_end(trainer, pl_module)
+        if self._last_global_step_saved == trainer.global_step and not trainer.sanity_checking:
+            self._last_global_step_saved = -1
+            self._save_current_step(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The final step is saved too, when ``max_steps`` is not a multiple of the save interval."""

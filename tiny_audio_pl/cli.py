@@ -1,7 +1,8 @@
 """The ``tiny-audio`` command: LightningCLI over :class:`SpeechLLM` and :class:`SpeechDataModule`.
 
-``tiny-audio fit|validate -c configs/X.yaml [--section.key value ...]``. Beyond the stock
-LightningCLI it adds:
+``tiny-audio fit|validate -c configs/X.yaml [--section.key value ...]`` train and score; ``tiny-audio
+transcribe AUDIO... --ckpt PATH`` and ``tiny-audio export --ckpt PATH --out DIR`` use a trained
+model (plain argparse: no Trainer). Beyond the stock LightningCLI it adds:
 
 - ``train/lr`` logged by Lightning's ``LearningRateMonitor`` (always present);
 - a ``checkpoint.*`` section: the checkpoint callback is always there (every 1000 steps plus
@@ -18,16 +19,23 @@ LightningCLI it adds:
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import sys
 import warnings
 from pathlib import Path
 
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from tiny_audio_pl.checkpoint import Checkpoint, read_checkpoint
 from tiny_audio_pl.data import SpeechDataModule
+from tiny_audio_pl.export import export, load_model, push_to_hub
 from tiny_audio_pl.model import SpeechLLM
+from tiny_audio_pl.transcribe import default_device, file_list, transcribe_files
 
 LOGGER = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
           "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False}}
@@ -96,8 +104,56 @@ class TinyAudioCLI(LightningCLI):
             raise SystemExit(f"--ckpt_path: {error}") from error
 
 
+def use_model(args: list[str]) -> None:
+    """``tiny-audio transcribe`` and ``tiny-audio export``: plain argparse, no Trainer involved."""
+    parser = argparse.ArgumentParser(prog="tiny-audio")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("transcribe", help="transcribe audio files (wav, flac, ogg, mp3; any rate/channels)")
+    run.add_argument("audio", nargs="+", help="audio files, or folders to search for them")
+    run.add_argument("--ckpt", required=True, help="checkpoint of `tiny-audio fit` or folder of `tiny-audio export`")
+    run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument("--json", action="store_true", help="print JSON lines instead of FILE<TAB>TEXT")
+    run.add_argument("--device", help="cuda, cpu, mps (default: the best available)")
+    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                     help="frozen models' dtype (default: the training setting, float32 on a CPU)")
+    run.add_argument("--max-new-tokens", type=int, help="generation limit per 30 s window")
+    out = commands.add_parser("export", help="write the shareable model folder for a checkpoint")
+    out.add_argument("--ckpt", required=True, help="a checkpoint written by `tiny-audio fit`")
+    out.add_argument("--out", required=True, help="folder to write (projector.safetensors, config.json, README.md)")
+    out.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this hub repository")
+    options = parser.parse_args(args)
+    try:
+        if options.command == "export":
+            folder = export(options.ckpt, options.out)
+            print(f"wrote {folder}")
+            if options.push_to_hub:
+                print(f"uploaded: {push_to_hub(folder, options.push_to_hub)}")
+            return
+        device = torch.device(options.device) if options.device else default_device()
+        model = load_model(options.ckpt, options.dtype or ("float32" if device.type == "cpu" else None)).to(device)
+        if options.max_new_tokens:
+            model.hparams.max_new_tokens = options.max_new_tokens
+        failed = 0
+        for result in transcribe_files(model, file_list(options.audio), options.batch_size):
+            if result.error:
+                failed += 1
+                print(f"{result.file}: {result.error}", file=sys.stderr)
+            elif options.json:
+                print(json.dumps(dataclasses.asdict(result) | {"duration_s": round(result.duration_s, 3)}), flush=True)
+            else:
+                print(f"{result.file}\t{result.text}", flush=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise SystemExit(f"tiny-audio {options.command}: {error}") from error
+    if failed:
+        raise SystemExit(f"{failed} file(s) could not be read")
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``tiny-audio``."""
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in ("transcribe", "export"):
+        use_model(argv)
+        return
     # The frozen encoder and decoder are in eval mode on purpose (no dropout).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
     warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated")  # torchdata 0.11 on torch >= 2.9

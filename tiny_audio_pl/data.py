@@ -102,6 +102,23 @@ def normalize_target(text: str, mode: Literal["lower", "none"]) -> str:
     return text.lower() if mode == "lower" else text
 
 
+class Featurizer:
+    """The encoder's own feature extractor, applied to one clip without padding."""
+
+    def __init__(self, encoder: str) -> None:
+        self.extractor = AutoFeatureExtractor.from_pretrained(encoder)
+        self.sample_rate: int = self.extractor.sampling_rate
+        self.is_whisper = "WhisperFeatureExtractor" in type(self.extractor).__name__
+
+    def __call__(self, audio: np.ndarray) -> np.ndarray:
+        """Features of one 16 kHz clip: log-mel ``[n_mels, frames]`` or normalised waveform ``[samples]``."""
+        if self.is_whisper:
+            out = self.extractor(audio, sampling_rate=self.sample_rate, padding="longest", truncation=False,
+                                 return_tensors="np")
+            return out["input_features"][0]
+        return self.extractor(audio, sampling_rate=self.sample_rate, return_tensors="np")["input_values"][0]
+
+
 class ClipPreparer:
     """Turns one raw dataset row into encoder features plus target text, or a reason to skip it.
 
@@ -113,23 +130,14 @@ class ClipPreparer:
     def __init__(self, encoder: str, decoder: str | None, audio_column: str, text_column: str, id_column: str,
                  min_duration: float, max_duration: float, max_target_tokens: int,
                  text_normalization: Literal["lower", "none"]) -> None:
-        self.feature_extractor = AutoFeatureExtractor.from_pretrained(encoder)
+        self.features = Featurizer(encoder)
         self.tokenizer = AutoTokenizer.from_pretrained(decoder) if decoder else None
-        self.sample_rate: int = self.feature_extractor.sampling_rate
-        self.is_whisper = "WhisperFeatureExtractor" in type(self.feature_extractor).__name__
+        self.sample_rate = self.features.sample_rate
         self.audio_column, self.text_column, self.id_column = audio_column, text_column, id_column
         self.min_samples = int(min_duration * self.sample_rate)
         self.max_samples = int(max_duration * self.sample_rate)
         self.max_target_tokens = max_target_tokens
         self.text_normalization = text_normalization
-
-    def features(self, audio: np.ndarray) -> np.ndarray:
-        """Unpadded features of one clip: log-mel ``[n_mels, frames]`` or waveform ``[samples]``."""
-        if self.is_whisper:
-            out = self.feature_extractor(audio, sampling_rate=self.sample_rate, padding="longest",
-                                         truncation=False, return_tensors="np")
-            return out["input_features"][0]
-        return self.feature_extractor(audio, sampling_rate=self.sample_rate, return_tensors="np")["input_values"][0]
 
     def _text_problem(self, text: str) -> str:
         if not text:

@@ -148,6 +148,8 @@ class SpeechLLM(LightningModule):
         self.wer = WordErrorRate()
         self.strict_loading = False  # checkpoints carry only the projector; on_load_checkpoint checks it
         self._examples: list[tuple[str, str, str]] = []
+        self._validation: dict[str, Any] = {}  # the last validation's step and scores, kept in checkpoints
+        self._validated_at: int | None = None
         self._nonfinite_in_row = 0
         self._nonfinite_total = 0
 
@@ -323,6 +325,8 @@ class SpeechLLM(LightningModule):
         self._examples += list(zip(batch["id"], batch["text"], hypotheses))[:max(0, room)]
 
     def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._validated_at = self.global_step  # Lightning fills callback_metrics after this hook
         if self._examples and isinstance(self.logger, TensorBoardLogger):
             rows = "\n".join(f"| {i} | {r} | {h} |" for i, r, h in self._examples)
             self.logger.experiment.add_text("val/examples", "| id | reference | hypothesis |\n|---|---|---|\n" + rows,
@@ -350,6 +354,10 @@ class SpeechLLM(LightningModule):
         """Keep only trained weights: the frozen models are reloaded from their names."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        if self._validated_at is not None:
+            self._validation = {"step": self._validated_at, "metrics": {
+                k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}}
+        checkpoint["validation"] = self._validation  # for the model card of `tiny-audio export`
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         expected = {name for name, p in self.named_parameters() if p.requires_grad}
@@ -357,4 +365,5 @@ class SpeechLLM(LightningModule):
         if missing:
             raise KeyError(f"checkpoint lacks trained weights {missing[:5]}{'...' if len(missing) > 5 else ''}: "
                            "was it written with a different projector configuration?")
+        self._validation = checkpoint.get("validation", {})
 

@@ -1,0 +1,149 @@
+"""The shareable model folder: only the trained weights, plus what it takes to rebuild the rest.
+
+``tiny-audio export --ckpt PATH --out DIR`` writes::
+
+    DIR/projector.safetensors   the projector's weights, the only trained tensors
+    DIR/config.json             every SpeechLLM setting (encoder and decoder names, prompt, k, sizes)
+                                plus the training recipe and the last validation scores of the run
+    DIR/README.md               a model card built from the same facts
+
+The frozen encoder and decoder are not copied: they are reloaded by name (hub id or local folder),
+as during training. :func:`load_model` rebuilds a :class:`SpeechLLM` from such a folder or straight
+from a training checkpoint, so both transcribe identically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from tiny_audio_pl.checkpoint import read_checkpoint
+from tiny_audio_pl.model import SpeechLLM
+
+FORMAT = "tiny-audio-projector"
+WEIGHTS = "projector.safetensors"
+
+
+def load_model(path: str | Path, dtype: str | None = None) -> SpeechLLM:
+    """A :class:`SpeechLLM` in eval mode from a training checkpoint or an exported folder.
+
+    Local model folders named relatively by the training command are found as :func:`model_settings` says.
+
+    Args:
+        path: a ``.ckpt`` written by ``tiny-audio fit`` or a folder written by ``tiny-audio export``.
+        dtype: override of ``frozen_dtype`` (e.g. ``float32`` on a CPU, where bf16 is slow).
+    """
+    path = Path(path)
+    if path.is_dir():
+        config = json.loads((path / "config.json").read_text())
+        if config.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a folder written by tiny-audio export (config.json has no "
+                             f"format '{FORMAT}')")
+        settings, weights = config["model"], load_file(path / WEIGHTS)
+    else:
+        checkpoint = read_checkpoint(path)
+        settings = model_settings(checkpoint, path)
+        prefix = "projector."
+        weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    model = SpeechLLM(**{**settings, **({"frozen_dtype": dtype} if dtype else {})})
+    model.projector.load_state_dict(weights)
+    return model.eval()
+
+
+def model_settings(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``SpeechLLM`` arguments saved in the checkpoint at ``path``, local model folders made absolute.
+
+    Relative folders are looked up from the current folder, then from each folder above the
+    checkpoint (a run writes ``lightning_logs/version_N/checkpoints/`` under the folder it ran in).
+    """
+    settings = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    for name in ("encoder", "decoder"):
+        if not Path(settings[name]).is_absolute():
+            found = [base / settings[name] for base in (Path.cwd(), *path.resolve().parents)
+                     if (base / settings[name]).is_dir()]
+            settings[name] = str(found[0].resolve()) if found else settings[name]  # else a hub id
+    return settings
+
+
+def export(checkpoint_path: str | Path, out: str | Path) -> Path:
+    """Write the model folder for a training checkpoint (see module docstring); returns ``out``."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = "projector."
+    weights = {k[len(prefix):]: v.contiguous() for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"{checkpoint_path} holds no projector weights: is it a tiny-audio checkpoint?")
+    save_file(weights, out / WEIGHTS, metadata={"format": FORMAT})
+    config = {
+        "format": FORMAT,
+        "model": model_settings(checkpoint, Path(checkpoint_path)),  # local folders absolute: usable anywhere
+        "projector_parameters": sum(v.numel() for v in weights.values()),
+        "training": {"global_step": checkpoint.get("global_step"),
+                     "data": {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items()
+                              if not k.startswith("_")},
+                     "validation": checkpoint.get("validation", {})},
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    (out / "README.md").write_text(model_card(config))
+    return out
+
+
+def model_card(config: dict[str, Any]) -> str:
+    """A short model card: what the model is, how it was trained, how well it did, how to use it."""
+    model, training = config["model"], config["training"]
+    data, validation = training["data"], training["validation"]
+    scores = ("\n".join(f"| {name} | {value:.4g} |" for name, value in sorted(validation.get("metrics", {}).items()))
+              or "| (no validation in this run) | |")
+    return f"""---
+library_name: tiny-audio
+tags: [automatic-speech-recognition, speech-llm]
+---
+# Speech recognition projector for {model['decoder']}
+
+A projector trained with tiny-audio (PyTorch Lightning) between the frozen speech encoder
+`{model['encoder']}` and the frozen LLM `{model['decoder']}`. Only the projector is in this folder
+(`{WEIGHTS}`, {config['projector_parameters']:,} parameters); the encoder and decoder are loaded by name.
+
+## Training recipe
+
+- projector: stack {model['projector_stack']} frames, SwiGLU hidden {model['projector_hidden']}, RMSNorm in and out
+- prompt: system `{model['system_prompt']}`, user `{model['prompt']}`
+- AdamW, learning rate {model['learning_rate']}, {model['warmup_steps']} warmup steps then cosine;
+  {training['global_step']} optimizer steps
+- data: `{data.get('dataset')}` ({data.get('config_name')}), split `{data.get('train_split')}`,
+  batch {data.get('batch_size')} per device, transcripts `{data.get('text_normalization')}`
+
+## Validation (split `{data.get('val_split')}`, step {validation.get('step')})
+
+| metric | value |
+| --- | --- |
+{scores}
+
+WER is computed after Whisper's English text normaliser.
+
+## Use
+
+```bash
+tiny-audio transcribe clip.wav --ckpt THIS_FOLDER
+```
+"""
+
+
+def push_to_hub(folder: str | Path, repo_id: str) -> str:
+    """Upload an exported folder to the Hugging Face Hub with the token from the environment."""
+    from huggingface_hub import HfApi
+    from huggingface_hub import constants as hub_constants
+
+    if hub_constants.HF_HUB_OFFLINE:
+        raise OSError("cannot push to the hub: HF_HUB_OFFLINE is set. Unset it (and log in with "
+                      "`hf auth login` or set HF_TOKEN) to upload.")
+    api = HfApi(token=os.environ.get("HF_TOKEN"))  # None: huggingface_hub's own login, never written by us
+    api.create_repo(repo_id, exist_ok=True)
+    return str(api.upload_folder(folder_path=str(folder), repo_id=repo_id,
+                                 commit_message="Upload tiny-audio projector"))
+
