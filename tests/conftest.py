@@ -65,4 +65,15 @@ def dev_batch():
 
     data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=6, num_workers=0, encoder=WHISPER)
     data.setup("validate")
-    return next(iter(data.val_dataloader()))
+    return next(iter(data.val_dataloader()[0]))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """``last.ckpt`` of 20 smoke steps with one validation, trained through the real CLI."""
+    workdir = make_workdir(tmp_path_factory.mktemp("trained"))
+    result = run_cli(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "20", "--trainer.val_check_interval", "20",
+                     "--checkpoint.every_n_train_steps", "20", "--data.max_eval_samples", "4",
+                     "--model.max_new_tokens", "8", "--trainer.enable_progress_bar", "false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return workdir / "lightning_logs/version_0/checkpoints/last.ckpt"

@@ -66,7 +66,7 @@ def test_local_parquet_layout_is_found():
 def test_whisper_stream_yields_every_dev_clip_with_unpadded_features():
     data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=8, num_workers=0, encoder=WHISPER)
     data.setup("validate")
-    batches = list(data.val_dataloader())
+    batches = list(data.val_dataloader()[0])
     assert sum(len(b["text"]) for b in batches) == 20
     first = batches[0]
     assert first["features"].shape[:2] == (8, 128)
@@ -78,7 +78,7 @@ def test_waveform_stream_for_hubert_and_duration_limit():
     data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=20, num_workers=0, encoder=HUBERT,
                             max_duration=2.5)
     data.setup("validate")
-    batch = next(iter(data.val_dataloader()))
+    batch = next(iter(data.val_dataloader()[0]))
     assert batch["features"].dim() == 2  # raw waveform [B, samples]
     assert batch["feature_lengths"].max() <= 2.5 * 16_000
     assert len(batch["skipped"]["too_long"]) == 20 - len(batch["text"]) > 0

@@ -98,7 +98,7 @@ def test_encoding_does_not_depend_on_batch_padding(path):
 
     data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=4, num_workers=0, encoder=path)
     data.setup("validate")
-    batch = next(iter(data.val_dataloader()))
+    batch = next(iter(data.val_dataloader()[0]))
     encoder = AudioEncoder(path).eval()
     with torch.no_grad():
         frames, lengths = encoder(batch["features"], batch["feature_lengths"])

@@ -12,20 +12,9 @@ import torch
 from datasets import Audio, load_dataset
 from safetensors.torch import load_file
 
-from conftest import SMOKE, SPEECH, make_workdir, run_cli
+from conftest import SPEECH, run_cli
 from tiny_audio_pl.checkpoint import read_checkpoint
 from tiny_audio_pl.transcribe import split_windows
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A checkpoint of 20 smoke steps with one validation, trained through the real CLI."""
-    workdir = make_workdir(tmp_path_factory.mktemp("trained"))
-    result = run_cli(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "20", "--trainer.val_check_interval", "20",
-                     "--checkpoint.every_n_train_steps", "20", "--data.max_eval_samples", "4",
-                     "--model.max_new_tokens", "8", "--trainer.enable_progress_bar", "false")
-    assert result.returncode == 0, result.stderr[-2000:]
-    return workdir / "lightning_logs/version_0/checkpoints/last.ckpt"
 
 
 @pytest.fixture(scope="module")

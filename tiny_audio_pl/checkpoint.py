@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 _UMASK = os.umask(0)  # read the process umask (there is no getter) ...
@@ -88,7 +89,8 @@ class Checkpoint(ModelCheckpoint):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A step saved just before its validation ran is saved again, now holding the scores."""
         super().on_validation_end(trainer, pl_module)
-        if self._last_global_step_saved == trainer.global_step and not trainer.sanity_checking:
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if fitting and self._last_global_step_saved == trainer.global_step:
             self._last_global_step_saved = -1
             self._save_current_step(trainer)
 

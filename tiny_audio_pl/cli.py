@@ -157,6 +157,8 @@ def main(args: list[str] | None = None) -> None:
     # The frozen encoder and decoder are in eval mode on purpose (no dropout).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
     warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated")  # torchdata 0.11 on torch >= 2.9
+    # SpeechLLM keeps the lengths on the CPU on purpose (model.py), whatever the data module.
+    warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device`")
     # The model builds its own optimizer over the projector alone, so no --optimizer / --lr_scheduler.
     TinyAudioCLI(SpeechLLM, SpeechDataModule, args=args,
                  trainer_defaults={"logger": LOGGER, "callbacks": [LearningRateMonitor("step")]},

@@ -28,6 +28,7 @@ import io
 import itertools
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -129,7 +130,7 @@ class ClipPreparer:
 
     def __init__(self, encoder: str, decoder: str | None, audio_column: str, text_column: str, id_column: str,
                  min_duration: float, max_duration: float, max_target_tokens: int,
-                 text_normalization: Literal["lower", "none"]) -> None:
+                 text_normalization: Literal["lower", "none"], keep_audio: bool = False) -> None:
         self.features = Featurizer(encoder)
         self.tokenizer = AutoTokenizer.from_pretrained(decoder) if decoder else None
         self.sample_rate = self.features.sample_rate
@@ -138,6 +139,7 @@ class ClipPreparer:
         self.max_samples = int(max_duration * self.sample_rate)
         self.max_target_tokens = max_target_tokens
         self.text_normalization = text_normalization
+        self.keep_audio = keep_audio  # validation: a few clips are played back in TensorBoard
 
     def _text_problem(self, text: str) -> str:
         if not text:
@@ -175,15 +177,23 @@ class ClipPreparer:
         out["skip"] = self._audio_problem(audio)
         if not out["skip"]:
             out["features"] = self.features(audio)
+            out["duration"] = len(audio) / self.sample_rate
+            if self.keep_audio:
+                out["audio"], out["sample_rate"] = audio, self.sample_rate
         return out
 
 
-def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+def collate(examples: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
     """Pad a list of prepared clips to the longest one in the batch.
+
+    Args:
+        examples: prepared clips (:class:`ClipPreparer`).
+        name: the evaluation set the clips come from (``""``: training, or the only validation set).
 
     Returns:
         ``features``: ``[B, n_mels, T]`` (Whisper) or ``[B, T]`` (waveform encoders), zero-padded;
-        ``feature_lengths``: ``[B]`` valid frames/samples; ``text`` and ``id``: lists of length B;
+        ``feature_lengths``: ``[B]`` valid frames/samples; ``text``, ``id``, ``duration`` (seconds)
+        and, when kept, ``audio`` (waveforms): lists of length B; ``set``: ``name``;
         ``skipped``: ``{reason: [ids]}`` for the clips dropped from this batch.
     """
     kept = [e for e in examples if not e["skip"]]
@@ -199,8 +209,13 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
             features[i, ..., : lengths[i]] = torch.from_numpy(example["features"])
     else:
         features = torch.zeros(0)
-    return {"features": features, "feature_lengths": lengths, "text": [e["text"] for e in kept],
-            "id": [e["id"] for e in kept], "skipped": dict(skipped)}
+    batch = {"features": features, "feature_lengths": lengths, "text": [e["text"] for e in kept],
+             "id": [e["id"] for e in kept], "duration": [e.get("duration", 0.0) for e in kept], "set": name,
+             "skipped": dict(skipped)}
+    if any("audio" in e for e in kept):
+        batch["audio"] = [e.get("audio") for e in kept]
+        batch["sample_rate"] = kept[0]["sample_rate"]
+    return batch
 
 
 class SkipLedger:
@@ -330,6 +345,31 @@ def find_parquet_files(root: Path, config_name: str | None, split: str) -> list[
                             f"in {[str(b) for b in bases]})")
 
 
+@dataclass
+class EvalSet:
+    """One evaluation set, scored on its own (``data.eval_sets``).
+
+    Args:
+        name: shown in the results table and metric names (``val/<name>/wer``).
+        dataset: hub dataset id or local folder of parquet files.
+        split: the split to score, e.g. ``test`` or ``test.clean``.
+        config_name: the dataset configuration, if it has several.
+        audio_column: column holding the audio.
+        text_column: column holding the reference transcript.
+        id_column: column holding the utterance id.
+        max_samples: score only the first N utterances.
+    """
+
+    name: str
+    dataset: str
+    split: str = "test"
+    config_name: str | None = None
+    audio_column: str = "audio"
+    text_column: str = "text"
+    id_column: str = "id"
+    max_samples: int | None = None
+
+
 class SpeechDataModule(LightningDataModule):
     """Streams a speech dataset in the LoquaciousSet schema and batches it with dynamic padding."""
 
@@ -354,6 +394,7 @@ class SpeechDataModule(LightningDataModule):
         max_bad_share: float = 0.05,
         text_normalization: Literal["lower", "none"] = "lower",
         seed: int = 0,
+        eval_sets: list[EvalSet] | None = None,
         encoder: str = "openai/whisper-large-v3-turbo",
         decoder: str | None = None,
     ) -> None:
@@ -385,6 +426,8 @@ class SpeechDataModule(LightningDataModule):
             text_normalization: how transcripts become training targets: ``lower`` lower-cases
                 (LoquaciousSet is upper case), ``none`` keeps them as they are.
             seed: seed of the shuffle (each epoch, worker and window gets its own permutation).
+            eval_sets: score these sets, each on its own row and metrics, instead of ``val_split``
+                (each with its own columns; see ``configs/eval.yaml``).
             encoder: the encoder whose feature extractor makes the features; linked to
                 ``model.encoder`` by the CLI.
             decoder: the decoder whose tokenizer measures transcripts; linked to ``model.decoder``.
@@ -393,27 +436,39 @@ class SpeechDataModule(LightningDataModule):
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         self.save_hyperparameters()
+        try:  # dataclasses, or the dicts a config file gives
+            self.eval_sets = [s if isinstance(s, EvalSet) else EvalSet(**s) for s in eval_sets or []]
+        except TypeError as error:
+            raise ValueError(f"data.eval_sets: {error}; each set takes the fields of EvalSet "
+                             f"({', '.join(EvalSet.__dataclass_fields__)})") from error
         self.train_dataset: WindowShuffled | None = None
-        self.val_dataset: IterableDataset | None = None
+        self.val_datasets: dict[str, IterableDataset] = {}  # "" when there is only val_split
         self.skips = SkipLedger(max_bad_share, window=1000)
 
-    def open_split(self, split: str) -> IterableDataset:
-        """Stream one split, keeping only the id, audio and text columns, audio left undecoded."""
+    def open_split(self, split: str, source: EvalSet | None = None) -> IterableDataset:
+        """Stream one split, keeping only the id, audio and text columns, audio left undecoded.
+
+        ``source`` names another dataset and its columns; by default this module's own.
+        """
         hp = self.hparams
-        root = Path(hp.dataset)
+        dataset, config_name = (source.dataset, source.config_name) if source else (hp.dataset, hp.config_name)
+        audio_column, text_column, id_column = ((source.audio_column, source.text_column, source.id_column)
+                                                if source else (hp.audio_column, hp.text_column, hp.id_column))
+        root = Path(dataset)
         if root.is_dir():
-            files = find_parquet_files(root, hp.config_name, split)
+            files = find_parquet_files(root, config_name, split)
             stream = load_dataset("parquet", data_files={split: files}, split=split, streaming=True)
         else:
-            stream = load_dataset(hp.dataset, hp.config_name, split=split, streaming=True)
+            stream = load_dataset(dataset, config_name, split=split, streaming=True)
         columns = list(stream.features or {})
-        missing = [c for c in (hp.audio_column, hp.text_column) if columns and c not in columns]
+        missing = [c for c in (audio_column, text_column) if columns and c not in columns]
         if missing:
-            raise ValueError(f"column(s) {missing} not in {hp.dataset} split '{split}'; it has {columns}. "
-                             "Set data.audio_column / data.text_column.")
-        if isinstance((stream.features or {}).get(hp.audio_column), Audio):
-            stream = stream.cast_column(hp.audio_column, Audio(decode=False))
-        keep = [c for c in (hp.id_column, hp.audio_column, hp.text_column) if not columns or c in columns]
+            where = f"data.eval_sets '{source.name}'" if source else "data"
+            raise ValueError(f"column(s) {missing} not in {dataset} split '{split}'; it has {columns}. "
+                             f"Set audio_column / text_column of {where}.")
+        if isinstance((stream.features or {}).get(audio_column), Audio):
+            stream = stream.cast_column(audio_column, Audio(decode=False))
+        keep = [c for c in (id_column, audio_column, text_column) if not columns or c in columns]
         return stream.select_columns(keep)
 
     def setup(self, stage: str) -> None:
@@ -431,10 +486,17 @@ class SpeechDataModule(LightningDataModule):
                                                 group_size=hp.batch_size if hp.group_by_length else None,
                                                 duration=partial(stored_duration, hp.audio_column))
         if stage in ("fit", "validate"):
-            val = self.open_split(hp.val_split)
-            if hp.max_eval_samples is not None:
-                val = val.take(hp.max_eval_samples)
-            self.val_dataset = split_dataset_by_node(val, rank, world).map(preparer)
+            self.val_datasets = {}
+            for source in self.eval_sets or [None]:
+                val = self.open_split(source.split if source else hp.val_split, source)
+                limit = source.max_samples if source else hp.max_eval_samples
+                if limit is not None:
+                    val = val.take(limit)
+                columns = (source.audio_column, source.text_column, source.id_column) if source else (
+                    hp.audio_column, hp.text_column, hp.id_column)
+                scorer = ClipPreparer(hp.encoder, hp.decoder, *columns, hp.min_duration, hp.max_duration,
+                                      hp.max_target_tokens, hp.text_normalization, keep_audio=True)
+                self.val_datasets[source.name if source else ""] = split_dataset_by_node(val, rank, world).map(scorer)
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Count the clips the collate dropped (main process), log the totals, stop if too many."""
@@ -454,13 +516,14 @@ class SpeechDataModule(LightningDataModule):
         if self.train_dataset is not None:
             self.train_dataset.set_epoch(epoch)
 
-    def _loader(self, dataset: TorchIterableDataset | IterableDataset, kind: type[StatefulDataLoader]
-                ) -> StatefulDataLoader:
-        return kind(dataset, batch_size=self.hparams.batch_size, collate_fn=collate,
+    def _loader(self, dataset: TorchIterableDataset | IterableDataset, kind: type[StatefulDataLoader],
+                name: str = "") -> StatefulDataLoader:
+        return kind(dataset, batch_size=self.hparams.batch_size, collate_fn=partial(collate, name=name),
                     num_workers=self.hparams.num_workers, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> TrainLoader:
         return self._loader(self.train_dataset, TrainLoader)
 
-    def val_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.val_dataset, StatefulDataLoader)
+    def val_dataloader(self) -> list[StatefulDataLoader]:
+        """One loader per evaluation set; batches carry the set's name (``""`` for ``val_split`` alone)."""
+        return [self._loader(dataset, StatefulDataLoader, name) for name, dataset in self.val_datasets.items()]

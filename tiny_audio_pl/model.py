@@ -16,9 +16,13 @@ scheduler, loop and data state); the frozen models are reloaded by name.
 
 from __future__ import annotations
 
+import csv
 import math
+import time
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -28,6 +32,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torchmetrics.functional.text import word_error_rate
 from torchmetrics.text import WordErrorRate
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 from whisper_normalizer.english import EnglishTextNormalizer
@@ -52,6 +57,26 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class SetTally:
+    """One evaluation set's totals over a validation pass (merged across ranks)."""
+
+    utterances: int = 0
+    audio_s: float = 0.0
+    compute_s: float = 0.0
+    rows: list[tuple[str, str, str, int, int]] = field(default_factory=list)  # id, ref, hyp, errors, words
+    examples: list[tuple[str, str, str, Any, int]] = field(default_factory=list)  # id, ref, hyp, audio, rate
+
+    def without_audio(self) -> SetTally:
+        return SetTally(self.utterances, self.audio_s, self.compute_s, self.rows, [])
+
+    @staticmethod
+    def merge(parts: list[SetTally], examples: list) -> SetTally:
+        """Totals of all ranks (compute time: the slowest rank's, as they run in parallel)."""
+        return SetTally(sum(p.utterances for p in parts), sum(p.audio_s for p in parts),
+                        max(p.compute_s for p in parts), [r for p in parts for r in p.rows], examples)
 
 
 class ChatPrompt:
@@ -121,7 +146,8 @@ class SpeechLLM(LightningModule):
                 by default each batch is padded only to its longest clip.
             frozen_dtype: dtype the frozen encoder and decoder are held in (``bfloat16`` halves their
                 memory on a GPU; the projector always keeps float32 weights).
-            num_logged_examples: decoded validation examples (reference vs hypothesis) sent to TensorBoard.
+            num_logged_examples: validation clips per evaluation set sent to TensorBoard (audio, reference,
+                hypothesis).
             max_nonfinite_steps: a batch with a non-finite loss, or an optimizer step with non-finite
                 gradients, is skipped and counted; this many in a row stop the run.
             trust_remote_code: let the encoder or decoder checkpoint run its own Python code (off: only
@@ -145,9 +171,10 @@ class SpeechLLM(LightningModule):
         for frozen in (self.encoder, self.decoder):
             frozen.requires_grad_(False)
             frozen.eval()
-        self.wer = WordErrorRate()
+        self.set_wer = torch.nn.ModuleDict()  # one WordErrorRate per evaluation set, made on first use
+        self._wer_keys: dict[str, str] = {}
+        self._tallies: dict[str, SetTally] = {}
         self.strict_loading = False  # checkpoints carry only the projector; on_load_checkpoint checks it
-        self._examples: list[tuple[str, str, str]] = []
         self._validation: dict[str, Any] = {}  # the last validation's step and scores, kept in checkpoints
         self._validated_at: int | None = None
         self._nonfinite_in_row = 0
@@ -313,25 +340,85 @@ class SpeechLLM(LightningModule):
                 "The last checkpoint was written before this and is kept; resume from it with a lower "
                 "model.learning_rate or with trainer.gradient_clip_val.")
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Loss, greedy transcripts and WER of one batch of one evaluation set (``batch["set"]``)."""
         if not batch["text"]:
             return
-        size = len(batch["text"])
-        self.log("val/loss", self(batch), batch_size=size, sync_dist=True)
-        hypotheses = self.transcribe(batch["features"], batch["feature_lengths"])
-        self.wer.update([normalize_for_wer(h) for h in hypotheses], [normalize_for_wer(r) for r in batch["text"]])
-        self.log("val/wer", self.wer, batch_size=size)
-        room = self.hparams.num_logged_examples - len(self._examples)
-        self._examples += list(zip(batch["id"], batch["text"], hypotheses))[:max(0, room)]
+        start = time.perf_counter()
+        name, size = batch["set"], len(batch["text"])
+        prefix = f"val/{name}/" if name else "val/"
+        self.log(f"{prefix}loss", self(batch), batch_size=size, sync_dist=True, add_dataloader_idx=False)
+        hypotheses = self.transcribe(batch["features"], batch["feature_lengths"])  # returns on the CPU: synced
+        references = [normalize_for_wer(r) for r in batch["text"]]
+        normalized = [normalize_for_wer(h) for h in hypotheses]
+        key = self._wer_keys.setdefault(name, str(dataloader_idx))  # set names may hold dots, keys may not
+        if key not in self.set_wer:
+            self.set_wer[key] = WordErrorRate().to(self.device)
+        wer = self.set_wer[key]
+        wer.update(normalized, references)
+        self.log(f"{prefix}wer", wer, batch_size=size, add_dataloader_idx=False, metric_attribute=f"set_wer.{key}")
+        tally = self._tallies.setdefault(name, SetTally())
+        tally.utterances += size
+        tally.audio_s += sum(batch["duration"])
+        tally.compute_s += time.perf_counter() - start
+        for i, (reference, hypothesis, h, r) in enumerate(zip(batch["text"], hypotheses, normalized, references)):
+            words = len(r.split())
+            errors = round(word_error_rate(h, r).item() * words) if words else len(h.split())
+            tally.rows.append((batch["id"][i], reference, hypothesis, errors, words))
+            if len(tally.examples) < self.hparams.num_logged_examples:
+                tally.examples.append((batch["id"][i], reference, hypothesis, (batch.get("audio") or [None] * size)[i],
+                                       batch.get("sample_rate", 16_000)))
+
+    def on_validation_epoch_start(self) -> None:
+        self._tallies = {}
 
     def on_validation_epoch_end(self) -> None:
+        """One row per evaluation set (WER, utterances, hours, real-time factor), and the per-utterance file."""
         if not self.trainer.sanity_checking:
             self._validated_at = self.global_step  # Lightning fills callback_metrics after this hook
-        if self._examples and isinstance(self.logger, TensorBoardLogger):
-            rows = "\n".join(f"| {i} | {r} | {h} |" for i, r, h in self._examples)
-            self.logger.experiment.add_text("val/examples", "| id | reference | hypothesis |\n|---|---|---|\n" + rows,
-                                            self.global_step)
-        self._examples = []
+        tallies = self._tallies
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[dict[str, SetTally]] = [{} for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather_object(gathered, {k: v.without_audio() for k, v in tallies.items()})
+            tallies = {name: SetTally.merge([g[name] for g in gathered if name in g], tally.examples)
+                       for name, tally in tallies.items()}
+        wers = {name: self.set_wer[self._wer_keys[name]].compute().item() for name in tallies}
+        for name, tally in tallies.items():
+            prefix = f"val/{name}/" if name else "val/"
+            self.log(f"{prefix}hours", tally.audio_s / 3600, rank_zero_only=True)
+            self.log(f"{prefix}rtf", tally.compute_s / max(tally.audio_s, 1e-9), rank_zero_only=True)
+        if self.global_rank != 0 or self.trainer.sanity_checking:
+            return
+        rows = [f"{name or 'validation':<28} {t.utterances:>10} {t.audio_s / 3600:>9.3f} {100 * wers[name]:>8.2f} "
+                f"{t.compute_s / max(t.audio_s, 1e-9):>8.3f}" for name, t in tallies.items()]
+        print("\n".join([f"{'set':<28} {'utterances':>10} {'hours':>9} {'WER %':>8} {'RTF':>8}", *rows]))
+        self._write_utterances(tallies)
+        if isinstance(self.logger, TensorBoardLogger):
+            self._log_examples(tallies)
+
+    def _write_utterances(self, tallies: dict[str, SetTally]) -> None:
+        """Every scored utterance, worst first, to ``<run folder>/utterances/step=N.tsv``."""
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "utterances"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step={self.global_step}.tsv"
+        rows = [(name or "validation", *row) for name, tally in tallies.items() for row in tally.rows]
+        rows.sort(key=lambda row: (-row[4], row[0], row[1]))  # most errors first
+        with path.open("w", newline="") as file:
+            writer = csv.writer(file, delimiter="\t", lineterminator="\n")
+            writer.writerow(["set", "id", "reference", "hypothesis", "errors", "reference_words"])
+            writer.writerows(rows)
+        rank_zero_info(f"per-utterance results: {path}")
+
+    def _log_examples(self, tallies: dict[str, SetTally]) -> None:
+        """A few clips per set to TensorBoard: the audio, and reference vs hypothesis."""
+        experiment = self.logger.experiment
+        for name, tally in tallies.items():
+            tag = f"val/{name}/examples" if name else "val/examples"
+            table = "\n".join(f"| {i} | {r} | {h} |" for i, r, h, _, _ in tally.examples)
+            experiment.add_text(tag, "| id | reference | hypothesis |\n|---|---|---|\n" + table, self.global_step)
+            for i, _, _, audio, rate in tally.examples:
+                if audio is not None:
+                    experiment.add_audio(f"{tag}/{i}", torch.from_numpy(audio), self.global_step, sample_rate=rate)
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = self.trainer.estimated_stepping_batches

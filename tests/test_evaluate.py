@@ -1,0 +1,50 @@
+"""``tiny-audio validate`` over several evaluation sets: one row each, per-utterance file, TensorBoard."""
+
+import csv
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import SMOKE, SPEECH, run_cli
+
+
+def test_validate_scores_each_set_on_its_own_row(trained, workdir):
+    # A second set in another schema: other column names, its own split name.
+    rows = pq.read_table(next(Path(SPEECH, "dev").glob("*.parquet"))).slice(0, 6)
+    renamed = rows.select(["ID", "wav", "text"]).rename_columns(["key", "audio", "transcription"])
+    (workdir / "other" / "test.clean").mkdir(parents=True)
+    pq.write_table(renamed, workdir / "other" / "test.clean" / "part-0.parquet")
+    sets = {"data": {"eval_sets": [
+        {"name": "tiny_dev", "dataset": "assets/tiny-speech", "split": "dev", "audio_column": "wav",
+         "text_column": "text", "id_column": "ID", "max_samples": 4},
+        {"name": "other.clean", "dataset": "other", "split": "test.clean", "audio_column": "audio",
+         "text_column": "transcription", "id_column": "key"}]}}
+    (workdir / "sets.yaml").write_text(yaml.safe_dump(sets))
+
+    result = run_cli(workdir, "validate", "-c", SMOKE, "-c", "sets.yaml", "--ckpt_path", str(trained),
+                     "--trainer.enable_progress_bar", "false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout[result.stdout.index("set "):].splitlines()
+    assert table[0].split() == ["set", "utterances", "hours", "WER", "%", "RTF"]
+    by_set = {line.split()[0]: line.split()[1:] for line in table[1:3]}
+    assert by_set["tiny_dev"][0] == "4" and by_set["other.clean"][0] == "6"
+    for _, hours, wer, rtf in by_set.values():
+        assert 0 < float(hours) < 0.01 and 0 <= float(wer) and float(rtf) > 0
+
+    run = workdir / "lightning_logs" / "version_0"
+    with next((run / "utterances").glob("step=*.tsv")).open() as file:
+        utterances = list(csv.DictReader(file, delimiter="\t"))
+    assert len(utterances) == 10 and {u["set"] for u in utterances} == {"tiny_dev", "other.clean"}
+    assert {u["id"] for u in utterances if u["set"] == "other.clean"} == {f"dev-{i:04d}" for i in range(6)}
+    errors = [int(u["errors"]) for u in utterances]
+    assert errors == sorted(errors, reverse=True) and all(u["reference"] and u["reference_words"] for u in utterances)
+
+    events = EventAccumulator(str(run), size_guidance={"audio": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"val/tiny_dev/wer", "val/other.clean/wer", "val/tiny_dev/loss", "val/other.clean/rtf"} <= scalars
+    audio = events.Tags()["audio"]
+    assert any(t.startswith("val/tiny_dev/examples/") for t in audio)
+    assert any(t.startswith("val/other.clean/examples/") for t in audio)
