@@ -2,7 +2,8 @@
 
 ``tiny-audio export --ckpt PATH --out DIR`` writes::
 
-    DIR/projector.safetensors   the projector's weights, the only trained tensors
+    DIR/projector.safetensors   the projector's weights, the only trained tensors ...
+    DIR/adapter.safetensors     ... unless the decoder had LoRA adapters (``model.lora_rank``): those
     DIR/config.json             every SpeechLLM setting (encoder and decoder names, prompt, k, sizes)
                                 plus the training recipe and the last validation scores of the run
     DIR/README.md               a model card built from the same facts
@@ -26,6 +27,7 @@ from tiny_audio_pl.model import SpeechLLM
 
 FORMAT = "tiny-audio-projector"
 WEIGHTS = "projector.safetensors"
+ADAPTER = "adapter.safetensors"
 
 
 def load_model(path: str | Path, dtype: str | None = None) -> SpeechLLM:
@@ -43,14 +45,19 @@ def load_model(path: str | Path, dtype: str | None = None) -> SpeechLLM:
         if config.get("format") != FORMAT:
             raise ValueError(f"{path} is not a folder written by tiny-audio export (config.json has no "
                              f"format '{FORMAT}')")
-        settings, weights = config["model"], load_file(path / WEIGHTS)
+        settings = config["model"]
+        weights = {f"projector.{k}": v for k, v in load_file(path / WEIGHTS).items()}
+        if (path / ADAPTER).is_file():
+            weights |= {f"decoder.{k}": v for k, v in load_file(path / ADAPTER).items()}
     else:
         checkpoint = read_checkpoint(path)
-        settings = model_settings(checkpoint, path)
-        prefix = "projector."
-        weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        settings, weights = model_settings(checkpoint, path), checkpoint["state_dict"]
     model = SpeechLLM(**{**settings, **({"frozen_dtype": dtype} if dtype else {})})
-    model.projector.load_state_dict(weights)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    if trained != weights.keys():
+        raise KeyError(f"{path} does not match its settings: missing {sorted(trained - weights.keys())[:3]}, "
+                       f"unexpected {sorted(weights.keys() - trained)[:3]}")
+    model.load_state_dict(weights, strict=False)
     return model.eval()
 
 
@@ -74,15 +81,20 @@ def export(checkpoint_path: str | Path, out: str | Path) -> Path:
     checkpoint = read_checkpoint(checkpoint_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    prefix = "projector."
-    weights = {k[len(prefix):]: v.contiguous() for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    state = checkpoint["state_dict"]
+    weights = {k.removeprefix("projector."): v.contiguous() for k, v in state.items() if k.startswith("projector.")}
+    adapter = {k.removeprefix("decoder."): v.contiguous() for k, v in state.items() if k.startswith("decoder.")}
     if not weights:
         raise ValueError(f"{checkpoint_path} holds no projector weights: is it a tiny-audio checkpoint?")
     save_file(weights, out / WEIGHTS, metadata={"format": FORMAT})
+    (out / ADAPTER).unlink(missing_ok=True)
+    if adapter:
+        save_file(adapter, out / ADAPTER, metadata={"format": FORMAT})
     config = {
         "format": FORMAT,
         "model": model_settings(checkpoint, Path(checkpoint_path)),  # local folders absolute: usable anywhere
         "projector_parameters": sum(v.numel() for v in weights.values()),
+        "adapter_parameters": sum(v.numel() for v in adapter.values()),
         "training": {"global_step": checkpoint.get("global_step"),
                      "data": {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items()
                               if not k.startswith("_")},
@@ -112,6 +124,8 @@ A projector trained with tiny-audio (PyTorch Lightning) between the frozen speec
 ## Training recipe
 
 - projector: stack {model['projector_stack']} frames, SwiGLU hidden {model['projector_hidden']}, RMSNorm in and out
+- decoder LoRA: {f"rank {model['lora_rank']} on {model['lora_targets'] or 'q/k/v/o_proj'}, "
+                 f"{config['adapter_parameters']:,} parameters in `{ADAPTER}`" if model.get('lora_rank') else 'none'}
 - prompt: system `{model['system_prompt']}`, user `{model['prompt']}`
 - AdamW, learning rate {model['learning_rate']}, {model['warmup_steps']} warmup steps then cosine;
   {training['global_step']} optimizer steps

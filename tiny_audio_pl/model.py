@@ -127,6 +127,9 @@ class SpeechLLM(LightningModule):
         num_logged_examples: int = 8,
         max_nonfinite_steps: int = 5,
         trust_remote_code: bool = False,
+        lora_rank: int = 0,
+        lora_alpha: float = 32.0,
+        lora_targets: list[str] | None = None,
     ) -> None:
         """Load the frozen models and build the projector.
 
@@ -152,6 +155,11 @@ class SpeechLLM(LightningModule):
                 gradients, is skipped and counted; this many in a row stop the run.
             trust_remote_code: let the encoder or decoder checkpoint run its own Python code (off: only
                 architectures built into transformers load).
+            lora_rank: above 0, also train LoRA adapters of this rank in the decoder (needs ``peft``:
+                ``pip install -e ".[lora]"``); checkpoints and exports then hold adapters + projector.
+            lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_rank``).
+            lora_targets: decoder module names that get adapters (default: the attention's
+                ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``).
         """
         super().__init__()
         if projector_stack < 1:
@@ -171,6 +179,8 @@ class SpeechLLM(LightningModule):
         for frozen in (self.encoder, self.decoder):
             frozen.requires_grad_(False)
             frozen.eval()
+        if lora_rank > 0:
+            self._add_lora(lora_rank, lora_alpha, lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj"])
         self.set_wer = torch.nn.ModuleDict()  # one WordErrorRate per evaluation set, made on first use
         self._wer_keys: dict[str, str] = {}
         self._tallies: dict[str, SetTally] = {}
@@ -179,6 +189,19 @@ class SpeechLLM(LightningModule):
         self._validated_at: int | None = None
         self._nonfinite_in_row = 0
         self._nonfinite_total = 0
+
+    def _add_lora(self, rank: int, alpha: float, targets: list[str]) -> None:
+        """Trainable low-rank adapters in the frozen decoder (float32, B initialised to zero: no change at first)."""
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError as error:
+            raise ImportError("model.lora_rank needs peft: pip install -e \".[lora]\"") from error
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets),
+                                self.decoder)
+        for name, parameter in self.decoder.named_parameters():
+            if "lora_" in name:
+                parameter.data = parameter.data.float()
+                parameter.requires_grad_(True)
 
     # ----------------------------------------------------------------------------------------- setup
     def train(self, mode: bool = True) -> SpeechLLM:
@@ -316,7 +339,7 @@ class SpeechLLM(LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Skip the step if the gradients are not finite (one device sync per optimizer step)."""
-        params = [p for p in self.projector.parameters() if p.grad is not None]
+        params = [p for p in self.parameters() if p.requires_grad and p.grad is not None]
         if not params:
             return
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))

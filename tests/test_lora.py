@@ -1,0 +1,45 @@
+"""LoRA on the decoder as a config switch: only adapters and projector are trained, saved and exported."""
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file
+
+from conftest import SMOKE, SPEECH, run_cli
+from tiny_audio_pl.checkpoint import read_checkpoint
+from tiny_audio_pl.export import load_model
+
+
+def test_lora_switch_trains_and_saves_only_adapters_and_projector(workdir):
+    result = run_cli(workdir, "fit", "-c", SMOKE, "--model.lora_rank", "4", "--trainer.max_steps", "6",
+                     "--trainer.val_check_interval", "6", "--data.max_eval_samples", "4",
+                     "--model.max_new_tokens", "6", "--trainer.enable_progress_bar", "false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = workdir / "lightning_logs/version_0/checkpoints/last.ckpt"
+    state = read_checkpoint(ckpt)["state_dict"]
+    adapters = {k for k in state if k.startswith("decoder.")}
+    assert adapters and all(".lora_A." in k or ".lora_B." in k for k in adapters)
+    assert {k for k in state if not k.startswith("decoder.")} == {k for k in state if k.startswith("projector.")}
+    assert any(state[k].abs().sum() > 0 for k in adapters if ".lora_B." in k)  # trained away from zero
+    assert all(state[k].dtype == torch.float32 for k in adapters)
+
+    out = workdir / "exported"
+    assert run_cli(workdir, "export", "--ckpt", str(ckpt), "--out", str(out)).returncode == 0
+    adapter = load_file(out / "adapter.safetensors")
+    assert {f"decoder.{k}" for k in adapter} == adapters
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["lora_rank"] == 4 and config["adapter_parameters"] == sum(state[k].numel() for k in adapters)
+    assert "decoder LoRA: rank 4" in (out / "README.md").read_text()
+
+    from_checkpoint, from_export = load_model(ckpt), load_model(out)
+    for name, value in from_export.named_parameters():
+        if value.requires_grad:
+            assert torch.equal(value, from_checkpoint.state_dict()[name]), name
+    row = pq.read_table(next(Path(SPEECH, "dev").glob("*.parquet"))).slice(0, 1).to_pylist()[0]
+    clip = workdir / "clip.flac"
+    clip.write_bytes(row["wav"]["bytes"])
+    transcripts = [run_cli(workdir, "transcribe", str(clip), "--ckpt", str(source)) for source in (ckpt, out)]
+    assert transcripts[0].returncode == 0 and transcripts[0].stdout.split("\t")[1].strip()
+    assert transcripts[0].stdout == transcripts[1].stdout
