@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_clips(count: int, rate: int = 16_000, seed: int = 0) -> list[dict]:
-    """``count`` rows in the LoquaciousSet schema with log-normal durations (median 6 s, 1-30 s).
+    """``count`` rows (``id``, ``audio`` as FLAC bytes, ``text``) with log-normal durations (median 6 s, 1-30 s).
 
     Each clip is a random stretch of the tiny set's speech laid end to end; its transcript is the
     words spoken in that stretch (each word placed evenly within its utterance), so transcript
@@ -58,19 +58,19 @@ def make_clips(count: int, rate: int = 16_000, seed: int = 0) -> list[dict]:
         sf.write(buffer, speech[start:start + int(seconds * rate)], rate, format="FLAC")
         spoken = (word_times >= start / rate) & (word_times < start / rate + seconds)
         text = " ".join(w for w, keep in zip(words, spoken) if keep) or words[0]
-        clips.append({"ID": f"clip-{i}", "wav": {"bytes": buffer.getvalue(), "path": None}, "text": text})
+        clips.append({"id": f"clip-{i}", "audio": {"bytes": buffer.getvalue(), "path": None}, "text": text})
     return clips
 
 
 def measure(encoder: str, clips: list[dict], batch: int) -> dict:
-    preparer = ClipPreparer(encoder, str(ROOT / "assets/tiny-smollm3"), "wav", "text", "ID", min_duration=0.1,
+    preparer = ClipPreparer(encoder, str(ROOT / "assets/tiny-smollm3"), min_duration=0.1,
                             max_duration=30.0, max_target_tokens=256, text_normalization="lower")
     preparer(clips[0])  # warm-up
     start = time.perf_counter()
     for i in range(0, len(clips), batch):
         collate([preparer(row) for row in clips[i:i + batch]])
     seconds = time.perf_counter() - start
-    audio = sum(sf.info(io.BytesIO(c["wav"]["bytes"])).duration for c in clips)
+    audio = sum(sf.info(io.BytesIO(c["audio"]["bytes"])).duration for c in clips)
     return {"samples_per_s": round(len(clips) / seconds, 1), "audio_s_per_s": round(audio / seconds, 1)}
 
 
@@ -83,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # one dataloader worker = one core
     clips = make_clips(args.clips, args.rate)
-    durations = [sf.info(io.BytesIO(c["wav"]["bytes"])).duration for c in clips]
+    durations = [sf.info(io.BytesIO(c["audio"]["bytes"])).duration for c in clips]
     result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread",
               "clips": len(clips), "stored_rate": args.rate,
               "duration_s": {name: round(float(fn(durations)), 2)

@@ -58,11 +58,11 @@ def bad_dataset(tmp_path_factory):
 
 
 def test_each_bad_case_gets_its_reason(bad_dataset):
-    preparer = ClipPreparer(WHISPER, str(ROOT / "assets" / "tiny-smollm3"), "wav", "text", "ID", min_duration=0.1,
+    preparer = ClipPreparer(WHISPER, str(ROOT / "assets" / "tiny-smollm3"), min_duration=0.1,
                             max_duration=5.0, max_target_tokens=64, text_normalization="lower")
     rows = load_dataset("parquet", data_files=f"{bad_dataset}/train/*.parquet", split="train").cast_column(
         "wav", Audio(decode=False))
-    outcome = {row["ID"]: preparer(row)["skip"] for row in rows}
+    outcome = {row["ID"]: preparer({"id": row["ID"], "audio": row["wav"], "text": row["text"]})["skip"] for row in rows}
     assert outcome == {**{row["ID"]: "" for row in rows.select(range(6))},
                        "stereo-44k": "", "rate-8k": "", "rate-22k": "", "rate-48k": "",
                        "missing-audio": "missing_field", "missing-text": "missing_field",

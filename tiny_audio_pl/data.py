@@ -37,7 +37,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 import torch
-from datasets import Audio, IterableDataset, load_dataset
+from datasets import Audio, IterableDataset, interleave_datasets, load_dataset
 from datasets.distributed import split_dataset_by_node
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningDataModule
@@ -128,13 +128,12 @@ class ClipPreparer:
     ``undecodable``, ``empty_audio``, ``nan_or_inf``, ``silent``, ``too_short`` or ``too_long``.
     """
 
-    def __init__(self, encoder: str, decoder: str | None, audio_column: str, text_column: str, id_column: str,
-                 min_duration: float, max_duration: float, max_target_tokens: int,
-                 text_normalization: Literal["lower", "none"], keep_audio: bool = False) -> None:
+    def __init__(self, encoder: str, decoder: str | None, min_duration: float, max_duration: float,
+                 max_target_tokens: int, text_normalization: Literal["lower", "none"],
+                 keep_audio: bool = False) -> None:
         self.features = Featurizer(encoder)
         self.tokenizer = AutoTokenizer.from_pretrained(decoder) if decoder else None
         self.sample_rate = self.features.sample_rate
-        self.audio_column, self.text_column, self.id_column = audio_column, text_column, id_column
         self.min_samples = int(min_duration * self.sample_rate)
         self.max_samples = int(max_duration * self.sample_rate)
         self.max_target_tokens = max_target_tokens
@@ -160,8 +159,8 @@ class ClipPreparer:
         return "too_long" if len(audio) > self.max_samples else ""
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        out = {"id": str(row.get(self.id_column) or ""), "text": "", "features": None, "skip": ""}
-        value, text = row.get(self.audio_column), row.get(self.text_column)
+        out = {"id": str(row.get("id") or ""), "text": "", "features": None, "skip": "", "prompt": row.get("prompt")}
+        value, text = row.get("audio"), row.get("text")
         if value is None or text is None or (isinstance(value, dict) and not (value.get("bytes") or value.get("path"))):
             out["skip"] = "missing_field"
             return out
@@ -192,8 +191,9 @@ def collate(examples: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
 
     Returns:
         ``features``: ``[B, n_mels, T]`` (Whisper) or ``[B, T]`` (waveform encoders), zero-padded;
-        ``feature_lengths``: ``[B]`` valid frames/samples; ``text``, ``id``, ``duration`` (seconds)
-        and, when kept, ``audio`` (waveforms): lists of length B; ``set``: ``name``;
+        ``feature_lengths``: ``[B]`` valid frames/samples; ``text``, ``id``, ``duration`` (seconds),
+        ``prompt`` (a source's own prompt, or None) and, when kept, ``audio`` (waveforms): lists of
+        length B; ``set``: ``name``;
         ``skipped``: ``{reason: [ids]}`` for the clips dropped from this batch.
     """
     kept = [e for e in examples if not e["skip"]]
@@ -210,7 +210,8 @@ def collate(examples: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
     else:
         features = torch.zeros(0)
     batch = {"features": features, "feature_lengths": lengths, "text": [e["text"] for e in kept],
-             "id": [e["id"] for e in kept], "duration": [e.get("duration", 0.0) for e in kept], "set": name,
+             "id": [e["id"] for e in kept], "duration": [e.get("duration", 0.0) for e in kept],
+             "prompt": [e.get("prompt") for e in kept], "set": name,
              "skipped": dict(skipped)}
     if any("audio" in e for e in kept):
         batch["audio"] = [e.get("audio") for e in kept]
@@ -346,28 +347,50 @@ def find_parquet_files(root: Path, config_name: str | None, split: str) -> list[
 
 
 @dataclass
-class EvalSet:
-    """One evaluation set, scored on its own (``data.eval_sets``).
+class Source:
+    """A dataset split and how to read it: for mixed training (``data.train_sources``) or scoring (``data.eval_sets``).
 
     Args:
-        name: shown in the results table and metric names (``val/<name>/wer``).
+        name: shown in results and metric names (``val/<name>/wer``).
         dataset: hub dataset id or local folder of parquet files.
-        split: the split to score, e.g. ``test`` or ``test.clean``.
+        split: the split, e.g. ``train``, ``test`` or ``test.clean``.
         config_name: the dataset configuration, if it has several.
         audio_column: column holding the audio.
-        text_column: column holding the reference transcript.
+        text_column: column holding the target text (a transcript, or another task's answer).
         id_column: column holding the utterance id.
-        max_samples: score only the first N utterances.
+        prompt: the user message for this source, with ``<audio>`` (default: ``model.prompt``).
+        weight: share of training clips drawn from this source (normalised over the sources).
+        max_samples: use only the first N rows.
     """
 
     name: str
     dataset: str
-    split: str = "test"
+    split: str
     config_name: str | None = None
     audio_column: str = "audio"
     text_column: str = "text"
     id_column: str = "id"
+    prompt: str | None = None
+    weight: float = 1.0
     max_samples: int | None = None
+
+
+def _canonical_row(row: dict[str, Any], source: Source) -> dict[str, Any]:
+    """One source's row under the names the clip preparation reads: ``id``, ``audio``, ``text``, ``prompt``."""
+    return {"id": str(row.get(source.id_column) or ""), "audio": row.get(source.audio_column),
+            "text": row.get(source.text_column), "prompt": source.prompt}
+
+
+def _sources(value: list[Source | dict] | None, what: str) -> list[Source]:
+    """Dataclasses, or the dicts a config file gives, checked."""
+    try:
+        sources = [s if isinstance(s, Source) else Source(**s) for s in value or []]
+    except TypeError as error:
+        raise ValueError(f"data.{what}: {error}; each entry takes the fields of Source "
+                         f"({', '.join(Source.__dataclass_fields__)})") from error
+    if len({s.name for s in sources}) < len(sources):
+        raise ValueError(f"data.{what}: names must differ, got {[s.name for s in sources]}")
+    return sources
 
 
 class SpeechDataModule(LightningDataModule):
@@ -394,7 +417,8 @@ class SpeechDataModule(LightningDataModule):
         max_bad_share: float = 0.05,
         text_normalization: Literal["lower", "none"] = "lower",
         seed: int = 0,
-        eval_sets: list[EvalSet] | None = None,
+        train_sources: list[Source] | None = None,
+        eval_sets: list[Source] | None = None,
         encoder: str = "openai/whisper-large-v3-turbo",
         decoder: str | None = None,
     ) -> None:
@@ -426,6 +450,9 @@ class SpeechDataModule(LightningDataModule):
             text_normalization: how transcripts become training targets: ``lower`` lower-cases
                 (LoquaciousSet is upper case), ``none`` keeps them as they are.
             seed: seed of the shuffle (each epoch, worker and window gets its own permutation).
+            train_sources: train on a weighted mix of these instead of ``dataset``/``train_split``
+                (``datasets.interleave_datasets``), each with its own columns and prompt, e.g.
+                transcription plus other instructions (``configs/multi_task.yaml``).
             eval_sets: score these sets, each on its own row and metrics, instead of ``val_split``
                 (each with its own columns; see ``configs/eval.yaml``).
             encoder: the encoder whose feature extractor makes the features; linked to
@@ -436,67 +463,66 @@ class SpeechDataModule(LightningDataModule):
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         self.save_hyperparameters()
-        try:  # dataclasses, or the dicts a config file gives
-            self.eval_sets = [s if isinstance(s, EvalSet) else EvalSet(**s) for s in eval_sets or []]
-        except TypeError as error:
-            raise ValueError(f"data.eval_sets: {error}; each set takes the fields of EvalSet "
-                             f"({', '.join(EvalSet.__dataclass_fields__)})") from error
+        self.train_sources = _sources(train_sources, "train_sources")
+        self.eval_sets = _sources(eval_sets, "eval_sets")
+        if any(s.weight <= 0 for s in self.train_sources):
+            raise ValueError("data.train_sources: weights must be positive, got "
+                             f"{[s.weight for s in self.train_sources]}")
         self.train_dataset: WindowShuffled | None = None
         self.val_datasets: dict[str, IterableDataset] = {}  # "" when there is only val_split
         self.skips = SkipLedger(max_bad_share, window=1000)
 
-    def open_split(self, split: str, source: EvalSet | None = None) -> IterableDataset:
-        """Stream one split, keeping only the id, audio and text columns, audio left undecoded.
-
-        ``source`` names another dataset and its columns; by default this module's own.
-        """
+    def own_source(self, split: str, max_samples: int | None) -> Source:
+        """This module's ``dataset`` and columns as a :class:`Source` (used without mixes or eval sets)."""
         hp = self.hparams
-        dataset, config_name = (source.dataset, source.config_name) if source else (hp.dataset, hp.config_name)
-        audio_column, text_column, id_column = ((source.audio_column, source.text_column, source.id_column)
-                                                if source else (hp.audio_column, hp.text_column, hp.id_column))
-        root = Path(dataset)
+        return Source("", hp.dataset, split, hp.config_name, hp.audio_column, hp.text_column, hp.id_column,
+                      max_samples=max_samples)
+
+    def open_source(self, source: Source) -> IterableDataset:
+        """Stream a source's split as rows of ``id``, ``audio`` (undecoded), ``text`` and ``prompt``."""
+        root = Path(source.dataset)
         if root.is_dir():
-            files = find_parquet_files(root, config_name, split)
-            stream = load_dataset("parquet", data_files={split: files}, split=split, streaming=True)
+            files = find_parquet_files(root, source.config_name, source.split)
+            stream = load_dataset("parquet", data_files={source.split: files}, split=source.split, streaming=True)
         else:
-            stream = load_dataset(dataset, config_name, split=split, streaming=True)
+            stream = load_dataset(source.dataset, source.config_name, split=source.split, streaming=True)
         columns = list(stream.features or {})
-        missing = [c for c in (audio_column, text_column) if columns and c not in columns]
+        missing = [c for c in (source.audio_column, source.text_column) if columns and c not in columns]
         if missing:
-            where = f"data.eval_sets '{source.name}'" if source else "data"
-            raise ValueError(f"column(s) {missing} not in {dataset} split '{split}'; it has {columns}. "
-                             f"Set audio_column / text_column of {where}.")
-        if isinstance((stream.features or {}).get(audio_column), Audio):
-            stream = stream.cast_column(audio_column, Audio(decode=False))
-        keep = [c for c in (id_column, audio_column, text_column) if not columns or c in columns]
-        return stream.select_columns(keep)
+            where = (f"audio_column / text_column of the data.train_sources or data.eval_sets entry '{source.name}'"
+                     if source.name else "data.audio_column / data.text_column")
+            raise ValueError(f"column(s) {missing} not in {source.dataset} split '{source.split}'; it has {columns}. "
+                             f"Set {where}.")
+        if isinstance((stream.features or {}).get(source.audio_column), Audio):
+            stream = stream.cast_column(source.audio_column, Audio(decode=False))
+        if source.max_samples is not None:
+            stream = stream.take(source.max_samples)
+        return stream.map(partial(_canonical_row, source=source), remove_columns=columns or None)
 
     def setup(self, stage: str) -> None:
-        """Open the streams for this rank, shuffle and truncate them, and attach the clip preparation."""
+        """Open the streams for this rank, mix, shuffle and truncate them, and attach the clip preparation."""
         hp = self.hparams
-        preparer = ClipPreparer(hp.encoder, hp.decoder, hp.audio_column, hp.text_column, hp.id_column,
-                                hp.min_duration, hp.max_duration, hp.max_target_tokens, hp.text_normalization)
+        prepare = partial(ClipPreparer, hp.encoder, hp.decoder, hp.min_duration, hp.max_duration,
+                          hp.max_target_tokens, hp.text_normalization)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         if stage == "fit":
-            train = self.open_split(hp.train_split)
+            sources = self.train_sources or [self.own_source(hp.train_split, None)]
+            streams = [self.open_source(s) for s in sources]
+            total = sum(s.weight for s in sources)
+            train = streams[0] if len(streams) == 1 else interleave_datasets(
+                streams, probabilities=[s.weight / total for s in sources], seed=hp.seed,
+                stopping_strategy="all_exhausted")
             if hp.max_train_samples is not None:
                 train = train.take(hp.max_train_samples)
             train = split_dataset_by_node(train, rank, world)
-            self.train_dataset = WindowShuffled(train, preparer, window=hp.shuffle_buffer, seed=hp.seed,
+            self.train_dataset = WindowShuffled(train, prepare(), window=hp.shuffle_buffer, seed=hp.seed,
                                                 group_size=hp.batch_size if hp.group_by_length else None,
-                                                duration=partial(stored_duration, hp.audio_column))
+                                                duration=partial(stored_duration, "audio"))
         if stage in ("fit", "validate"):
             self.val_datasets = {}
-            for source in self.eval_sets or [None]:
-                val = self.open_split(source.split if source else hp.val_split, source)
-                limit = source.max_samples if source else hp.max_eval_samples
-                if limit is not None:
-                    val = val.take(limit)
-                columns = (source.audio_column, source.text_column, source.id_column) if source else (
-                    hp.audio_column, hp.text_column, hp.id_column)
-                scorer = ClipPreparer(hp.encoder, hp.decoder, *columns, hp.min_duration, hp.max_duration,
-                                      hp.max_target_tokens, hp.text_normalization, keep_audio=True)
-                self.val_datasets[source.name if source else ""] = split_dataset_by_node(val, rank, world).map(scorer)
+            for source in self.eval_sets or [self.own_source(hp.val_split, hp.max_eval_samples)]:
+                val = split_dataset_by_node(self.open_source(source), rank, world)
+                self.val_datasets[source.name] = val.map(prepare(keep_audio=True))
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Count the clips the collate dropped (main process), log the totals, stop if too many."""

@@ -168,6 +168,7 @@ class SpeechLLM(LightningModule):
         with explained_loading(decoder, "decoder"):
             self.tokenizer = AutoTokenizer.from_pretrained(decoder, trust_remote_code=trust_remote_code)
         self.prompt = ChatPrompt(self.tokenizer, system_prompt, prompt)  # checks the template before any weights
+        self._chat_prompts: dict[str, ChatPrompt] = {}  # other prompts met in the data
         dtype = getattr(torch, frozen_dtype)
         self.encoder = AudioEncoder(encoder, whisper_full_window, dtype, trust_remote_code)
         with explained_loading(decoder, "decoder"):
@@ -237,8 +238,15 @@ class SpeechLLM(LightningModule):
         """The attention kernels the frozen models may use (all of PyTorch's when ``attention_backends`` is None)."""
         return sdpa_kernel(self.attention_backends) if self.attention_backends else nullcontext()
 
-    def assemble(self, audio: torch.Tensor, audio_lengths: list[int], targets: list[list[int]] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def chat_prompts(self, prompts: list[str | None] | None, count: int) -> list[ChatPrompt]:
+        """The chat layout of each clip: its own user prompt (mixed-task data) or ``model.prompt``."""
+        prompts = prompts or [None] * count
+        for text in set(prompts) - self._chat_prompts.keys() - {None}:
+            self._chat_prompts[text] = ChatPrompt(self.tokenizer, self.hparams.system_prompt, text)
+        return [self._chat_prompts[text] if text else self.prompt for text in prompts]
+
+    def assemble(self, audio: torch.Tensor, audio_lengths: list[int], targets: list[list[int]] | None = None,
+                 prompts: list[ChatPrompt] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Splice audio embeddings into the chat prompt, one row per clip.
 
         The layout (token ids, where each audio vector goes, labels) is built on the CPU and sent
@@ -248,16 +256,17 @@ class SpeechLLM(LightningModule):
             audio: ``[B, N, D]`` projected audio; row i is valid for ``audio_lengths[i]`` positions.
             audio_lengths: B counts.
             targets: token ids to append after the prompt (training); ``None`` for generation.
+            prompts: each row's chat layout (default: ``model.prompt`` for all).
 
         Returns:
             ``embeds [B, L, D]`` (zero at padding), ``attention_mask [B, L]`` and ``labels [B, L]``
             (``-100`` except on targets). Training rows are right-padded; generation rows are
             left-padded so that every row's next token is at the end.
         """
-        prefix, suffix = self.prompt.prefix_ids, self.prompt.suffix_ids
         targets = targets or [[] for _ in audio_lengths]
+        prompts = prompts or [self.prompt] * len(audio_lengths)
         batch, slots = len(audio_lengths), audio.shape[1]
-        rows = [len(prefix) + n + len(suffix) + len(t) for n, t in zip(audio_lengths, targets)]
+        rows = [len(p.prefix_ids) + n + len(p.suffix_ids) + len(t) for p, n, t in zip(prompts, audio_lengths, targets)]
         length = max(rows)
         left = not any(targets)
         ids = torch.zeros(batch, length, dtype=torch.long)  # token ids; 0 at audio and padding
@@ -265,6 +274,7 @@ class SpeechLLM(LightningModule):
         labels = torch.full((batch, length), IGNORE, dtype=torch.long)
         mask = torch.zeros(batch, length, dtype=torch.long)
         for i, (n, target) in enumerate(zip(audio_lengths, targets)):
+            prefix, suffix = prompts[i].prefix_ids, prompts[i].suffix_ids
             start = length - rows[i] if left else 0
             audio_at = start + len(prefix)
             ids[i, start:audio_at] = torch.tensor(prefix)
@@ -288,24 +298,25 @@ class SpeechLLM(LightningModule):
         """Mean next-token loss over the transcript tokens of the batch."""
         audio, audio_lengths = self.embed_audio(batch["features"], batch["feature_lengths"])
         targets = self.target_ids(batch["text"])
-        embeds, _, labels = self.assemble(audio, audio_lengths, targets)
+        prompts = self.chat_prompts(batch.get("prompt"), len(targets))
+        embeds, _, labels = self.assemble(audio, audio_lengths, targets, prompts)
         # Rows are right-padded and attention is causal, so no real position can see padding: no mask
         # is needed, which lets SDPA run its flash kernel. Padded positions compute garbage nobody reads.
         with self.attention():
             hidden = self.decoder.get_decoder()(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, L, D]
         # Position t predicts token t + 1: the LM head runs only where that token is a label.
-        prompt = len(self.prompt.prefix_ids) + len(self.prompt.suffix_ids)
-        where = torch.cat([torch.arange(len(t)) + i * embeds.shape[1] + prompt + n - 1
-                           for i, (n, t) in enumerate(zip(audio_lengths, targets))])
+        where = torch.cat([torch.arange(len(t)) + i * embeds.shape[1] + len(p.prefix_ids) + n + len(p.suffix_ids) - 1
+                           for i, (p, n, t) in enumerate(zip(prompts, audio_lengths, targets))])
         where = where.to(embeds.device, non_blocking=True)  # [N_labelled] flat positions
         logits = self.decoder.get_output_embeddings()(hidden.flatten(0, 1)[where])  # [N_labelled, V] only
         return F.cross_entropy(logits.float(), labels.flatten()[where + 1])
 
     @torch.no_grad()
-    def transcribe(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> list[str]:
-        """Greedy batched decoding of a padded batch; returns one string per clip."""
+    def transcribe(self, features: torch.Tensor, feature_lengths: torch.Tensor,
+                   prompts: list[str | None] | None = None) -> list[str]:
+        """Greedy batched decoding of a padded batch (each clip with its own prompt, if given); one string per clip."""
         audio, audio_lengths = self.embed_audio(features, feature_lengths)
-        embeds, mask, _ = self.assemble(audio, audio_lengths)
+        embeds, mask, _ = self.assemble(audio, audio_lengths, prompts=self.chat_prompts(prompts, len(audio_lengths)))
         config = GenerationConfig(max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
                                   eos_token_id=self.prompt.end_ids[0],
                                   pad_token_id=self.prompt.end_ids[0] if self.tokenizer.pad_token_id is None
@@ -371,7 +382,7 @@ class SpeechLLM(LightningModule):
         name, size = batch["set"], len(batch["text"])
         prefix = f"val/{name}/" if name else "val/"
         self.log(f"{prefix}loss", self(batch), batch_size=size, sync_dist=True, add_dataloader_idx=False)
-        hypotheses = self.transcribe(batch["features"], batch["feature_lengths"])  # returns on the CPU: synced
+        hypotheses = self.transcribe(batch["features"], batch["feature_lengths"], batch.get("prompt"))  # on the CPU
         references = [normalize_for_wer(r) for r in batch["text"]]
         normalized = [normalize_for_wer(h) for h in hypotheses]
         key = self._wer_keys.setdefault(name, str(dataloader_idx))  # set names may hold dots, keys may not

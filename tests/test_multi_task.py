@@ -1,0 +1,45 @@
+"""Several datasets mixed by weight, each with its own columns and prompt: the multi-task config."""
+
+from collections import Counter
+
+import pytest
+
+from conftest import ROOT, SMOKE, SPEECH, WHISPER, run_cli
+from tiny_audio_pl.data import Source, SpeechDataModule
+
+MIX = ROOT / "configs" / "smoke_multi_task.yaml"
+SEX_PROMPT = "Is the speaker male (M) or female (F)? <audio>"
+
+
+def test_mixed_stream_carries_each_sources_prompt_and_target():
+    sources = [Source("transcribe", SPEECH, "train", audio_column="wav", id_column="ID", weight=3.0),
+               Source("sex", SPEECH, "train", audio_column="wav", text_column="sex", id_column="ID",
+                      prompt=SEX_PROMPT, weight=1.0)]
+    data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=8, num_workers=0, encoder=WHISPER,
+                            train_sources=sources, max_train_samples=80)
+    data.setup("fit")
+    clips = [clip for batch in data.train_dataloader() for clip in zip(batch["prompt"], batch["text"])]
+    assert len(clips) == 80
+    tasks = Counter("sex" if prompt == SEX_PROMPT else "transcribe" for prompt, _ in clips)
+    assert 45 <= tasks["transcribe"] <= 75 and tasks["sex"] >= 5  # about 3 : 1
+    assert {text for prompt, text in clips if prompt == SEX_PROMPT} <= {"m", "f"}
+    assert all(len(text.split()) > 2 for prompt, text in clips if prompt is None)
+
+
+def test_bad_sources_fail_with_the_field_names():
+    with pytest.raises(ValueError, match="weights must be positive"):
+        SpeechDataModule(train_sources=[Source("a", SPEECH, "train", weight=0.0)])
+    with pytest.raises(ValueError, match="fields of Source"):
+        SpeechDataModule(eval_sets=[{"name": "a", "dataset": SPEECH, "split": "dev", "colum": "x"}])
+
+
+def test_multi_task_config_trains_and_scores_each_task(workdir):
+    result = run_cli(workdir, "fit", "-c", SMOKE, "-c", str(MIX), "--trainer.max_steps", "6",
+                     "--trainer.val_check_interval", "6", "--model.max_new_tokens", "6",
+                     "--trainer.enable_progress_bar", "false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()
+            if line.startswith(("transcribe_dev ", "speaker_sex_dev "))}
+    assert rows == {"transcribe_dev": "8", "speaker_sex_dev": "8"}
+    utterances = (workdir / "lightning_logs/version_0/utterances/step=6.tsv").read_text().splitlines()
+    assert sum(line.startswith("speaker_sex_dev\t") and line.split("\t")[2] in ("m", "f") for line in utterances) == 8
