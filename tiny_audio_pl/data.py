@@ -37,6 +37,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 import torch
+import torch.distributed as dist
 from datasets import Audio, IterableDataset, interleave_datasets, load_dataset
 from datasets.distributed import split_dataset_by_node
 from jsonargparse.typing import NonNegativeInt, PositiveInt
@@ -307,11 +308,15 @@ class WindowShuffled(TorchIterableDataset):
 
 
 class TrainLoader(StatefulDataLoader):
-    """A StatefulDataLoader whose saved position is that of the batch being trained on.
+    """A StatefulDataLoader whose saved position is that of the batch being trained on, on every rank.
 
     Lightning fetches one batch ahead of the one it trains on (to know when an epoch ends), so the
     loader's own state at checkpoint time already counts a batch that was never trained on, and a
     resumed run would skip it. This loader reports its state from before the latest fetch.
+
+    Lightning also writes the checkpoint from rank 0 alone, so under DDP every rank would resume from
+    rank 0's position in rank 0's part of the stream. The state therefore gathers every rank's
+    position (the checkpoint is built on all ranks), and each rank restores its own.
     """
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -326,10 +331,22 @@ class TrainLoader(StatefulDataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        return getattr(self, "_trained_position", None) or super().state_dict()
+        own = getattr(self, "_trained_position", None) or super().state_dict()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return own
+        ranks: list[dict[str, Any] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, own)
+        return {"per_rank": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._trained_position = None
+        if "per_rank" in state_dict:
+            ranks = state_dict["per_rank"]
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            if len(ranks) != world:
+                raise ValueError(f"the checkpoint holds the data positions of {len(ranks)} ranks, this run has "
+                                 f"{world}: resume with the same devices x nodes (or start a new run)")
+            state_dict = ranks[dist.get_rank() if world > 1 else 0]
         super().load_state_dict(state_dict)
 
 

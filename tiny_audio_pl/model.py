@@ -421,18 +421,18 @@ class SpeechLLM(LightningModule):
             prefix = f"val/{name}/" if name else "val/"
             self.log(f"{prefix}hours", tally.audio_s / 3600, rank_zero_only=True)
             self.log(f"{prefix}rtf", tally.compute_s / max(tally.audio_s, 1e-9), rank_zero_only=True)
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
         if self.global_rank != 0 or self.trainer.sanity_checking:
             return
         rows = [f"{name or 'validation':<28} {t.utterances:>10} {t.audio_s / 3600:>9.3f} {100 * wers[name]:>8.2f} "
                 f"{t.compute_s / max(t.audio_s, 1e-9):>8.3f}" for name, t in tallies.items()]
         print("\n".join([f"{'set':<28} {'utterances':>10} {'hours':>9} {'WER %':>8} {'RTF':>8}", *rows]))
-        self._write_utterances(tallies)
+        self._write_utterances(tallies, folder / "utterances")
         if isinstance(self.logger, TensorBoardLogger):
             self._log_examples(tallies)
 
-    def _write_utterances(self, tallies: dict[str, SetTally]) -> None:
+    def _write_utterances(self, tallies: dict[str, SetTally], folder: Path) -> None:
         """Every scored utterance, worst first, to ``<run folder>/utterances/step=N.tsv``."""
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "utterances"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step={self.global_step}.tsv"
         rows = [(name or "validation", *row) for name, tally in tallies.items() for row in tally.rows]

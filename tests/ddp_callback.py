@@ -1,0 +1,73 @@
+"""A callback for tests/test_ddp.py: what each DDP rank trained on and validated, one JSON line per event.
+
+Added to a real ``tiny-audio fit`` with ``--trainer.callbacks+=ddp_callback.RankRecorder
+--trainer.callbacks.dirpath DIR`` (``tests/`` on ``PYTHONPATH``). Every rank appends to its own
+``DIR/rank{R}.jsonl``:
+
+- ``{"event": "train_batch", "step": ..., "ids": [...]}`` for every training batch (the clip ids);
+- ``{"event": "val_local", ...}`` at the end of each validation, before Lightning reduces the
+  logged values: this rank's own WER counts (``errors``, ``words``, summed over the module's
+  ``WordErrorRate`` metrics) and its own ``val/loss`` sum and clip count;
+- ``{"event": "val_reduced", ...}``: the ``val/wer`` and ``val/loss`` Lightning computed from them;
+- ``{"event": "train_end", "weights_sum": ..., "weights_moved": ...}``: the sum of the trained
+  weights (equal on every rank when DDP averages the gradients) and how far they moved in this run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torchmetrics.text import WordErrorRate
+
+
+class RankRecorder(Callback):
+    """Appends what this rank trains on and its validation numbers to ``dirpath/rank{R}.jsonl``."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self._start: list[torch.Tensor] = []
+
+    def _write(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        record = {"rank": trainer.global_rank, "world": trainer.world_size, "pid": os.getpid(), **record}
+        with open(self.dirpath / f"rank{trainer.global_rank}.jsonl", "a") as file:
+            file.write(json.dumps(record) + "\n")
+
+    @staticmethod
+    def _trained(pl_module: LightningModule) -> list[torch.Tensor]:
+        return [p.detach().double().clone() for p in pl_module.parameters() if p.requires_grad]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start = self._trained(pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        weights = self._trained(pl_module)
+        moved = sum((w - s).abs().sum().item() for w, s in zip(weights, self._start))
+        self._write(trainer, {"event": "train_end", "step": trainer.global_step,
+                              "weights_sum": sum(w.sum().item() for w in weights), "weights_moved": moved})
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: dict[str, Any],
+                             batch_idx: int) -> None:
+        self._write(trainer, {"event": "train_batch", "step": trainer.global_step, "epoch": trainer.current_epoch,
+                              "ids": list(batch["id"])})
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Runs before Lightning computes (and syncs) the epoch values: the states are still this rank's own.
+        result = trainer._results  # the logged values of the running validation loop
+        losses = [metric for key, metric in result.items() if key.endswith("val/loss")]
+        wers = [m for m in pl_module.modules() if isinstance(m, WordErrorRate)]
+        self._write(trainer, {"event": "val_local", "step": trainer.global_step, "sanity": trainer.sanity_checking,
+                              "errors": sum(float(m.errors) for m in wers), "words": sum(float(m.total) for m in wers),
+                              "loss_sum": sum(float(m.value) for m in losses),
+                              "loss_count": sum(float(m.cumulated_batch_size) for m in losses),
+                              "wer_metrics": len(wers), "loss_metrics": len(losses)})
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        self._write(trainer, {"event": "val_reduced", "step": trainer.global_step, "sanity": trainer.sanity_checking,
+                              "wer": float(metrics["val/wer"]), "loss": float(metrics["val/loss"])})
