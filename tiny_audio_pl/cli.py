@@ -162,7 +162,10 @@ def main(args: list[str] | None = None) -> None:
     # The model builds its own optimizer over the projector alone, so no --optimizer / --lr_scheduler.
     TinyAudioCLI(SpeechLLM, SpeechDataModule, args=args,
                  trainer_defaults={"logger": LOGGER, "callbacks": [LearningRateMonitor("step")]},
-                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                 parser_kwargs={"description": "Train (fit) and score (validate) a speech LLM projector. Also: "
+                                "`tiny-audio transcribe AUDIO... --ckpt PATH` and `tiny-audio export --ckpt PATH "
+                                "--out DIR` (each with --help)."})
 
 
 if __name__ == "__main__":
