@@ -7,11 +7,12 @@ One training example becomes the decoder input::
 
 and the next-token loss covers only the transcript and the end-of-turn token. The prompt text comes
 from the decoder's own chat template, split at the ``<audio>`` placeholder, so training sees exactly
-what generation sees. Only the projector is trained: the encoder runs without autograd, the decoder
-passes gradients through to its input embeddings, and both stay in eval mode (no dropout) for the
-whole run. The LM head is applied only at positions that carry a label, which skips the 128k-wide
-logits of every prompt and audio position. Checkpoints hold only the projector (plus optimizer,
-scheduler, loop and data state); the frozen models are reloaded by name.
+what generation sees; a clip may bring its own prompt (mixed-task data). Only the projector is
+trained (optionally LoRA adapters in the decoder too): the encoder runs without autograd, the
+decoder passes gradients through to its input embeddings, and both stay in eval mode (no dropout)
+for the whole run. The LM head is applied only at positions that carry a label, which skips the
+128k-wide logits of every prompt and audio position. Checkpoints hold only the trained weights
+(plus optimizer, scheduler, loop and data state); the frozen models are reloaded by name.
 """
 
 from __future__ import annotations
@@ -226,8 +227,8 @@ class SpeechLLM(LightningModule):
     # ------------------------------------------------------------------------------------ the model
     def embed_audio(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Features -> projected audio embeddings ``[B, N, D_dec]`` and each clip's valid token count."""
-        # The one host sync of a step, made before any of its kernels is queued: every later shape
-        # and index is computed on the CPU from these counts, so the GPU is never waited on again.
+        # Lengths arrive on the CPU (transfer_batch_to_device), so this reads no device memory: every
+        # later shape and index is computed on the CPU, and the step never waits for the GPU.
         lengths = self.projector.output_lengths(self.encoder.frame_lengths(feature_lengths)).tolist()
         with torch.no_grad(), self.attention():
             frames, _ = self.encoder(features, feature_lengths)  # [B, T, D_enc]
