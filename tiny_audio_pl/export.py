@@ -41,7 +41,7 @@ def load_model(path: str | Path, dtype: str | None = None) -> SpeechLLM:
     """
     path = Path(path)
     if path.is_dir():
-        config = json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         if config.get("format") != FORMAT:
             raise ValueError(f"{path} is not a folder written by tiny-audio export (config.json has no "
                              f"format '{FORMAT}')")
@@ -50,7 +50,7 @@ def load_model(path: str | Path, dtype: str | None = None) -> SpeechLLM:
         if (path / ADAPTER).is_file():
             weights |= {f"decoder.{k}": v for k, v in load_file(path / ADAPTER).items()}
     else:
-        checkpoint = read_checkpoint(path)
+        checkpoint = read_training_checkpoint(path)
         settings, weights = model_settings(checkpoint, path), checkpoint["state_dict"]
     model = SpeechLLM(**{**settings, **({"frozen_dtype": dtype} if dtype else {})})
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -59,6 +59,15 @@ def load_model(path: str | Path, dtype: str | None = None) -> SpeechLLM:
                        f"unexpected {sorted(weights.keys() - trained)[:3]}")
     model.load_state_dict(weights, strict=False)
     return model.eval()
+
+
+def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint of ``tiny-audio fit``, or an error that says it is not one."""
+    checkpoint = read_checkpoint(path)
+    if not {"hyper_parameters", "state_dict"} <= checkpoint.keys():
+        raise ValueError(f"{path} is not a checkpoint written by `tiny-audio fit` (no hyper_parameters / "
+                         "state_dict); pass a lightning_logs/version_N/checkpoints/*.ckpt file or an exported folder")
+    return checkpoint
 
 
 def model_settings(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -78,14 +87,12 @@ def model_settings(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def export(checkpoint_path: str | Path, out: str | Path) -> Path:
     """Write the model folder for a training checkpoint (see module docstring); returns ``out``."""
-    checkpoint = read_checkpoint(checkpoint_path)
+    checkpoint = read_training_checkpoint(checkpoint_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = checkpoint["state_dict"]
     weights = {k.removeprefix("projector."): v.contiguous() for k, v in state.items() if k.startswith("projector.")}
     adapter = {k.removeprefix("decoder."): v.contiguous() for k, v in state.items() if k.startswith("decoder.")}
-    if not weights:
-        raise ValueError(f"{checkpoint_path} holds no projector weights: is it a tiny-audio checkpoint?")
     save_file(weights, out / WEIGHTS, metadata={"format": FORMAT})
     (out / ADAPTER).unlink(missing_ok=True)
     if adapter:
