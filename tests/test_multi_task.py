@@ -43,3 +43,28 @@ def test_multi_task_config_trains_and_scores_each_task(workdir):
     assert rows == {"transcribe_dev": "8", "speaker_sex_dev": "8"}
     utterances = (workdir / "lightning_logs/version_0/utterances/step=6.tsv").read_text().splitlines()
     assert sum(line.startswith("speaker_sex_dev\t") and line.split("\t")[2] in ("m", "f") for line in utterances) == 8
+
+
+def test_mixed_stream_resumes_exactly_with_workers():
+    """The interleaved stream's saved position restores it exactly, as a single stream's does."""
+    def loader():
+        sources = [Source("t", SPEECH, "train", audio_column="wav", id_column="ID", weight=3.0),
+                   Source("s", SPEECH, "train", audio_column="wav", text_column="sex", id_column="ID",
+                          prompt=SEX_PROMPT)]
+        data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=3, num_workers=2, encoder=WHISPER,
+                                shuffle_buffer=8, seed=5, train_sources=sources)
+        data.setup("fit")
+        return data.train_dataloader()
+
+    def clips(batches) -> list[tuple[str, str | None]]:
+        return [clip for batch in batches for clip in zip(batch["id"], batch["prompt"])]
+
+    first = loader()
+    batches = iter(first)
+    fetched = [next(batches) for _ in range(7)]  # as Lightning: 6 trained on, the 7th fetched ahead
+    state = first.state_dict()
+    rest = clips(batches)
+    assert {prompt for _, prompt in rest} == {None, SEX_PROMPT}
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert clips(resumed) == clips(fetched[6:]) + rest
