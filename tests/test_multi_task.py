@@ -52,7 +52,7 @@ def test_mixed_stream_resumes_exactly_with_workers():
                    Source("s", SPEECH, "train", audio_column="wav", text_column="sex", id_column="ID",
                           prompt=SEX_PROMPT)]
         data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=3, num_workers=2, encoder=WHISPER,
-                                shuffle_buffer=8, seed=5, train_sources=sources)
+                                shuffle_buffer=8, seed=5, train_sources=sources, max_train_samples=60)
         data.setup("fit")
         return data.train_dataloader()
 
