@@ -94,3 +94,17 @@ def test_push_to_hub_offline_says_so(trained, tmp_path):
     assert result.returncode != 0 and "HF_HUB_OFFLINE is set" in result.stderr
     assert "hf_secret_token_value" not in result.stdout + result.stderr
     assert all(b"hf_secret_token_value" not in p.read_bytes() for p in (tmp_path / "m").iterdir())
+
+
+def test_many_files_are_read_in_bounded_chunks_with_the_same_result(trained, clips):
+    """Files are decoded a few batches at a time (bounded memory); chunking does not change any transcript."""
+    from tiny_audio_pl.export import load_model
+    from tiny_audio_pl.transcribe import transcribe_files
+
+    model = load_model(trained, dtype="float32")
+    files = [str(clips[name]) for name in ("mono.wav", "broken.wav", "long.ogg", "stereo44k.flac", "mono.mp3")] * 2
+    one_at_a_time = list(transcribe_files(model, files, batch_size=1, chunk_batches=1, progress=False))
+    all_at_once = list(transcribe_files(model, files, batch_size=4, chunk_batches=100, progress=False))
+    assert [r.file for r in one_at_a_time] == files
+    assert one_at_a_time == all_at_once
+    assert [bool(r.error) for r in all_at_once] == [False, True, False, False, False] * 2

@@ -4,8 +4,8 @@ Files of any format libsndfile reads (wav, flac, ogg, mp3), sample rate and chan
 decoded, downmixed and resampled as in training. A file longer than the encoder's 30 s window is
 cut into windows of at most 30 s, each cut placed at the quietest 25 ms within the last
 ``search_s`` seconds before the limit (so a cut falls between words where there is a pause), the
-windows are transcribed like separate clips and their texts joined with a space. All windows of
-all files are batched together, shortest to longest, so a batch wastes little padding.
+windows are transcribed like separate clips and their texts joined with a space. Windows of many
+files are batched together, shortest to longest, so a batch wastes little padding.
 """
 
 from __future__ import annotations
@@ -48,38 +48,53 @@ class Transcript:
     error: str = ""
 
 
-def transcribe_files(model: SpeechLLM, files: list[str], batch_size: int = 8, progress: bool = True
-                     ) -> Iterator[Transcript]:
+def transcribe_files(model: SpeechLLM, files: list[str], batch_size: int = 8, progress: bool = True,
+                     chunk_batches: int = 16) -> Iterator[Transcript]:
     """Transcribe ``files`` in batches; yields one :class:`Transcript` per file, in the given order.
 
-    A file that cannot be read yields a transcript with ``error`` set instead of stopping the others.
+    Files are read ``chunk_batches`` batches of windows at a time, so memory stays bounded however
+    many files there are. A file that cannot be read yields a transcript with ``error`` set instead
+    of stopping the others.
     """
     featurize = Featurizer(model.hparams.encoder)
-    rate = featurize.sample_rate
-    windows: list[tuple[int, np.ndarray]] = []  # (file index, features)
-    results = [Transcript(str(f), "", 0.0, 0) for f in files]
-    for index, path in enumerate(files):
+    bar = tqdm(total=len(files), desc="transcribing", unit="file", disable=not progress or len(files) < 2)
+    pending: list[Transcript] = []
+    windows: list[tuple[int, np.ndarray]] = []  # (index in pending, features), in file then time order
+    for path in files:
+        result = Transcript(str(path), "", 0.0, 0)
+        pending.append(result)
         try:
-            audio = decode_audio(str(path), rate)
+            audio = decode_audio(str(path), featurize.sample_rate)
         except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as error:
-            results[index].error = f"cannot read: {error}"
-            continue
-        results[index].duration_s = len(audio) / rate
-        pieces = [p for p in split_windows(audio, rate) if len(p)]
-        results[index].windows = len(pieces)
-        windows += [(index, featurize(piece)) for piece in pieces]
+            result.error = f"cannot read: {error}"
+        else:
+            result.duration_s = len(audio) / featurize.sample_rate
+            pieces = [p for p in split_windows(audio, featurize.sample_rate) if len(p)]
+            result.windows = len(pieces)
+            windows += [(len(pending) - 1, featurize(piece)) for piece in pieces]
+        if len(windows) >= batch_size * chunk_batches:
+            yield from _decode(model, pending, windows, batch_size)
+            bar.update(len(pending))
+            pending, windows = [], []
+    yield from _decode(model, pending, windows, batch_size)
+    bar.update(len(pending))
+    bar.close()
+
+
+def _decode(model: SpeechLLM, results: list[Transcript], windows: list[tuple[int, np.ndarray]], batch_size: int
+            ) -> Iterator[Transcript]:
+    """Transcribe ``windows`` shortest first (little padding per batch), then join each file's texts."""
     order = sorted(range(len(windows)), key=lambda i: windows[i][1].shape[-1])
     texts: dict[int, str] = {}
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="transcribing", unit="batch", disable=not progress or len(batches) < 2):
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
         padded = collate([{"features": windows[i][1], "skip": "", "id": "", "text": ""} for i in batch])
-        features = padded["features"].to(model.device)
-        texts.update(zip(batch, model.transcribe(features, padded["feature_lengths"])))
-    pieces_of: dict[int, list[str]] = {}
-    for i, (index, _) in enumerate(windows):  # windows are in file order, then time order
-        pieces_of.setdefault(index, []).append(texts[i])
+        texts.update(zip(batch, model.transcribe(padded["features"].to(model.device), padded["feature_lengths"])))
+    pieces: dict[int, list[str]] = {}
+    for i, (index, _) in enumerate(windows):
+        pieces.setdefault(index, []).append(texts[i])
     for index, result in enumerate(results):
-        result.text = " ".join(t for t in pieces_of.get(index, []) if t)
+        result.text = " ".join(t for t in pieces.get(index, []) if t)
         yield result
 
 
