@@ -1,7 +1,7 @@
 """tiny-audio (Lightning): train a projector between a frozen speech encoder and a frozen LLM."""
 
-from tiny_audio_pl.data import SpeechDataModule
+from tiny_audio_pl.data import Source, SpeechDataModule
 from tiny_audio_pl.model import SpeechLLM
 from tiny_audio_pl.projector import Projector
 
-__all__ = ["Projector", "SpeechDataModule", "SpeechLLM"]
+__all__ = ["Projector", "Source", "SpeechDataModule", "SpeechLLM"]
