@@ -51,6 +51,13 @@ from transformers import AutoFeatureExtractor, AutoTokenizer
 WHISPER_WINDOW_S = 30.0
 
 
+def _readable(value: dict | bytes | str) -> io.BytesIO | str:
+    """What soundfile reads for a stored clip: its bytes (``datasets``' ``{bytes, path}`` or raw) or its path."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    return io.BytesIO(value) if isinstance(value, bytes) else value
+
+
 def decode_audio(value: dict | bytes | str, sample_rate: int) -> np.ndarray:
     """Decode one stored clip to float32 mono at ``sample_rate``.
 
@@ -62,10 +69,7 @@ def decode_audio(value: dict | bytes | str, sample_rate: int) -> np.ndarray:
     Returns:
         ``[num_samples]`` float32 waveform.
     """
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    source = io.BytesIO(value) if isinstance(value, bytes) else value
-    audio, rate = sf.read(source, dtype="float32", always_2d=True)  # [T, C]
+    audio, rate = sf.read(_readable(value), dtype="float32", always_2d=True)  # [T, C]
     audio = audio.mean(axis=1)
     if rate != sample_rate:
         audio = soxr.resample(audio, rate, sample_rate)
@@ -74,11 +78,8 @@ def decode_audio(value: dict | bytes | str, sample_rate: int) -> np.ndarray:
 
 def stored_duration(column: str, row: dict[str, Any]) -> float:
     """Duration in seconds of ``row[column]``'s audio, read from its header (0 when unreadable)."""
-    value = row.get(column)
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
     try:
-        return sf.info(io.BytesIO(value) if isinstance(value, bytes) else value).duration
+        return sf.info(_readable(row.get(column))).duration
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError):
         return 0.0  # the clip is skipped later, when it fails to decode
 
