@@ -77,11 +77,12 @@ class BenchmarkedSpeechLLM(SpeechLLM):
 
     full_vocabulary_head = False
 
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+    def loss(self, audio: torch.Tensor, audio_lengths: list[int], texts: list[str],
+             prompts: list[str | None] | None = None) -> torch.Tensor:
         if not self.full_vocabulary_head:
-            return super().forward(batch)
-        audio, audio_lengths = self.embed_audio(batch["features"], batch["feature_lengths"])
-        embeds, mask, labels = self.assemble(audio, audio_lengths, self.target_ids(batch["text"]))
+            return super().loss(audio, audio_lengths, texts, prompts)
+        embeds, mask, labels = self.assemble(audio, audio_lengths, self.target_ids(texts),
+                                             self.chat_prompts(prompts, len(texts)))
         with self.attention():
             return self.decoder(inputs_embeds=embeds, attention_mask=None if self.attention_backends else mask,
                                 labels=labels, use_cache=False).loss  # from [B, L, V] logits
@@ -154,8 +155,7 @@ def decoder_lengths(model: SpeechLLM, batch: dict[str, Any]) -> tuple[list[int],
     frames = model.encoder.frame_lengths(batch["feature_lengths"])
     audio = model.projector.output_lengths(frames).tolist()
     targets = [len(t) for t in model.target_ids(batch["text"])]
-    prompt = len(model.prompt.prefix_ids) + len(model.prompt.suffix_ids)
-    return [prompt + a + t for a, t in zip(audio, targets)], audio, targets
+    return [model.prompt.length(a) + t for a, t in zip(audio, targets)], audio, targets
 
 
 def useful_flops(model: SpeechLLM, batch: dict[str, Any]) -> float:

@@ -68,16 +68,12 @@ class SetTally:
     audio_s: float = 0.0
     compute_s: float = 0.0
     rows: list[tuple[str, str, str, int, int]] = field(default_factory=list)  # id, ref, hyp, errors, words
-    examples: list[tuple[str, str, str, Any, int]] = field(default_factory=list)  # id, ref, hyp, audio, rate
-
-    def without_audio(self) -> SetTally:
-        return SetTally(self.utterances, self.audio_s, self.compute_s, self.rows, [])
 
     @staticmethod
-    def merge(parts: list[SetTally], examples: list) -> SetTally:
+    def merge(parts: list[SetTally]) -> SetTally:
         """Totals of all ranks (compute time: the slowest rank's, as they run in parallel)."""
         return SetTally(sum(p.utterances for p in parts), sum(p.audio_s for p in parts),
-                        max(p.compute_s for p in parts), [r for p in parts for r in p.rows], examples)
+                        max(p.compute_s for p in parts), [r for p in parts for r in p.rows])
 
 
 class ChatPrompt:
@@ -99,6 +95,10 @@ class ChatPrompt:
         full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": sentinel}], tokenize=False)
         tail = tokenizer(full.split(sentinel, 1)[1].strip(), add_special_tokens=False).input_ids
         self.end_ids: list[int] = tail[:1] or [tokenizer.eos_token_id]
+
+    def length(self, audio_tokens: int) -> int:
+        """Decoder positions of the prompt around ``audio_tokens`` audio embeddings (before the answer)."""
+        return len(self.prefix_ids) + audio_tokens + len(self.suffix_ids)
 
 
 class SpeechLLM(LightningModule):
@@ -185,7 +185,8 @@ class SpeechLLM(LightningModule):
             self._add_lora(lora_rank, lora_alpha, lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj"])
         self.set_wer = torch.nn.ModuleDict()  # one WordErrorRate per evaluation set, made on first use
         self._wer_keys: dict[str, str] = {}
-        self._tallies: dict[str, SetTally] = {}
+        self._tallies: dict[str, SetTally] = {}  # per evaluation set, this validation pass
+        self._examples: dict[str, list[tuple[str, str, str, Any, int]]] = {}  # id, ref, hyp, audio, sample rate
         self.strict_loading = False  # checkpoints carry only the projector; on_load_checkpoint checks it
         self._validation: dict[str, Any] = {}  # the last validation's step and scores, kept in checkpoints
         self._validated_at: int | None = None
@@ -267,7 +268,7 @@ class SpeechLLM(LightningModule):
         targets = targets or [[] for _ in audio_lengths]
         prompts = prompts or [self.prompt] * len(audio_lengths)
         batch, slots = len(audio_lengths), audio.shape[1]
-        rows = [len(p.prefix_ids) + n + len(p.suffix_ids) + len(t) for p, n, t in zip(prompts, audio_lengths, targets)]
+        rows = [p.length(n) + len(t) for p, n, t in zip(prompts, audio_lengths, targets)]
         length = max(rows)
         left = not any(targets)
         ids = torch.zeros(batch, length, dtype=torch.long)  # token ids; 0 at audio and padding
@@ -298,16 +299,21 @@ class SpeechLLM(LightningModule):
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean next-token loss over the transcript tokens of the batch."""
         audio, audio_lengths = self.embed_audio(batch["features"], batch["feature_lengths"])
-        targets = self.target_ids(batch["text"])
-        prompts = self.chat_prompts(batch.get("prompt"), len(targets))
-        embeds, _, labels = self.assemble(audio, audio_lengths, targets, prompts)
+        return self.loss(audio, audio_lengths, batch["text"], batch.get("prompt"))
+
+    def loss(self, audio: torch.Tensor, audio_lengths: list[int], texts: list[str],
+             prompts: list[str | None] | None = None) -> torch.Tensor:
+        """Mean next-token loss of ``texts`` given projected audio ``[B, N, D]`` (from :meth:`embed_audio`)."""
+        targets = self.target_ids(texts)
+        layouts = self.chat_prompts(prompts, len(targets))
+        embeds, _, labels = self.assemble(audio, audio_lengths, targets, layouts)
         # Rows are right-padded and attention is causal, so no real position can see padding: no mask
         # is needed, which lets SDPA run its flash kernel. Padded positions compute garbage nobody reads.
         with self.attention():
             hidden = self.decoder.get_decoder()(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, L, D]
         # Position t predicts token t + 1: the LM head runs only where that token is a label.
-        where = torch.cat([torch.arange(len(t)) + i * embeds.shape[1] + len(p.prefix_ids) + n + len(p.suffix_ids) - 1
-                           for i, (p, n, t) in enumerate(zip(prompts, audio_lengths, targets))])
+        where = torch.cat([torch.arange(len(t)) + i * embeds.shape[1] + p.length(n) - 1
+                           for i, (p, n, t) in enumerate(zip(layouts, audio_lengths, targets))])
         where = where.to(embeds.device, non_blocking=True)  # [N_labelled] flat positions
         logits = self.decoder.get_output_embeddings()(hidden.flatten(0, 1)[where])  # [N_labelled, V] only
         return F.cross_entropy(logits.float(), labels.flatten()[where + 1])
@@ -316,7 +322,12 @@ class SpeechLLM(LightningModule):
     def transcribe(self, features: torch.Tensor, feature_lengths: torch.Tensor,
                    prompts: list[str | None] | None = None) -> list[str]:
         """Greedy batched decoding of a padded batch (each clip with its own prompt, if given); one string per clip."""
-        audio, audio_lengths = self.embed_audio(features, feature_lengths)
+        return self.generate_text(*self.embed_audio(features, feature_lengths), prompts)
+
+    @torch.no_grad()
+    def generate_text(self, audio: torch.Tensor, audio_lengths: list[int], prompts: list[str | None] | None = None
+                      ) -> list[str]:
+        """Greedy batched decoding from projected audio ``[B, N, D]`` (from :meth:`embed_audio`)."""
         embeds, mask, _ = self.assemble(audio, audio_lengths, prompts=self.chat_prompts(prompts, len(audio_lengths)))
         config = GenerationConfig(max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
                                   eos_token_id=self.prompt.end_ids[0],
@@ -382,8 +393,10 @@ class SpeechLLM(LightningModule):
         start = time.perf_counter()
         name, size = batch["set"], len(batch["text"])
         prefix = f"val/{name}/" if name else "val/"
-        self.log(f"{prefix}loss", self(batch), batch_size=size, sync_dist=True, add_dataloader_idx=False)
-        hypotheses = self.transcribe(batch["features"], batch["feature_lengths"], batch.get("prompt"))  # on the CPU
+        audio, audio_lengths = self.embed_audio(batch["features"], batch["feature_lengths"])  # once for both
+        loss = self.loss(audio, audio_lengths, batch["text"], batch.get("prompt"))
+        self.log(f"{prefix}loss", loss, batch_size=size, sync_dist=True, add_dataloader_idx=False)
+        hypotheses = self.generate_text(audio, audio_lengths, batch.get("prompt"))  # strings: on the CPU
         references = [normalize_for_wer(r) for r in batch["text"]]
         normalized = [normalize_for_wer(h) for h in hypotheses]
         key = self._wer_keys.setdefault(name, str(dataloader_idx))  # set names may hold dots, keys may not
@@ -400,12 +413,14 @@ class SpeechLLM(LightningModule):
             words = len(r.split())
             errors = round(word_error_rate(h, r).item() * words) if words else len(h.split())
             tally.rows.append((batch["id"][i], reference, hypothesis, errors, words))
-            if len(tally.examples) < self.hparams.num_logged_examples:
-                tally.examples.append((batch["id"][i], reference, hypothesis, (batch.get("audio") or [None] * size)[i],
-                                       batch.get("sample_rate", 16_000)))
+        examples = self._examples.setdefault(name, [])  # rank 0 sends these to TensorBoard
+        room = max(0, self.hparams.num_logged_examples - len(examples))
+        clips = batch.get("audio") or [None] * size
+        rate = batch.get("sample_rate")
+        examples += [(i, r, h, a, rate) for i, r, h, a in zip(batch["id"], batch["text"], hypotheses, clips)][:room]
 
     def on_validation_epoch_start(self) -> None:
-        self._tallies = {}
+        self._tallies, self._examples = {}, {}
 
     def on_validation_epoch_end(self) -> None:
         """One row per evaluation set (WER, utterances, hours, real-time factor), and the per-utterance file."""
@@ -414,9 +429,8 @@ class SpeechLLM(LightningModule):
         tallies = self._tallies
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[dict[str, SetTally]] = [{} for _ in range(torch.distributed.get_world_size())]
-            torch.distributed.all_gather_object(gathered, {k: v.without_audio() for k, v in tallies.items()})
-            tallies = {name: SetTally.merge([g[name] for g in gathered if name in g], tally.examples)
-                       for name, tally in tallies.items()}
+            torch.distributed.all_gather_object(gathered, tallies)
+            tallies = {name: SetTally.merge([g[name] for g in gathered if name in g]) for name in tallies}
         wers = {name: self.set_wer[self._wer_keys[name]].compute().item() for name in tallies}
         for name, tally in tallies.items():
             prefix = f"val/{name}/" if name else "val/"
@@ -430,7 +444,7 @@ class SpeechLLM(LightningModule):
         print("\n".join([f"{'set':<28} {'utterances':>10} {'hours':>9} {'WER %':>8} {'RTF':>8}", *rows]))
         self._write_utterances(tallies, folder / "utterances")
         if isinstance(self.logger, TensorBoardLogger):
-            self._log_examples(tallies)
+            self._log_examples()
 
     def _write_utterances(self, tallies: dict[str, SetTally], folder: Path) -> None:
         """Every scored utterance, worst first, to ``<run folder>/utterances/step=N.tsv``."""
@@ -444,14 +458,14 @@ class SpeechLLM(LightningModule):
             writer.writerows(rows)
         rank_zero_info(f"per-utterance results: {path}")
 
-    def _log_examples(self, tallies: dict[str, SetTally]) -> None:
+    def _log_examples(self) -> None:
         """A few clips per set to TensorBoard: the audio, and reference vs hypothesis."""
         experiment = self.logger.experiment
-        for name, tally in tallies.items():
+        for name, examples in self._examples.items():
             tag = f"val/{name}/examples" if name else "val/examples"
-            table = "\n".join(f"| {i} | {r} | {h} |" for i, r, h, _, _ in tally.examples)
+            table = "\n".join(f"| {i} | {r} | {h} |" for i, r, h, _, _ in examples)
             experiment.add_text(tag, "| id | reference | hypothesis |\n|---|---|---|\n" + table, self.global_step)
-            for i, _, _, audio, rate in tally.examples:
+            for i, _, _, audio, rate in examples:
                 if audio is not None:
                     experiment.add_audio(f"{tag}/{i}", torch.from_numpy(audio), self.global_step, sample_rate=rate)
 
