@@ -80,19 +80,22 @@ class Checkpoint(ModelCheckpoint):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a user's own CheckpointIO
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
+    def _save_step(self, trainer: Trainer) -> None:
+        """Write this step's checkpoint and ``last``."""
+        candidates = self._monitor_candidates(trainer)
+        self._save_checkpoint(trainer, self.format_checkpoint_name(candidates))
+        self._save_last_checkpoint(trainer, candidates)
+
     def _save_current_step(self, trainer: Trainer) -> None:
         if self._last_global_step_saved != trainer.global_step and not trainer.sanity_checking:
-            candidates = self._monitor_candidates(trainer)
-            self._save_checkpoint(trainer, self.format_checkpoint_name(candidates))
-            self._save_last_checkpoint(trainer, candidates)
+            self._save_step(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A step saved just before its validation ran is saved again, now holding the scores."""
         super().on_validation_end(trainer, pl_module)
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
         if fitting and self._last_global_step_saved == trainer.global_step:
-            self._last_global_step_saved = -1
-            self._save_current_step(trainer)
+            self._save_step(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The final step is saved too, when ``max_steps`` is not a multiple of the save interval."""
