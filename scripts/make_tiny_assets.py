@@ -7,6 +7,7 @@ versions of everything the production recipe downloads:
   (``ID``, ``duration``, ``wav`` as {bytes, path}, ``spk_id``, ``sex``, ``text`` in upper case),
   with ``train`` and ``dev`` splits. Sentences come from a small grammar so the decoder cannot
   guess them: the audio has to carry the words.
+- ``assets/clips``: the first two dev clips as plain WAV files, with their transcripts.
 - ``assets/tiny-smollm3``: a SmolLM3-architecture decoder with a byte-level BPE tokenizer trained
   on the grammar's text and a ChatML chat template, pretrained briefly to repeat a sentence shown in
   its context (see ``make_decoder``), so that, like a real instruct model, it can read its input,
@@ -21,7 +22,7 @@ Everything is seeded (CPU, one thread); needs ``espeak-ng`` (``apt-get install e
 package installed (``pip install -e .``), whose prompt and encoder code the pretraining reuses. Usage::
 
     python scripts/make_tiny_assets.py            # all assets
-    python scripts/make_tiny_assets.py speech     # one of: speech, decoder, whisper, hubert
+    python scripts/make_tiny_assets.py speech     # one of: speech, clips, decoder, whisper, hubert
 """
 
 from __future__ import annotations
@@ -102,6 +103,23 @@ def make_speech(num_train: int = 80, num_dev: int = 20) -> None:
             table = pa.Table.from_pylist(part, schema=features.arrow_schema)
             pq.write_table(table, out / split / f"{split}-{shard:05d}.parquet")
     print(f"speech: {num_train} train + {num_dev} dev clips in {out}")
+
+
+def make_clips(count: int = 2) -> None:
+    """The first dev clips as plain 16 kHz WAV files, to try ``tiny-audio transcribe`` on (README)."""
+    import pyarrow.parquet as pq
+
+    out = ASSETS / "clips"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    rows = pq.read_table(ASSETS / "tiny-speech" / "dev" / "dev-00000.parquet").slice(0, count).to_pylist()
+    lines = []
+    for row in rows:
+        audio, rate = sf.read(io.BytesIO(row["wav"]["bytes"]), dtype="int16")
+        sf.write(out / f"{row['ID']}.wav", audio, rate, subtype="PCM_16")
+        lines.append(f"{row['ID']}.wav\t{row['text']}")
+    (out / "transcripts.tsv").write_text("file\ttext\n" + "\n".join(lines) + "\n")
+    print(f"clips: {count} dev clips as WAV in {out}")
 
 
 CHAT_TEMPLATE = (
@@ -256,7 +274,8 @@ def make_hubert() -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    builders = {"speech": make_speech, "decoder": make_decoder, "whisper": make_whisper, "hubert": make_hubert}
+    builders = {"speech": make_speech, "clips": make_clips, "decoder": make_decoder, "whisper": make_whisper,
+                "hubert": make_hubert}
     # tiny Whisper's vocabulary is the tiny decoder's tokenizer: keep this order
     for name in sys.argv[1:] or list(builders):
         builders[name]()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the CLI, run in this process, then leaves the thread count alone
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]

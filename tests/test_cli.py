@@ -94,15 +94,22 @@ def test_resume_without_a_checkpoint_says_so(workdir):
     assert "no last.ckpt" in result.stderr
 
 
-def test_auto_resume_starts_fresh_only_when_asked_and_max_steps_is_required(workdir):
+def test_auto_resume_starts_fresh_only_when_asked_and_runs_go_under_default_root_dir(workdir):
     result = run_cli(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "-1")
-    assert result.returncode != 0 and "set --trainer.max_steps" in result.stderr
+    assert result.returncode == 2 and "set --trainer.max_steps" in result.stderr
     assert "Loading weights" not in result.stderr  # failed before any model was loaded
-    quick = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"]
+    quick = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+             "--trainer.default_root_dir", "runs"]
     result = run_cli(workdir, "fit", "-c", SMOKE, *quick, "--ckpt_path", "auto")
     assert result.returncode == 0 and "no checkpoint yet, starting a new run" in result.stdout
+    run = workdir / "runs" / "lightning_logs" / "version_0"
+    assert (run / "checkpoints" / "step=2.ckpt").is_file() and list(run.glob("events.out.tfevents.*"))
+    assert f"run folder   {Path('runs/lightning_logs/version_0')}" in result.stdout
     result = run_cli(workdir, "fit", "-c", SMOKE, *quick[2:], "--trainer.max_steps", "3", "--ckpt_path", "auto")
-    assert result.returncode == 0 and "resuming from" in result.stdout
+    assert result.returncode == 0
+    assert f"resuming from {Path('runs/lightning_logs/version_0/checkpoints/last.ckpt')}" in result.stdout
+    assert (run / "checkpoints" / "step=3.ckpt").is_file()
+    assert sorted(p.name for p in workdir.iterdir()) == ["assets", "runs"]  # nothing in ./lightning_logs
 
 
 def test_a_token_in_the_environment_is_written_nowhere(workdir):

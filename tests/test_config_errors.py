@@ -1,35 +1,39 @@
-"""A wrong model or prompt fails before any weights are loaded, with a message that says what to change."""
+"""Every mistake is one line that says what to change, before any weights load, and writes nothing."""
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import DECODER, WHISPER
+from conftest import DECODER, ROOT, SMOKE, WHISPER
+from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.model import SpeechLLM
 
 
 def test_unreachable_model_id_offline_says_so(monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    with pytest.raises(OSError, match="cannot load the decoder 'no-such/model'.*HF_HUB_OFFLINE.*local directory"):
+    with pytest.raises(UsageError, match="cannot load the decoder 'no-such/model'.*HF_HUB_OFFLINE.*local directory"):
         SpeechLLM(encoder=WHISPER, decoder="no-such/model")
-    with pytest.raises(OSError, match="cannot load the encoder 'no-such/encoder'"):
+    with pytest.raises(UsageError, match="cannot load the encoder 'no-such/encoder'"):
         SpeechLLM(encoder="no-such/encoder", decoder=DECODER)
 
 
 def test_unsupported_encoder_type():
-    with pytest.raises(ValueError, match="unsupported encoder type 'smollm3'"):
+    with pytest.raises(UsageError, match="unsupported encoder type 'smollm3'"):
         SpeechLLM(encoder=DECODER, decoder=DECODER)
 
 
 def test_decoder_without_chat_template(tmp_path):
     plain = tmp_path / "plain-decoder"
     shutil.copytree(DECODER, plain, ignore=shutil.ignore_patterns("chat_template.jinja"))
-    with pytest.raises(ValueError, match="no chat template"):
+    with pytest.raises(UsageError, match="no chat template"):
         SpeechLLM(encoder=WHISPER, decoder=str(plain))
 
 
 def test_nonsense_sizes():
-    with pytest.raises(ValueError, match="projector_stack"):
+    with pytest.raises(UsageError, match="projector_stack"):
         SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_stack=0)
 
 
@@ -44,3 +48,87 @@ def test_cli_rejects_nonsense_sizes_while_parsing(override, key, capsys, monkeyp
     with pytest.raises(SystemExit):
         main(["fit", "-c", str(ROOT / "configs" / "smoke.yaml"), override])
     assert f'Parser key "{key}"' in capsys.readouterr().err
+
+
+def _one_line_error(capfd, workdir: Path, *args: str) -> str:
+    """Run ``tiny-audio ARGS`` in ``workdir``: it must exit 2 with one line on stderr and write nothing."""
+    from tiny_audio_pl.cli import main
+
+    before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capfd.readouterr()
+    assert exit_info.value.code == 2, out + err
+    assert len(err.strip().splitlines()) == 1 and not out.strip(), out + err
+    assert err.startswith(f"tiny-audio {args[0]}: error: ")
+    assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before  # nothing written, no run folder
+    return err
+
+
+@pytest.fixture
+def here(workdir: Path, monkeypatch) -> Path:
+    monkeypatch.chdir(workdir)
+    (workdir / "empty").mkdir()
+    (workdir / "a-file").write_text("not a folder")
+    torch.save({"weights": torch.ones(3)}, workdir / "plain.pt")
+    (workdir / "broken.yaml").write_text("trainer:\n  max_steps: [1\n")
+    return workdir
+
+
+MISTAKES = {
+    "negative learning rate": (["--model.learning_rate", "-1"], "model.learning_rate"),
+    "empty dataset folder": (["--data.dataset", "empty"], "no parquet files for split 'train' under empty"),
+    "missing text column": (["--data.text_column", "transcript"], "column(s) ['transcript'] not in"),
+    "YAML syntax error": (["-c", "broken.yaml"], "broken.yaml is not valid YAML at line 3"),
+    "not a Lightning checkpoint": (["--ckpt_path", "plain.pt"], "plain.pt is a torch file but not a checkpoint"),
+    "checkpoint is a folder": (["--ckpt_path", "empty"], "checkpoint empty is a folder"),
+    "run folder under a file": (["--trainer.default_root_dir", "a-file/runs"], "cannot write a-file/runs"),
+    "unreachable decoder offline": (["--model.decoder", "HuggingFaceTB/SmolLM3-3B"], "cannot load the decoder"),
+}
+
+
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_a_config_mistake_is_one_line_and_writes_nothing(mistake, here, capfd):
+    args, message = MISTAKES[mistake]
+    assert message in _one_line_error(capfd, here, "fit", "-c", SMOKE, *args)
+
+
+def test_the_production_config_offline_is_one_line(here, capfd):
+    err = _one_line_error(capfd, here, "fit", "-c", str(ROOT / "configs" / "whisper.yaml"))
+    assert "speechbrain/LoquaciousSet" in err and "HF_HUB_OFFLINE" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_run_folder_is_one_line(here, capfd):
+    (here / "read-only").mkdir(mode=0o555)
+    assert "cannot write" in _one_line_error(capfd, here, "fit", "-c", SMOKE, "--trainer.default_root_dir",
+                                            "read-only")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["--device", "cuda:7"], "--device cuda:7: this machine has"),
+    (["--device", "nonsense"], "not a device name"),
+])
+def test_transcribe_option_mistakes_are_one_line(args, message, here, capfd):
+    assert message in _one_line_error(capfd, here, "transcribe", "clip.wav", "--ckpt", "x.ckpt", *args)
+
+
+def test_the_traceback_is_there_for_bug_reports(here, monkeypatch):
+    from tiny_audio_pl.cli import main
+
+    monkeypatch.setenv("TINY_AUDIO_TRACEBACK", "1")
+    with pytest.raises(UsageError, match="checkpoint empty is a folder"):
+        main(["fit", "-c", SMOKE, "--ckpt_path", "empty"])
+
+
+def test_help_lists_every_command(capsys):
+    from tiny_audio_pl.cli import main
+
+    for args in ([], ["--help"]):
+        main(args)
+        listed = capsys.readouterr().out
+        assert all(f"\n  {command} " in listed for command in ("fit", "validate", "transcribe", "export"))
+    with pytest.raises(SystemExit):
+        main(["transcribe", "--help"])
+    assert "clips (or 30 s windows of long files) decoded together" in " ".join(capsys.readouterr().out.split())

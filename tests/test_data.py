@@ -1,4 +1,5 @@
 import io
+import itertools
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from conftest import HUBERT, SPEECH, WHISPER
 from tiny_audio_pl.data import SpeechDataModule, collate, decode_audio, find_parquet_files, normalize_target
+from tiny_audio_pl.errors import UsageError
 
 
 def _encoded(audio: np.ndarray, rate: int, fmt: str) -> bytes:
@@ -59,7 +61,7 @@ def test_collate_of_only_skipped_clips_is_an_empty_batch():
 def test_local_parquet_layout_is_found():
     files = find_parquet_files(__import__("pathlib").Path(SPEECH), None, "train")
     assert len(files) == 2 and all(f.endswith(".parquet") for f in files)
-    with pytest.raises(FileNotFoundError, match="test"):
+    with pytest.raises(UsageError, match="test"):
         find_parquet_files(__import__("pathlib").Path(SPEECH), None, "test")
 
 
@@ -87,40 +89,47 @@ def test_waveform_stream_for_hubert_and_duration_limit():
 def test_missing_column_lists_the_columns_that_exist():
     data = SpeechDataModule(dataset=SPEECH, config_name=None, text_column="transcript", num_workers=0,
                             encoder=WHISPER)
-    with pytest.raises(ValueError, match=r"transcript.*'ID'.*'wav'"):
-        data.setup("validate")
+    with pytest.raises(UsageError, match=r"transcript.*'ID'.*'wav'"):
+        data.check("validate")  # what the CLI runs before any model loads
 
 
-def test_training_stream_is_shuffled_and_truncated():
+def test_training_stream_is_shuffled_and_truncated_and_goes_on_pass_after_pass():
     data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=5, num_workers=0, encoder=WHISPER,
                             max_train_samples=10, shuffle_buffer=10)
     data.setup("fit")
-    ids = [i for b in data.train_dataloader() for i in b["id"]]
-    assert sorted(ids) != ids and len(ids) == 10
-    assert set(ids) <= {f"train-{i:04d}" for i in range(20)}
+    batches = [b["id"] for b in itertools.islice(data.train_dataloader(), 4)]  # 2 batches of 5 clips a pass
+    first, second = batches[0] + batches[1], batches[2] + batches[3]
+    assert sorted(first) != first and len(first) == 10
+    assert set(first) <= {f"train-{i:04d}" for i in range(20)}
+    assert sorted(second) == sorted(first) and second != first  # the same clips, shuffled anew
 
 
 def _ids(batches) -> list[str]:
     return [i for b in batches for i in b["id"]]
 
 
-def test_training_stream_resumes_exactly_mid_epoch_with_workers():
-    """The saved position restores the shuffled stream exactly: nothing repeated, nothing skipped."""
+def test_training_stream_resumes_exactly_in_any_pass_with_workers():
+    """The saved position restores the shuffled stream exactly, in the first pass, at the boundary between
+    passes and inside the second: nothing repeated, nothing skipped."""
     def loader():
         data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=3, num_workers=2, encoder=WHISPER,
                                 shuffle_buffer=8, seed=5)
         data.setup("fit")
         return data.train_dataloader()
 
-    first = loader()
-    batches = iter(first)
-    fetched = [next(batches) for _ in range(7)]  # as Lightning: 6 trained on, the 7th fetched ahead
-    state = first.state_dict()
-    rest = _ids(batches)
-    everything = _ids(fetched) + rest
-    assert sorted(everything) == sorted(f"train-{i:04d}" for i in range(80))  # one pass, each clip once
-    assert everything != sorted(everything)  # and shuffled
+    straight = loader()
+    batches, states, passes = [], [], []
+    for batch in itertools.islice(straight, 45):
+        batches.append(batch)
+        states.append(straight.state_dict())  # as Lightning saves it: one batch trained fewer than fetched
+        passes.append(straight.passes)
+    boundary = passes.index(1)  # the first batch of the second pass
+    first_pass = _ids(batches[:boundary])
+    assert sorted(first_pass) == sorted(f"train-{i:04d}" for i in range(80))  # each clip once
+    assert first_pass != sorted(first_pass)  # and shuffled
+    assert _ids(batches[boundary:boundary + 5]) != first_pass[:15]  # the second pass in its own order
 
-    resumed = loader()
-    resumed.load_state_dict(state)
-    assert _ids(resumed) == _ids(fetched[6:]) + rest  # continues right after the 6th batch
+    for fetched in (7, boundary, boundary + 8):  # trained on 6 / the whole first pass / 7 of the second
+        resumed = loader()
+        resumed.load_state_dict(states[fetched - 1])
+        assert _ids(itertools.islice(resumed, 10)) == _ids(batches[fetched - 1:fetched + 9]), fetched

@@ -118,7 +118,7 @@ def test_two_rank_ddp_fit_splits_the_data_reduces_validation_and_resumes(workdir
     assert not set(seen[0]) & set(seen[1]), f"both ranks trained on {sorted(set(seen[0]) & set(seen[1]))}"
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == FIRST
-    assert (run / "checkpoints" / f"epoch=0-step={FIRST}.ckpt").is_file()
+    assert (run / "checkpoints" / f"step={FIRST}.ckpt").is_file()
     ends = {rank: [r for r in records if r["event"] == "train_end"] for rank, records in first.items()}
     assert all(len(e) == 1 for e in ends.values()), ends
     assert ends[0][0]["weights_sum"] == pytest.approx(ends[1][0]["weights_sum"], abs=1e-6)  # DDP averaged grads
@@ -157,7 +157,7 @@ def test_two_rank_ddp_fit_splits_the_data_reduces_validation_and_resumes(workdir
         assert not set(more) & set(seen[rank]), f"rank {rank} trained again on {set(more) & set(seen[rank])}"
     assert not set(_trained(second[0])) & set(_trained(second[1]))
     assert not set(_trained(second[0])) & set(seen[1]) and not set(_trained(second[1])) & set(seen[0])
-    assert (run / "checkpoints" / f"epoch=0-step={SECOND}.ckpt").is_file()
+    assert (run / "checkpoints" / f"step={SECOND}.ckpt").is_file()
     resumed = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["global_step"] == SECOND
     ends = [r for records in second.values() for r in records if r["event"] == "train_end"]

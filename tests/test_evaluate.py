@@ -34,7 +34,8 @@ def test_validate_scores_each_set_on_its_own_row(trained, workdir):
         assert 0 < float(hours) < 0.01 and 0 <= float(wer) and float(rtf) > 0
 
     run = workdir / "lightning_logs" / "version_0"
-    with next((run / "utterances").glob("step=*.tsv")).open() as file:
+    assert [p.name for p in (run / "utterances").iterdir()] == ["step=20.tsv"]  # the checkpoint's step
+    with (run / "utterances" / "step=20.tsv").open() as file:
         utterances = list(csv.DictReader(file, delimiter="\t"))
     assert len(utterances) == 10 and {u["set"] for u in utterances} == {"tiny_dev", "other.clean"}
     assert {u["id"] for u in utterances if u["set"] == "other.clean"} == {f"dev-{i:04d}" for i in range(6)}

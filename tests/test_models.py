@@ -5,6 +5,7 @@ from safetensors.torch import load_file
 
 from conftest import DECODER, HUBERT, SPEECH, WHISPER
 from tiny_audio_pl.encoder import AudioEncoder
+from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.model import IGNORE, ChatPrompt
 
 
@@ -28,7 +29,7 @@ def test_chat_prompt_splits_the_template_at_the_audio(tiny_model):
     assert prefix == "<|im_start|>system\n/no_think<|im_end|>\n<|im_start|>user\nTranscribe: "
     assert suffix == "<|im_end|>\n<|im_start|>assistant\n"
     assert tokenizer.convert_ids_to_tokens(prompt.end_ids) == ["<|im_end|>"]
-    with pytest.raises(ValueError, match="exactly once"):
+    with pytest.raises(UsageError, match="exactly once"):
         ChatPrompt(tokenizer, "", "Transcribe this")
 
 
@@ -144,7 +145,7 @@ def test_nonfinite_gradients_skip_the_step_and_too_many_stop_the_run():
         p.grad = torch.ones_like(p)
     model.on_before_optimizer_step(None)  # a good step resets the count
     assert model._nonfinite_in_row == 0 and model._nonfinite_total == 2
-    with pytest.raises(FloatingPointError, match="3 times in a row"):
+    with pytest.raises(UsageError, match="3 times in a row"):
         for _ in range(3):
             for p in model.projector.parameters():
                 p.grad = torch.full_like(p, float("inf"))

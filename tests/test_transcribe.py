@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ def clips(tmp_path_factory) -> dict[str, Path]:
     rows = load_dataset("parquet", data_files=f"{SPEECH}/dev/*.parquet", split="train").cast_column(
         "wav", Audio(decode=False))
     audio = [sf.read(io.BytesIO(r["wav"]["bytes"]), dtype="float32")[0] for r in rows.select(range(14))]
-    paths = {name: folder / name for name in ("mono.wav", "stereo44k.flac", "mono.mp3", "long.ogg", "broken.wav")}
+    names = ("mono.wav", "stereo44k.flac", "mono.mp3", "long.ogg", "broken.wav", "10ms.wav")
+    paths = {name: folder / name for name in names}
     sf.write(paths["mono.wav"], audio[0], 16_000)
     resampled = soxr.resample(audio[0], 16_000, 44_100)
     sf.write(paths["stereo44k.flac"], np.stack([resampled, resampled], axis=1), 44_100)
@@ -32,6 +34,7 @@ def clips(tmp_path_factory) -> dict[str, Path]:
     pause = np.zeros(8_000, dtype=np.float32)
     sf.write(paths["long.ogg"], np.concatenate([x for clip in audio for x in (clip, pause)]), 16_000)
     paths["broken.wav"].write_bytes(b"RIFF not really a wav file")
+    sf.write(paths["10ms.wav"], audio[1][:160], 16_000)  # too short for the encoder's first frame
     return paths
 
 
@@ -68,9 +71,15 @@ def test_export_writes_only_the_projector_and_what_rebuilds_the_model(trained, t
 
 def test_transcribe_files_and_the_export_round_trip(trained, clips, tmp_path):
     files = [str(clips[name]) for name in ("mono.wav", "stereo44k.flac", "mono.mp3", "long.ogg", "broken.wav")]
-    from_checkpoint = run_cli(tmp_path, "transcribe", *files, "--ckpt", str(trained), "--json", "--batch-size", "2")
-    assert from_checkpoint.returncode == 1  # one file could not be read ...
-    assert "broken.wav: cannot read" in from_checkpoint.stderr
+    unusable = [str(clips["10ms.wav"]), str(tmp_path / "missing.wav")]
+    from_checkpoint = run_cli(tmp_path, "transcribe", *files, *unusable, "--ckpt", str(trained), "--json",
+                              "--batch-size", "2")
+    assert from_checkpoint.returncode == 1  # three files could not be used ...
+    problems = from_checkpoint.stderr.splitlines()
+    assert problems[0] == f"{tmp_path / 'missing.wav'}: no such file or folder"  # reported before loading
+    assert any(line.startswith(f"{files[4]}: cannot read") for line in problems), problems
+    assert f"{unusable[0]}: too short (0.010 s; at least 0.1 s of audio)" in problems
+    assert problems[-1] == "3 of 7 file(s) could not be transcribed"
     results = {Path(r["file"]).name: r for r in map(json.loads, from_checkpoint.stdout.splitlines())}
     assert sorted(results) == ["long.ogg", "mono.mp3", "mono.wav", "stereo44k.flac"]  # ... the others were
     assert results["long.ogg"]["windows"] == 2 and results["long.ogg"]["duration_s"] == pytest.approx(40.0, abs=0.1)
@@ -108,3 +117,74 @@ def test_many_files_are_read_in_bounded_chunks_with_the_same_result(trained, cli
     assert [r.file for r in one_at_a_time] == files
     assert one_at_a_time == all_at_once
     assert [bool(r.error) for r in all_at_once] == [False, True, False, False, False] * 2
+
+
+def test_paths_that_do_not_exist_are_reported_before_any_model_loads(tmp_path, capfd, monkeypatch):
+    from tiny_audio_pl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="2 of 2 file"):
+        main(["transcribe", "gone.wav", "nowhere/", "--ckpt", "no-such.ckpt"])  # the checkpoint is never opened
+    assert capfd.readouterr().err.splitlines() == ["gone.wav: no such file or folder",
+                                                   "nowhere: no such file or folder"]
+
+
+def _export(capfd, *args: str) -> tuple[int, str]:
+    from tiny_audio_pl.cli import main
+
+    try:
+        main(["export", *args])
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    out, err = capfd.readouterr()
+    return code, out + err
+
+
+def test_export_replaces_nothing_of_a_users_unasked(trained, tmp_path, capfd, monkeypatch):
+    umask = os.umask(0o022)
+    monkeypatch.chdir(tmp_path)
+    try:
+        mine = tmp_path / "mine"
+        mine.mkdir()
+        (mine / "README.md").write_text("my notes")
+        (mine / "config.json").write_text("{}")
+        code, output = _export(capfd, "--ckpt", str(trained), "--out", str(mine))
+        assert code == 2 and output.count("\n") == 1 and "--overwrite" in output
+        assert sorted(p.name for p in mine.iterdir()) == ["README.md", "config.json"]
+        assert (mine / "README.md").read_text() == "my notes"
+
+        (tmp_path / "README.md").write_text("a repository's readme")
+        code, output = _export(capfd, "--ckpt", str(trained), "--out", ".")
+        assert code == 2 and (tmp_path / "README.md").read_text() == "a repository's readme"
+
+        (mine / "notes.txt").write_text("keep me")
+        assert _export(capfd, "--ckpt", str(trained), "--out", str(mine), "--overwrite")[0] == 0
+        assert sorted(p.name for p in mine.iterdir()) == ["README.md", "config.json", "notes.txt",
+                                                           "projector.safetensors"]
+        assert (mine / "notes.txt").read_text() == "keep me"
+
+        fresh = tmp_path / "new" / "model"
+        assert _export(capfd, "--ckpt", str(trained), "--out", str(fresh))[0] == 0
+        assert _export(capfd, "--ckpt", str(trained), "--out", str(fresh))[0] == 0  # an earlier export: replaced
+        assert sorted(p.name for p in fresh.iterdir()) == ["README.md", "config.json", "projector.safetensors"]
+        assert {oct(p.stat().st_mode & 0o777) for p in fresh.iterdir()} == {"0o644"}
+        assert oct(fresh.stat().st_mode & 0o777) == "0o755"
+
+        (tmp_path / "a-file").write_text("x")
+        code, output = _export(capfd, "--ckpt", str(trained), "--out", str(tmp_path / "a-file" / "model"))
+        assert code == 2 and output.startswith("tiny-audio export: error: cannot write to --out")
+        assert (tmp_path / "a-file").read_text() == "x"
+    finally:
+        os.umask(umask)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_export_into_a_read_only_earlier_export_is_one_line(trained, tmp_path, capfd):
+    out = tmp_path / "model"
+    assert _export(capfd, "--ckpt", str(trained), "--out", str(out))[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    out.chmod(0o555)
+    code, output = _export(capfd, "--ckpt", str(trained), "--out", str(out))
+    assert code == 2 and output.count("\n") == 1 and "Permission denied" in output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -4,11 +4,15 @@
   ``last.ckpt`` truncated. :class:`AtomicCheckpointIO` writes to a temporary file in the same
   folder, flushes it to disk and renames it over the target: the old file stays whole until the
   new one is complete.
-- Cloud GPU providers send SIGTERM before taking a machine. Lightning then stops after the current
-  batch; :class:`Checkpoint` saves that step (and ``last``) before the process exits, and only on
-  SIGTERM: a crash from bad numerics must not overwrite the last good checkpoint.
+- Cloud GPU providers, Slurm, systemd and ``docker stop`` send SIGTERM (to the whole process
+  group: the dataloader workers ignore it, see ``data.py``). Lightning then stops after the current
+  batch; :class:`Checkpoint` holds that stop back to the end of the optimizer step when gradients
+  are being accumulated (a checkpoint between micro-batches would drop the gradients gathered so
+  far, and the resumed run would differ), saves that step (and ``last``) and the process exits 0.
+  It saves only on SIGTERM: a crash from bad numerics must not overwrite the last good checkpoint.
 - Checkpoints are read with ``weights_only=True`` (no pickled code runs), and a truncated or
-  corrupt file gives one line saying which file and what to do, before anything is written.
+  corrupt file, a folder, or a torch file that is not a Lightning checkpoint gives one line saying
+  which file and what to do, before anything is written.
 """
 
 from __future__ import annotations
@@ -25,8 +29,15 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from tiny_audio_pl.errors import UsageError
+
 _UMASK = os.umask(0)  # read the process umask (there is no getter) ...
 os.umask(_UMASK)  # ... and put it back
+
+
+def give_usual_mode(path: Path) -> None:
+    """The mode a plain ``open`` or ``mkdir`` would have given (``mkstemp`` / ``mkdtemp`` make private ones)."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
@@ -34,14 +45,29 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
 
     ``mmap=True`` maps the tensors instead of reading them: a cheap check that the file is whole.
     """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(path.rglob("last.ckpt")) or sorted(path.rglob("*.ckpt"))
+        hint = f", e.g. {inside[0]}" if inside else ""
+        raise UsageError(f"checkpoint {path} is a folder: pass a checkpoint file{hint}")
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True, mmap=mmap)
     except Exception as error:
-        raise RuntimeError(f"cannot read checkpoint {path} ({type(error).__name__}). It is truncated, corrupt or "
-                           "not a tiny-audio checkpoint: pass another one, e.g. an earlier epoch=*-step=*.ckpt "
-                           "from the same folder. Nothing was written.") from error
+        raise UsageError(f"cannot read checkpoint {path} ({type(error).__name__}). It is truncated, corrupt or "
+                         "not a tiny-audio checkpoint: pass another one, e.g. an earlier step=*.ckpt "
+                         "from the same folder. Nothing was written.") from error
+
+
+def read_training_checkpoint(path: str | Path, mmap: bool = False, what: str = "checkpoint") -> dict[str, Any]:
+    """A checkpoint written by ``tiny-audio fit``, or one line saying that ``path`` is not one."""
+    checkpoint = read_checkpoint(path, mmap=mmap)
+    if not isinstance(checkpoint, dict) or not {"pytorch-lightning_version", "hyper_parameters",
+                                                 "state_dict"} <= checkpoint.keys():
+        raise UsageError(f"{what}: {path} is a torch file but not a checkpoint written by `tiny-audio fit`; pass a "
+                         "lightning_logs/version_N/checkpoints/*.ckpt file")
+    return checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -56,7 +82,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, file)
                 file.flush()
                 os.fsync(file.fileno())
-            os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes it private; give it the usual mode
+            give_usual_mode(Path(temporary))
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
@@ -74,6 +100,33 @@ class Checkpoint(ModelCheckpoint):
     written again after it, so the validation scores travel with the weights (``tiny-audio export``
     puts them in the model card).
     """
+
+    _sigterm_held = False
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the saved paths only for the same folder (Lightning would warn on every ``validate``)."""
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A resumed run's first step is already saved (it resumed from it).
+
+        Lightning forgets which step it saved last, and with gradient accumulation it would save the
+        resumed step again after the first micro-batch: a checkpoint between micro-batches, which
+        overwrites ``last`` with a position that drops the gradients gathered so far.
+        """
+        super().on_train_start(trainer, pl_module)
+        self._last_global_step_saved = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Let a SIGTERM stop the run only once the optimizer step in progress is complete (see module docstring)."""
+        signals = trainer._signal_connector  # Lightning checks its flag right after this hook
+        if signals.received_sigterm and trainer.fit_loop.epoch_loop._should_accumulate():
+            signals.received_sigterm, self._sigterm_held = False, True
+        elif self._sigterm_held and not trainer.fit_loop.epoch_loop._should_accumulate():
+            signals.received_sigterm = True
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import io
 import itertools
+import signal
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,12 +41,15 @@ import torch
 import torch.distributed as dist
 from datasets import Audio, IterableDataset, interleave_datasets, load_dataset
 from datasets.distributed import split_dataset_by_node
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+from huggingface_hub import constants as hub_constants
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import IterableDataset as TorchIterableDataset
 from torch.utils.data import get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import AutoFeatureExtractor, AutoTokenizer
+
+from tiny_audio_pl.errors import UsageError
 
 # The Whisper encoder's position table covers 30 s; longer clips cannot be encoded in one window.
 WHISPER_WINDOW_S = 30.0
@@ -239,9 +243,9 @@ class SkipLedger:
         self.recent.extend([True] * bad + [False] * kept)
         share = sum(self.recent) / max(1, len(self.recent))
         if len(self.recent) >= self.judge_after and share > self.max_share:
-            raise RuntimeError(f"{share:.0%} of the last {len(self.recent)} clips were unusable, more than "
-                               f"data.max_bad_share={self.max_share:g}: {self.summary()}. Check the dataset and "
-                               "data.audio_column / data.text_column, or raise data.max_bad_share.")
+            raise UsageError(f"{share:.0%} of the last {len(self.recent)} clips were unusable, more than "
+                             f"data.max_bad_share={self.max_share:g}: {self.summary()}. Check the dataset and "
+                             "data.audio_column / data.text_column, or raise data.max_bad_share.")
 
     def summary(self) -> str:
         return "; ".join(f"{reason} {count} (e.g. {', '.join(self.examples[reason])})"
@@ -274,7 +278,9 @@ class WindowShuffled(TorchIterableDataset):
         self._resume: dict[str, Any] | None = None
 
     def set_epoch(self, epoch: int) -> None:
+        """Start pass ``epoch`` over the stream (its own permutations) from its beginning."""
         self.epoch = epoch
+        self._state = {"epoch": epoch, "source": None, "window": 0, "yielded": 0}
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self._state)
@@ -309,30 +315,52 @@ class WindowShuffled(TorchIterableDataset):
 
 
 class TrainLoader(StatefulDataLoader):
-    """A StatefulDataLoader whose saved position is that of the batch being trained on, on every rank.
+    """A StatefulDataLoader that streams pass after pass without end, with an exact saved position.
 
-    Lightning fetches one batch ahead of the one it trains on (to know when an epoch ends), so the
-    loader's own state at checkpoint time already counts a batch that was never trained on, and a
-    resumed run would skip it. This loader reports its state from before the latest fetch.
+    Lightning's epochs do not fit a stream measured in optimizer steps: on a restart inside an epoch
+    it skips ``on_train_epoch_start`` (so a shuffle seeded by the pass would not learn which pass it
+    is in), and a checkpoint taken at the last batch of a pass restarts with the pass counted twice.
+    So this loader never ends: Lightning sees one endless epoch, and the loader itself starts pass
+    ``p + 1`` (reseeding the shuffle through ``WindowShuffled.set_epoch``) when pass ``p`` runs out.
+    Its state is the pass and the position inside it.
 
-    Lightning also writes the checkpoint from rank 0 alone, so under DDP every rank would resume from
-    rank 0's position in rank 0's part of the stream. The state therefore gathers every rank's
-    position (the checkpoint is built on all ranks), and each rank restores its own.
+    Lightning fetches one batch ahead of the one it trains on, so the underlying loader's state at
+    checkpoint time already counts a batch that was never trained on, and a resumed run would skip
+    it. This loader reports the state from before the latest fetch: that of the batch being trained on.
+
+    Lightning writes the checkpoint from rank 0 alone, so under DDP every rank would resume from rank
+    0's position in rank 0's part of the stream. The state therefore gathers every rank's position
+    (the checkpoint is built on all ranks), and each rank restores its own.
     """
 
+    dataset: WindowShuffled
+
+    def __init__(self, dataset: WindowShuffled, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.passes = 0  # passes over the stream started so far, minus one
+        self._trained_position: dict[str, Any] | None = None
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        iterator = super().__iter__()
         while True:
-            before = super().state_dict()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            self._trained_position = before
-            yield batch
+            self.dataset.set_epoch(self.passes)
+            iterator = super().__iter__()  # restores a loaded position once, else starts the pass afresh
+            fetched = 0
+            while True:
+                before = {"pass": self.passes, "loader": super().state_dict()}
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    break
+                self._trained_position = before
+                fetched += 1
+                yield batch
+            if not fetched:  # an endless loop otherwise
+                raise UsageError("the training stream yielded no clips in a whole pass: check data.dataset, "
+                                 "data.train_split / data.train_sources and data.max_train_samples")
+            self.passes += 1
 
     def state_dict(self) -> dict[str, Any]:
-        own = getattr(self, "_trained_position", None) or super().state_dict()
+        own = self._trained_position or {"pass": self.passes, "loader": super().state_dict()}
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return own
         ranks: list[dict[str, Any] | None] = [None] * dist.get_world_size()
@@ -340,15 +368,25 @@ class TrainLoader(StatefulDataLoader):
         return {"per_rank": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._trained_position = None
         if "per_rank" in state_dict:
             ranks = state_dict["per_rank"]
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             if len(ranks) != world:
-                raise ValueError(f"the checkpoint holds the data positions of {len(ranks)} ranks, this run has "
+                raise UsageError(f"the checkpoint holds the data positions of {len(ranks)} ranks, this run has "
                                  f"{world}: resume with the same devices x nodes (or start a new run)")
             state_dict = ranks[dist.get_rank() if world > 1 else 0]
-        super().load_state_dict(state_dict)
+        self._trained_position = state_dict  # what state_dict() reports until the first batch is fetched
+        self.passes = state_dict["pass"]
+        super().load_state_dict(state_dict["loader"])
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """Dataloader workers ignore SIGTERM: the main process saves the step, then stops them itself.
+
+    Slurm, systemd and ``docker stop`` signal the whole process group. A worker that died of the
+    signal would take the run down with it before the main process could save the current step.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def find_parquet_files(root: Path, config_name: str | None, split: str) -> list[str]:
@@ -360,8 +398,8 @@ def find_parquet_files(root: Path, config_name: str | None, split: str) -> list[
             files = sorted(str(p) for p in base.glob(pattern))
             if files:
                 return files
-    raise FileNotFoundError(f"no parquet files for split '{split}' under {root} (looked for {patterns} "
-                            f"in {[str(b) for b in bases]})")
+    raise UsageError(f"no parquet files for split '{split}' under {root} (looked for {patterns} "
+                     f"in {[str(b) for b in bases]})")
 
 
 @dataclass
@@ -404,10 +442,10 @@ def _sources(value: list[Source | dict] | None, what: str) -> list[Source]:
     try:
         sources = [s if isinstance(s, Source) else Source(**s) for s in value or []]
     except TypeError as error:
-        raise ValueError(f"data.{what}: {error}; each entry takes the fields of Source "
+        raise UsageError(f"data.{what}: {error}; each entry takes the fields of Source "
                          f"({', '.join(Source.__dataclass_fields__)})") from error
     if len({s.name for s in sources}) < len(sources):
-        raise ValueError(f"data.{what}: names must differ, got {[s.name for s in sources]}")
+        raise UsageError(f"data.{what}: names must differ, got {[s.name for s in sources]}")
     return sources
 
 
@@ -424,15 +462,15 @@ class SpeechDataModule(LightningDataModule):
         text_column: str = "text",
         id_column: str = "ID",
         batch_size: PositiveInt = 8,
-        max_train_samples: int | None = None,
-        max_eval_samples: int | None = None,
+        max_train_samples: PositiveInt | None = None,
+        max_eval_samples: PositiveInt | None = None,
         num_workers: NonNegativeInt = 4,
-        shuffle_buffer: int = 1000,
+        shuffle_buffer: NonNegativeInt = 1000,
         group_by_length: bool = True,
-        max_duration: float = WHISPER_WINDOW_S,
-        min_duration: float = 0.1,
-        max_target_tokens: int = 256,
-        max_bad_share: float = 0.05,
+        max_duration: PositiveFloat = WHISPER_WINDOW_S,
+        min_duration: NonNegativeFloat = 0.1,
+        max_target_tokens: PositiveInt = 256,
+        max_bad_share: ClosedUnitInterval = 0.05,
         text_normalization: Literal["lower", "none"] = "lower",
         seed: int = 0,
         train_sources: list[Source] | None = None,
@@ -479,12 +517,12 @@ class SpeechDataModule(LightningDataModule):
         """
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise UsageError(f"data.batch_size must be >= 1, got {batch_size}")
         self.save_hyperparameters()
         self.train_sources = _sources(train_sources, "train_sources")
         self.eval_sets = _sources(eval_sets, "eval_sets")
         if any(s.weight <= 0 for s in self.train_sources):
-            raise ValueError("data.train_sources: weights must be positive, got "
+            raise UsageError("data.train_sources: weights must be positive, got "
                              f"{[s.weight for s in self.train_sources]}")
         self.train_dataset: WindowShuffled | None = None
         self.val_datasets: dict[str, IterableDataset] = {}  # "" when there is only val_split
@@ -496,6 +534,20 @@ class SpeechDataModule(LightningDataModule):
         return Source("", hp.dataset, split, hp.config_name, hp.audio_column, hp.text_column, hp.id_column,
                       max_samples=max_samples)
 
+    def train_streams(self) -> list[Source]:
+        """What training reads: ``data.train_sources``, or ``data.dataset``'s ``train_split``."""
+        return self.train_sources or [self.own_source(self.hparams.train_split, None)]
+
+    def evaluation_sets(self) -> list[Source]:
+        """What validation scores: ``data.eval_sets``, or ``data.dataset``'s ``val_split``."""
+        return self.eval_sets or [self.own_source(self.hparams.val_split, self.hparams.max_eval_samples)]
+
+    def check(self, stage: str) -> None:
+        """Open every source ``stage`` reads (files and schema only, no audio), so that a missing folder,
+        split or column fails in the first second, before any model loads."""
+        for source in (self.train_streams() if stage == "fit" else []) + self.evaluation_sets():
+            self.open_source(source)
+
     def open_source(self, source: Source) -> IterableDataset:
         """Stream a source's split as rows of ``id``, ``audio`` (undecoded), ``text`` and ``prompt``."""
         root = Path(source.dataset)
@@ -503,13 +555,21 @@ class SpeechDataModule(LightningDataModule):
             files = find_parquet_files(root, source.config_name, source.split)
             stream = load_dataset("parquet", data_files={source.split: files}, split=source.split, streaming=True)
         else:
-            stream = load_dataset(source.dataset, source.config_name, split=source.split, streaming=True)
+            try:
+                stream = load_dataset(source.dataset, source.config_name, split=source.split, streaming=True)
+            except Exception as error:  # datasets raises many kinds for a dataset it cannot reach
+                why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                offline = (" (HF_HUB_OFFLINE is set: only local folders and cached datasets)"
+                           if hub_constants.HF_HUB_OFFLINE else "")
+                raise UsageError(f"cannot open the dataset '{source.dataset}' (config {source.config_name}, split "
+                                 f"'{source.split}'): it is not a local folder, and the hub said: {why}{offline}. "
+                                 "Pass a local folder of parquet files or a reachable dataset id.") from error
         columns = list(stream.features or {})
         missing = [c for c in (source.audio_column, source.text_column) if columns and c not in columns]
         if missing:
             where = (f"audio_column / text_column of the data.train_sources or data.eval_sets entry '{source.name}'"
                      if source.name else "data.audio_column / data.text_column")
-            raise ValueError(f"column(s) {missing} not in {source.dataset} split '{source.split}'; it has {columns}. "
+            raise UsageError(f"column(s) {missing} not in {source.dataset} split '{source.split}'; it has {columns}. "
                              f"Set {where}.")
         if isinstance((stream.features or {}).get(source.audio_column), Audio):
             stream = stream.cast_column(source.audio_column, Audio(decode=False))
@@ -524,7 +584,7 @@ class SpeechDataModule(LightningDataModule):
                           hp.max_target_tokens, hp.text_normalization)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         if stage == "fit":
-            sources = self.train_sources or [self.own_source(hp.train_split, None)]
+            sources = self.train_streams()
             streams = [self.open_source(s) for s in sources]
             total = sum(s.weight for s in sources)
             train = streams[0] if len(streams) == 1 else interleave_datasets(
@@ -538,7 +598,7 @@ class SpeechDataModule(LightningDataModule):
                                                 duration=partial(stored_duration, "audio"))
         if stage in ("fit", "validate"):
             self.val_datasets = {}
-            for source in self.eval_sets or [self.own_source(hp.val_split, hp.max_eval_samples)]:
+            for source in self.evaluation_sets():
                 val = split_dataset_by_node(self.open_source(source), rank, world)
                 self.val_datasets[source.name] = val.map(prepare(keep_audio=True))
 
@@ -555,15 +615,13 @@ class SpeechDataModule(LightningDataModule):
         if self.skips.counts:
             print(f"skipped clips: {self.skips.summary()}")
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reseed the training shuffle for a new pass over the stream."""
-        if self.train_dataset is not None:
-            self.train_dataset.set_epoch(epoch)
-
     def _loader(self, dataset: TorchIterableDataset | IterableDataset, kind: type[StatefulDataLoader],
                 name: str = "") -> StatefulDataLoader:
+        # A stream is split among workers by its shards (files): more workers than shards would idle.
+        shards = (dataset.source if isinstance(dataset, WindowShuffled) else dataset).num_shards
         return kind(dataset, batch_size=self.hparams.batch_size, collate_fn=partial(collate, name=name),
-                    num_workers=self.hparams.num_workers, pin_memory=torch.cuda.is_available())
+                    num_workers=min(self.hparams.num_workers, shards), pin_memory=torch.cuda.is_available(),
+                    worker_init_fn=_ignore_sigterm)
 
     def train_dataloader(self) -> TrainLoader:
         return self._loader(self.train_dataset, TrainLoader)

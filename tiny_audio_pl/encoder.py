@@ -17,31 +17,13 @@ Both kinds produce about 50 frames per second. Two things need care:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from huggingface_hub import constants as hub_constants
 from torch import nn
 from transformers import AutoConfig, AutoModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-
-@contextmanager
-def explained_loading(name: str, what: str) -> Iterator[None]:
-    """Turn transformers' errors for an unreachable model into one line that says what to change."""
-    try:
-        yield
-    except OSError as error:
-        if Path(name).is_dir():
-            raise
-        why = ("HF_HUB_OFFLINE is set, so only local directories and already-cached models can be used"
-               if hub_constants.HF_HUB_OFFLINE else
-               "the hub could not be reached or has no such repository (gated models also need HF_TOKEN)")
-        raise OSError(f"cannot load the {what} '{name}': it is not a local directory, and {why}. "
-                      "Pass a local directory (e.g. assets/tiny-whisper) or a reachable hub id.") from error
+from tiny_audio_pl.errors import UsageError, explained_loading
 
 
 class AudioEncoder(nn.Module):
@@ -61,7 +43,7 @@ class AudioEncoder(nn.Module):
         with explained_loading(name, "encoder"):
             config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
         self.is_whisper = config.model_type == "whisper"
-        unsupported = ValueError(f"unsupported encoder type '{config.model_type}' ({name}): use a Whisper checkpoint "
+        unsupported = UsageError(f"unsupported encoder type '{config.model_type}' ({name}): use a Whisper checkpoint "
                                  "or a waveform encoder such as HuBERT, wav2vec2, WavLM or data2vec-audio")
         known_class = MODEL_MAPPING.get(type(config), None)  # None for remote code: checked once loaded
         if not self.is_whisper and known_class and not hasattr(known_class, "_get_feat_extract_output_lengths"):

@@ -17,17 +17,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from tiny_audio_pl.checkpoint import read_checkpoint
+from tiny_audio_pl.checkpoint import give_usual_mode, read_training_checkpoint
+from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.model import SpeechLLM
 
 FORMAT = "tiny-audio-projector"
 WEIGHTS = "projector.safetensors"
 ADAPTER = "adapter.safetensors"
+OWN_FILES = ("config.json", "README.md", WEIGHTS, ADAPTER)
 
 
 def load_model(path: str | Path, dtype: str | None = None) -> SpeechLLM:
@@ -41,33 +45,31 @@ def load_model(path: str | Path, dtype: str | None = None) -> SpeechLLM:
     """
     path = Path(path)
     if path.is_dir():
-        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a folder written by tiny-audio export (config.json has no "
-                             f"format '{FORMAT}')")
-        settings = config["model"]
+        if not is_export(path):
+            raise UsageError(f"{path} is not a folder written by tiny-audio export (config.json has no format "
+                             f"'{FORMAT}'): pass such a folder or a .ckpt file")
+        settings = json.loads((path / "config.json").read_text())["model"]
         weights = {f"projector.{k}": v for k, v in load_file(path / WEIGHTS).items()}
         if (path / ADAPTER).is_file():
             weights |= {f"decoder.{k}": v for k, v in load_file(path / ADAPTER).items()}
     else:
-        checkpoint = read_training_checkpoint(path)
+        checkpoint = read_training_checkpoint(path, what="--ckpt")
         settings, weights = model_settings(checkpoint, path), checkpoint["state_dict"]
     model = SpeechLLM(**{**settings, **({"frozen_dtype": dtype} if dtype else {})})
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     if trained != weights.keys():
-        raise KeyError(f"{path} does not match its settings: missing {sorted(trained - weights.keys())[:3]}, "
-                       f"unexpected {sorted(weights.keys() - trained)[:3]}")
+        raise UsageError(f"{path} does not match its settings: missing {sorted(trained - weights.keys())[:3]}, "
+                         f"unexpected {sorted(weights.keys() - trained)[:3]}")
     model.load_state_dict(weights, strict=False)
     return model.eval()
 
 
-def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint of ``tiny-audio fit``, or an error that says it is not one."""
-    checkpoint = read_checkpoint(path)
-    if not {"hyper_parameters", "state_dict"} <= checkpoint.keys():
-        raise ValueError(f"{path} is not a checkpoint written by `tiny-audio fit` (no hyper_parameters / "
-                         "state_dict); pass a lightning_logs/version_N/checkpoints/*.ckpt file or an exported folder")
-    return checkpoint
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` holds a ``config.json`` written by :func:`export`."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def model_settings(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -85,21 +87,59 @@ def model_settings(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
     return settings
 
 
-def export(checkpoint_path: str | Path, out: str | Path) -> Path:
-    """Write the model folder for a training checkpoint (see module docstring); returns ``out``."""
-    checkpoint = read_training_checkpoint(checkpoint_path)
+def export(checkpoint_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the model folder for a training checkpoint (see module docstring); returns ``out``.
+
+    Nothing of a user's is replaced unasked: ``out`` must be new, empty or an earlier export, unless
+    ``overwrite``. The files are written into a temporary folder inside ``out`` and moved into place
+    only once all of them are complete, so a failed export leaves ``out`` as it was.
+    """
+    checkpoint = read_training_checkpoint(checkpoint_path, what="--ckpt")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: name a folder")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    earlier = is_export(out)
+    if present and not overwrite and not earlier:
+        raise UsageError(f"--out {out} already holds files that are not a tiny-audio export ({', '.join(present[:3])}"
+                         f"{', ...' if len(present) > 3 else ''}): name a new or empty folder, or pass --overwrite to "
+                         f"replace {', '.join(OWN_FILES)} in it")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    except OSError as error:
+        raise UsageError(f"cannot write to --out {out}: {error.strerror or error}") from error
+    try:
+        _write_export(checkpoint, Path(checkpoint_path), staging)
+        written = sorted(staging.iterdir())
+        for file in written:
+            give_usual_mode(file)
+            os.replace(file, out / file.name)
+        if earlier and ADAPTER not in {f.name for f in written}:
+            (out / ADAPTER).unlink(missing_ok=True)  # the earlier export's, from a LoRA run
+    except OSError as error:
+        raise UsageError(f"cannot write to --out {out}: {error.strerror or error}") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+    if created:
+        give_usual_mode(out)
+    return out
+
+
+def _write_export(checkpoint: dict[str, Any], checkpoint_path: Path, folder: Path) -> None:
+    """The export's files, into ``folder``."""
     state = checkpoint["state_dict"]
     weights = {k.removeprefix("projector."): v.contiguous() for k, v in state.items() if k.startswith("projector.")}
     adapter = {k.removeprefix("decoder."): v.contiguous() for k, v in state.items() if k.startswith("decoder.")}
-    save_file(weights, out / WEIGHTS, metadata={"format": FORMAT})
-    (out / ADAPTER).unlink(missing_ok=True)
+    save_file(weights, folder / WEIGHTS, metadata={"format": FORMAT})
     if adapter:
-        save_file(adapter, out / ADAPTER, metadata={"format": FORMAT})
+        save_file(adapter, folder / ADAPTER, metadata={"format": FORMAT})
     config = {
         "format": FORMAT,
-        "model": model_settings(checkpoint, Path(checkpoint_path)),  # local folders absolute: usable anywhere
+        "model": model_settings(checkpoint, checkpoint_path),  # local folders absolute: usable anywhere
         "projector_parameters": sum(v.numel() for v in weights.values()),
         "adapter_parameters": sum(v.numel() for v in adapter.values()),
         "training": {"global_step": checkpoint.get("global_step"),
@@ -107,9 +147,8 @@ def export(checkpoint_path: str | Path, out: str | Path) -> Path:
                               if not k.startswith("_")},
                      "validation": checkpoint.get("validation", {})},
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    (out / "README.md").write_text(model_card(config))
-    return out
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    (folder / "README.md").write_text(model_card(config))
 
 
 def model_card(config: dict[str, Any]) -> str:
@@ -161,7 +200,7 @@ def push_to_hub(folder: str | Path, repo_id: str) -> str:
     from huggingface_hub import constants as hub_constants
 
     if hub_constants.HF_HUB_OFFLINE:
-        raise OSError("cannot push to the hub: HF_HUB_OFFLINE is set. Unset it (and log in with "
+        raise UsageError("cannot push to the hub: HF_HUB_OFFLINE is set. Unset it (and log in with "
                       "`hf auth login` or set HF_TOKEN) to upload.")
     api = HfApi(token=os.environ.get("HF_TOKEN"))  # None: huggingface_hub's own login, never written by us
     api.create_repo(repo_id, exist_ok=True)

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -38,7 +38,8 @@ from torchmetrics.text import WordErrorRate
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from tiny_audio_pl.encoder import AudioEncoder, explained_loading
+from tiny_audio_pl.encoder import AudioEncoder
+from tiny_audio_pl.errors import UsageError, explained_loading
 from tiny_audio_pl.projector import Projector
 
 AUDIO_PLACEHOLDER = "<audio>"
@@ -81,9 +82,9 @@ class ChatPrompt:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, system_prompt: str, prompt: str) -> None:
         if prompt.count(AUDIO_PLACEHOLDER) != 1:
-            raise ValueError(f"model.prompt must contain '{AUDIO_PLACEHOLDER}' exactly once, got {prompt!r}")
+            raise UsageError(f"model.prompt must contain '{AUDIO_PLACEHOLDER}' exactly once, got {prompt!r}")
         if not tokenizer.chat_template:
-            raise ValueError("the decoder's tokenizer has no chat template: use an instruct/chat model")
+            raise UsageError("the decoder's tokenizer has no chat template: use an instruct/chat model")
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
             {"role": "user", "content": prompt}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -119,17 +120,17 @@ class SpeechLLM(LightningModule):
         system_prompt: str = "/no_think",
         prompt: str = "Transcribe: <audio>",
         max_new_tokens: PositiveInt = 128,
-        learning_rate: float = 1e-4,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 500,
-        min_lr_ratio: float = 0.0,
+        learning_rate: PositiveFloat = 1e-4,
+        weight_decay: NonNegativeFloat = 0.0,
+        warmup_steps: NonNegativeInt = 500,
+        min_lr_ratio: ClosedUnitInterval = 0.0,
         whisper_full_window: bool = False,
         frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        num_logged_examples: int = 8,
-        max_nonfinite_steps: int = 5,
+        num_logged_examples: NonNegativeInt = 8,
+        max_nonfinite_steps: PositiveInt = 5,
         trust_remote_code: bool = False,
-        lora_rank: int = 0,
-        lora_alpha: float = 32.0,
+        lora_rank: NonNegativeInt = 0,
+        lora_alpha: PositiveFloat = 32.0,
         lora_targets: list[str] | None = None,
     ) -> None:
         """Load the frozen models and build the projector.
@@ -164,7 +165,7 @@ class SpeechLLM(LightningModule):
         """
         super().__init__()
         if projector_stack < 1:
-            raise ValueError(f"model.projector_stack must be >= 1, got {projector_stack}")
+            raise UsageError(f"model.projector_stack must be >= 1, got {projector_stack}")
         self.save_hyperparameters()
         with explained_loading(decoder, "decoder"):
             self.tokenizer = AutoTokenizer.from_pretrained(decoder, trust_remote_code=trust_remote_code)
@@ -192,13 +193,14 @@ class SpeechLLM(LightningModule):
         self._validated_at: int | None = None
         self._nonfinite_in_row = 0
         self._nonfinite_total = 0
+        self._loaded_step = 0  # the step of the checkpoint loaded, for reports of `validate`
 
     def _add_lora(self, rank: int, alpha: float, targets: list[str]) -> None:
         """Trainable low-rank adapters in the frozen decoder (float32, B initialised to zero: no change at first)."""
         try:
             from peft import LoraConfig, inject_adapter_in_model
         except ImportError as error:
-            raise ImportError("model.lora_rank needs peft: pip install -e \".[lora]\"") from error
+            raise UsageError("model.lora_rank needs peft: pip install -e \".[lora]\"") from error
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets),
                                 self.decoder)
         for name, parameter in self.decoder.named_parameters():
@@ -338,11 +340,6 @@ class SpeechLLM(LightningModule):
         return [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
     # -------------------------------------------------------------------------------------- training
-    def on_train_epoch_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if hasattr(datamodule, "set_epoch"):
-            datamodule.set_epoch(self.current_epoch)
-
     def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int
                                  ) -> dict[str, Any]:
         """Move all but ``feature_lengths``: the step reads them on the CPU to lay out the decoder input."""
@@ -381,7 +378,7 @@ class SpeechLLM(LightningModule):
         self._nonfinite_total += 1
         self.log("train/nonfinite_skipped", float(self._nonfinite_total))
         if self._nonfinite_in_row >= self.hparams.max_nonfinite_steps:
-            raise FloatingPointError(
+            raise UsageError(
                 f"non-finite {what} {self._nonfinite_in_row} times in a row at step {self.global_step}: stopping. "
                 "The last checkpoint was written before this and is kept; resume from it with a lower "
                 "model.learning_rate or with trainer.gradient_clip_val.")
@@ -449,7 +446,7 @@ class SpeechLLM(LightningModule):
     def _write_utterances(self, tallies: dict[str, SetTally], folder: Path) -> None:
         """Every scored utterance, worst first, to ``<run folder>/utterances/step=N.tsv``."""
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"step={self.global_step}.tsv"
+        path = folder / f"step={self.trained_steps}.tsv"
         rows = [(name or "validation", *row) for name, tally in tallies.items() for row in tally.rows]
         rows.sort(key=lambda row: (-row[4], row[0], row[1]))  # most errors first
         with path.open("w", newline="") as file:
@@ -464,15 +461,15 @@ class SpeechLLM(LightningModule):
         for name, examples in self._examples.items():
             tag = f"val/{name}/examples" if name else "val/examples"
             table = "\n".join(f"| {i} | {r} | {h} |" for i, r, h, _, _ in examples)
-            experiment.add_text(tag, "| id | reference | hypothesis |\n|---|---|---|\n" + table, self.global_step)
+            experiment.add_text(tag, "| id | reference | hypothesis |\n|---|---|---|\n" + table, self.trained_steps)
             for i, _, _, audio, rate in examples:
                 if audio is not None:
-                    experiment.add_audio(f"{tag}/{i}", torch.from_numpy(audio), self.global_step, sample_rate=rate)
+                    experiment.add_audio(f"{tag}/{i}", torch.from_numpy(audio), self.trained_steps, sample_rate=rate)
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
-            raise ValueError("set trainer.max_steps: a streaming dataset has no length, so the LR schedule "
+            raise UsageError("set trainer.max_steps: a streaming dataset has no length, so the LR schedule "
                              "cannot be sized from epochs")
         params = [p for p in self.parameters() if p.requires_grad]
         # Not fused: Lightning refuses gradient clipping with a fused optimizer under mixed precision,
@@ -499,7 +496,14 @@ class SpeechLLM(LightningModule):
         expected = {name for name, p in self.named_parameters() if p.requires_grad}
         missing = sorted(expected - checkpoint["state_dict"].keys())
         if missing:
-            raise KeyError(f"checkpoint lacks trained weights {missing[:5]}{'...' if len(missing) > 5 else ''}: "
-                           "was it written with a different projector configuration?")
+            raise UsageError(f"checkpoint lacks trained weights {missing[:5]}{'...' if len(missing) > 5 else ''}: "
+                             "was it written with a different projector configuration?")
         self._validation = checkpoint.get("validation", {})
+        self._loaded_step = checkpoint.get("global_step", 0)
+
+    @property
+    def trained_steps(self) -> int:
+        """Optimizer steps behind the weights: the loop's step in ``fit``, the checkpoint's in ``validate``
+        (where Lightning restores the weights but not the loop, so ``global_step`` reads 0)."""
+        return max(self.global_step, self._loaded_step)
 

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from tiny_audio_pl.data import WHISPER_WINDOW_S, Featurizer, collate, decode_audio
+from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.model import SpeechLLM
 
 
@@ -48,16 +49,21 @@ class Transcript:
     error: str = ""
 
 
+MIN_DURATION_S = 0.1  # shorter than the encoders' first frame (Whisper's STFT, HuBERT's 25 ms conv); data.min_duration
+
+
 def transcribe_files(model: SpeechLLM, files: list[str], batch_size: int = 8, progress: bool = True,
                      chunk_batches: int = 16) -> Iterator[Transcript]:
     """Transcribe ``files`` in batches; yields one :class:`Transcript` per file, in the given order.
 
     Files are read ``chunk_batches`` batches of windows at a time, so memory stays bounded however
-    many files there are. A file that cannot be read yields a transcript with ``error`` set instead
-    of stopping the others.
+    many files there are. A file that cannot be used (unreadable, too short, or failing in the
+    model) yields a transcript with ``error`` set, and the other files are transcribed as usual.
     """
     featurize = Featurizer(model.hparams.encoder)
-    bar = tqdm(total=len(files), desc="transcribing", unit="file", disable=not progress or len(files) < 2)
+    # A bar for a person watching a terminal; none in a log file (disable=None: off when not a TTY).
+    shown = None if progress and len(files) > 1 else True
+    bar = tqdm(total=len(files), desc="transcribing", unit="file", disable=shown)
     pending: list[Transcript] = []
     windows: list[tuple[int, np.ndarray]] = []  # (index in pending, features), in file then time order
     for path in files:
@@ -65,13 +71,15 @@ def transcribe_files(model: SpeechLLM, files: list[str], batch_size: int = 8, pr
         pending.append(result)
         try:
             audio = decode_audio(str(path), featurize.sample_rate)
-        except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as error:
-            result.error = f"cannot read: {error}"
-        else:
             result.duration_s = len(audio) / featurize.sample_rate
-            pieces = [p for p in split_windows(audio, featurize.sample_rate) if len(p)]
+            if result.duration_s < MIN_DURATION_S:
+                raise ValueError(f"too short ({result.duration_s:.3f} s; at least {MIN_DURATION_S} s of audio)")
+            pieces = [featurize(p) for p in split_windows(audio, featurize.sample_rate) if len(p)]
+        except Exception as error:  # noqa: BLE001 - reported for this file, the others go on
+            result.error = f"cannot read: {error}" if isinstance(error, sf.LibsndfileError) else str(error)
+        else:
             result.windows = len(pieces)
-            windows += [(len(pending) - 1, featurize(piece)) for piece in pieces]
+            windows += [(len(pending) - 1, piece) for piece in pieces]
         if len(windows) >= batch_size * chunk_batches:
             yield from _decode(model, pending, windows, batch_size)
             bar.update(len(pending))
@@ -81,35 +89,67 @@ def transcribe_files(model: SpeechLLM, files: list[str], batch_size: int = 8, pr
     bar.close()
 
 
+def _transcribe_batch(model: SpeechLLM, features: list[np.ndarray]) -> list[str]:
+    padded = collate([{"features": f, "skip": "", "id": "", "text": ""} for f in features])
+    return model.transcribe(padded["features"].to(model.device), padded["feature_lengths"])
+
+
 def _decode(model: SpeechLLM, results: list[Transcript], windows: list[tuple[int, np.ndarray]], batch_size: int
             ) -> Iterator[Transcript]:
-    """Transcribe ``windows`` shortest first (little padding per batch), then join each file's texts."""
+    """Transcribe ``windows`` shortest first (little padding per batch), then join each file's texts.
+
+    A batch that fails is retried one window at a time, so only the files whose own windows fail get an error.
+    """
     order = sorted(range(len(windows)), key=lambda i: windows[i][1].shape[-1])
     texts: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        padded = collate([{"features": windows[i][1], "skip": "", "id": "", "text": ""} for i in batch])
-        texts.update(zip(batch, model.transcribe(padded["features"].to(model.device), padded["feature_lengths"])))
+        try:
+            texts.update(zip(batch, _transcribe_batch(model, [windows[i][1] for i in batch])))
+        except Exception:  # noqa: BLE001 - find the window(s) at fault
+            for i in batch:
+                try:
+                    texts[i] = _transcribe_batch(model, [windows[i][1]])[0]
+                except Exception as error:  # noqa: BLE001 - reported for this file
+                    results[windows[i][0]].error = f"transcription failed: {type(error).__name__}: {error}"
     pieces: dict[int, list[str]] = {}
     for i, (index, _) in enumerate(windows):
-        pieces.setdefault(index, []).append(texts[i])
+        pieces.setdefault(index, []).append(texts.get(i, ""))
     for index, result in enumerate(results):
-        result.text = " ".join(t for t in pieces.get(index, []) if t)
+        result.text = "" if result.error else " ".join(t for t in pieces.get(index, []) if t)
         yield result
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+def pick_device(name: str | None) -> torch.device:
+    """The device asked for, checked before anything loads; by default CUDA, else MPS, else the CPU."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"--device {name}: not a device name (use cuda, cuda:1, cpu or mps)") from error
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} usable CUDA GPU(s); "
+                         "use --device cpu, or leave --device out to take the best available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu or leave --device out")
+    return device
 
 
-def file_list(paths: list[str]) -> list[str]:
-    """Expand folders into the audio files they hold (sorted); files are kept as given."""
-    out: list[str] = []
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
+
+
+def file_list(paths: list[str]) -> tuple[list[str], list[str]]:
+    """Folders expanded into the audio files they hold (sorted), files kept as given; and the missing paths."""
+    files: list[str] = []
+    missing: list[str] = []
     for path in map(Path, paths):
         if path.is_dir():
-            out += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in {".wav", ".flac", ".ogg", ".mp3"})
+            files += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+        elif path.exists():
+            files.append(str(path))
         else:
-            out.append(str(path))
-    return out
+            missing.append(str(path))
+    return files, missing
