@@ -115,7 +115,7 @@ class StepProgressBar(RichProgressBar):
         if "train/loss" in metrics:
             metrics["loss"] = metrics.pop("train/loss")
         if trainer.optimizers:
-            metrics["lr"] = f"{trainer.optimizers[0].param_groups[0]['lr']:.2e}"
+            metrics["lr"] = f"{trainer.optimizers[0].param_groups[0]['lr']:.2g}"
         return metrics
 
 
