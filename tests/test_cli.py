@@ -1,5 +1,7 @@
 """The real ``tiny-audio`` command on the tiny assets: configs parse, fit, validate, resume."""
 
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -7,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, SMOKE, run_cli
+from conftest import ROOT, SMOKE, cli, cli_env, run_cli
 from tiny_audio_pl.cli import main
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -128,3 +130,18 @@ def test_only_the_subcommands_the_model_supports_are_offered(capsys):
         patch.setattr(sys, "argv", ["tiny-audio"])
         main(["test", "-c", str(ROOT / "configs" / "smoke.yaml")])
     assert "invalid choice: 'test' (choose from 'fit', 'validate')" in capsys.readouterr().err
+
+
+def _masked(text: str) -> list[str]:
+    """Lines with every number as N and runs of spaces as one (times, speeds and widths vary)."""
+    return [" ".join(re.sub(r"\d+", "N", line).split()) for line in text.splitlines() if line.strip()]
+
+
+def test_the_readme_smoke_fit_prints_exactly_what_the_readme_shows(workdir):
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("is its whole output:\n\n```\n", 1)[1].split("```", 1)[0]
+    result = subprocess.run(cli("fit", "--config", SMOKE), cwd=workdir, env=cli_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert not [line for line in result.stdout.splitlines() if "warn" in line.lower()]
+    assert _masked(result.stdout) == _masked(shown)
