@@ -134,7 +134,7 @@ def test_only_the_subcommands_the_model_supports_are_offered(capsys):
 
 def _masked(text: str) -> list[str]:
     """Lines with every number as N and runs of spaces as one (times, speeds and widths vary)."""
-    return [" ".join(re.sub(r"\d+", "N", line).split()) for line in text.splitlines() if line.strip()]
+    return [" ".join(re.sub(r"-?\d+", "N", line).split()) for line in text.splitlines() if line.strip()]
 
 
 def test_the_readme_smoke_fit_prints_exactly_what_the_readme_shows(workdir):

@@ -27,11 +27,12 @@ def test_validate_scores_each_set_on_its_own_row(trained, workdir):
                      "--trainer.enable_progress_bar", "false")
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout[result.stdout.index("set "):].splitlines()
-    assert table[0].split() == ["set", "utterances", "hours", "WER", "%", "RTF"]
+    assert table[0].split() == ["set", "utterances", "hours", "WER", "%", "loss", "gain", "RTF"]
     by_set = {line.split()[0]: line.split()[1:] for line in table[1:3]}
     assert by_set["tiny_dev"][0] == "4" and by_set["other.clean"][0] == "6"
-    for _, hours, wer, rtf in by_set.values():
-        assert 0 < float(hours) < 0.01 and 0 <= float(wer) and float(rtf) > 0
+    for _, hours, wer, loss, gain, rtf in by_set.values():
+        assert 0 < float(hours) < 0.01 and 0 <= float(wer) and float(loss) > 0 and float(rtf) > 0
+        assert abs(float(gain)) < float(loss)
 
     run = workdir / "lightning_logs" / "version_0"
     assert [p.name for p in (run / "utterances").iterdir()] == ["step=20.tsv"]  # the checkpoint's step
@@ -46,6 +47,8 @@ def test_validate_scores_each_set_on_its_own_row(trained, workdir):
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"val/tiny_dev/wer", "val/other.clean/wer", "val/tiny_dev/loss", "val/other.clean/rtf"} <= scalars
+    assert {f"val/{s}/{k}" for s in ("tiny_dev", "other.clean")
+            for k in ("loss_wrong_audio", "loss_no_audio", "audio_gain")} <= scalars
     audio = events.Tags()["audio"]
     assert any(t.startswith("val/tiny_dev/examples/") for t in audio)
     assert any(t.startswith("val/other.clean/examples/") for t in audio)

@@ -1,3 +1,6 @@
+import math
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,6 +62,46 @@ def test_loss_equals_full_vocabulary_loss(tiny_model, dev_batch):
         logits = tiny_model.decoder(inputs_embeds=embeds, attention_mask=mask).logits  # [B, L, V]
         full = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
     assert loss.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def _clips(batch: dict, rows: list[int]) -> dict:
+    """The clips ``rows`` of a collated batch, as a batch of their own."""
+    picked = {key: [batch[key][i] for i in rows] for key in ("text", "id", "duration", "prompt")}
+    return {**picked, "features": batch["features"][rows], "feature_lengths": batch["feature_lengths"][rows]}
+
+
+def _tally(model, batch: dict, name: str):
+    """The grounding sums validation_step gathers for ``batch`` (run outside a trainer: nothing is logged)."""
+    model._tallies = {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You are trying to `self.log")
+        model.validation_step({**batch, "set": name}, 0)
+    return model._tallies[name]
+
+
+def test_grounding_losses_use_the_neighbours_audio_and_no_audio(tiny_model, dev_batch):
+    texts = dev_batch["text"]
+    tally = _tally(tiny_model, dev_batch, "dev")
+    metrics = tally.metrics()
+    with torch.no_grad():
+        audio, lengths = tiny_model.embed_audio(dev_batch["features"], dev_batch["feature_lengths"])
+        right = tiny_model.loss(audio, lengths, texts).item()
+        wrong = tiny_model.loss(audio.roll(1, 0), lengths[-1:] + lengths[:-1], texts).item()
+        # no audio: the chat prompt alone before each transcript, straight through the decoder
+        rows = [tiny_model.prompt.prefix_ids + tiny_model.prompt.suffix_ids + t for t in tiny_model.target_ids(texts)]
+        nll = [F.cross_entropy(tiny_model.decoder(torch.tensor([r])).logits[0, -len(t) - 1:-1],
+                               torch.tensor(t), reduction="sum").item()
+               for r, t in zip(rows, tiny_model.target_ids(texts))]
+    assert tally.tokens == tally.paired_tokens == sum(len(t) for t in tiny_model.target_ids(texts))
+    assert metrics["loss"] == pytest.approx(right, rel=1e-5)
+    assert metrics["loss_wrong_audio"] == pytest.approx(wrong, rel=1e-5) and wrong != pytest.approx(right)
+    assert metrics["audio_gain"] == pytest.approx(wrong - right, rel=1e-4)
+    assert metrics["loss_no_audio"] == pytest.approx(sum(nll) / tally.tokens, rel=1e-5)
+
+    same = _tally(tiny_model, _clips(dev_batch, [0, 0]), "same")
+    assert same.metrics()["audio_gain"] == pytest.approx(0.0, abs=1e-6)  # the neighbour's audio is the clip's own
+    alone = _tally(tiny_model, _clips(dev_batch, [0]), "alone")
+    assert alone.paired_tokens == 0 and math.isnan(alone.metrics()["audio_gain"])  # no neighbour to swap with
 
 
 def test_batched_decoding_equals_one_by_one(tiny_model, dev_batch):

@@ -209,12 +209,12 @@ class TinyAudioCLI(LightningCLI):
         if self.subcommand == "fit" and checkpoint:
             lines.append(f"checkpoint   {os.path.normpath(checkpoint.last_model_path)} (step {trainer.global_step})")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        scores = [f"{key.removesuffix('wer').removeprefix('val/') or ''}WER {100 * value:.2f} %"
-                  for key, value in sorted(metrics.items()) if key.endswith("wer")]
-        losses = [f"{key.removesuffix('loss').removeprefix('val/')}loss {value:.4f}"
-                  for key, value in sorted(metrics.items()) if key.endswith("loss")]
-        if scores or losses:
-            lines.append(f"validation   {', '.join(scores + losses)}")
+        for prefix in sorted(k.removesuffix("wer") for k in metrics if k.endswith("/wer")):  # val/ or val/<set>/
+            name = prefix.removeprefix("val/").removesuffix("/")
+            scores = [f"WER {100 * metrics[prefix + 'wer']:.2f} %"] + [
+                f"{key.replace('_', ' ')} {metrics[prefix + key]:.4f}" for key in ("loss", "audio_gain")
+                if prefix + key in metrics]
+            lines.append(f"validation   {name + ': ' if name else ''}{', '.join(scores)}")
         lines.append(f"tensorboard  tensorboard --logdir {shlex.quote(str(self.log_root))}")
         print("\n".join(lines))
 

@@ -21,7 +21,7 @@ import csv
 import math
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -63,18 +63,41 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 
 @dataclass
 class SetTally:
-    """One evaluation set's totals over a validation pass (merged across ranks)."""
+    """One evaluation set's totals over a validation pass (merged across ranks).
+
+    Losses are summed over target tokens, so the set's loss is a mean per token whatever the batch
+    sizes and however the clips were spread over ranks. The grounding losses: each clip's transcript
+    scored with another clip's audio (its neighbour in the batch; batches of one clip have none) and
+    with no audio at all. ``audio_gain`` is the wrong-audio loss minus the right-audio loss over the
+    same tokens: zero while the decoder ignores the audio, growing once the projector carries it.
+    """
 
     utterances: int = 0
     audio_s: float = 0.0
     compute_s: float = 0.0
+    tokens: int = 0
+    loss_sum: float = 0.0  # with each clip's own audio
+    no_audio_sum: float = 0.0
+    paired_tokens: int = 0  # tokens of clips that had a neighbour to swap audio with
+    paired_loss_sum: float = 0.0  # ... their loss with their own audio
+    wrong_audio_sum: float = 0.0  # ... and with the neighbour's
     rows: list[tuple[str, str, str, int, int]] = field(default_factory=list)  # id, ref, hyp, errors, words
 
     @staticmethod
     def merge(parts: list[SetTally]) -> SetTally:
         """Totals of all ranks (compute time: the slowest rank's, as they run in parallel)."""
-        return SetTally(sum(p.utterances for p in parts), sum(p.audio_s for p in parts),
-                        max(p.compute_s for p in parts), [r for p in parts for r in p.rows])
+        summed = {f.name: sum(getattr(p, f.name) for p in parts) for f in fields(SetTally)
+                  if f.name not in ("compute_s", "rows")}
+        return SetTally(**summed, compute_s=max(p.compute_s for p in parts), rows=[r for p in parts for r in p.rows])
+
+    def metrics(self) -> dict[str, float]:
+        """Per-token losses and the audio gain (NaN where there was nothing to average)."""
+        def mean(total: float, count: int) -> float:
+            return total / count if count else math.nan
+
+        return {"loss": mean(self.loss_sum, self.tokens), "loss_no_audio": mean(self.no_audio_sum, self.tokens),
+                "loss_wrong_audio": mean(self.wrong_audio_sum, self.paired_tokens),
+                "audio_gain": mean(self.wrong_audio_sum - self.paired_loss_sum, self.paired_tokens)}
 
 
 class ChatPrompt:
@@ -304,8 +327,12 @@ class SpeechLLM(LightningModule):
         return self.loss(audio, audio_lengths, batch["text"], batch.get("prompt"))
 
     def loss(self, audio: torch.Tensor, audio_lengths: list[int], texts: list[str],
-             prompts: list[str | None] | None = None) -> torch.Tensor:
-        """Mean next-token loss of ``texts`` given projected audio ``[B, N, D]`` (from :meth:`embed_audio`)."""
+             prompts: list[str | None] | None = None, reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+        """Next-token loss of ``texts`` given projected audio ``[B, N, D]`` (from :meth:`embed_audio`).
+
+        ``reduction``: the mean over the batch's target tokens, or their sum. Row i uses the first
+        ``audio_lengths[i]`` audio vectors of ``audio[i]`` (0: the prompt without any audio).
+        """
         targets = self.target_ids(texts)
         layouts = self.chat_prompts(prompts, len(targets))
         embeds, _, labels = self.assemble(audio, audio_lengths, targets, layouts)
@@ -318,7 +345,7 @@ class SpeechLLM(LightningModule):
                            for i, (p, n, t) in enumerate(zip(layouts, audio_lengths, targets))])
         where = where.to(embeds.device, non_blocking=True)  # [N_labelled] flat positions
         logits = self.decoder.get_output_embeddings()(hidden.flatten(0, 1)[where])  # [N_labelled, V] only
-        return F.cross_entropy(logits.float(), labels.flatten()[where + 1])
+        return F.cross_entropy(logits.float(), labels.flatten()[where + 1], reduction=reduction)
 
     @torch.no_grad()
     def transcribe(self, features: torch.Tensor, feature_lengths: torch.Tensor,
@@ -384,16 +411,26 @@ class SpeechLLM(LightningModule):
                 "model.learning_rate or with trainer.gradient_clip_val.")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Loss, greedy transcripts and WER of one batch of one evaluation set (``batch["set"]``)."""
+        """Losses (grounding included), greedy transcripts and WER of one batch of one evaluation set."""
         if not batch["text"]:
             return
         start = time.perf_counter()
         name, size = batch["set"], len(batch["text"])
         prefix = f"val/{name}/" if name else "val/"
-        audio, audio_lengths = self.embed_audio(batch["features"], batch["feature_lengths"])  # once for both
-        loss = self.loss(audio, audio_lengths, batch["text"], batch.get("prompt"))
-        self.log(f"{prefix}loss", loss, batch_size=size, sync_dist=True, add_dataloader_idx=False)
-        hypotheses = self.generate_text(audio, audio_lengths, batch.get("prompt"))  # strings: on the CPU
+        texts, prompts = batch["text"], batch.get("prompt")
+        audio, audio_lengths = self.embed_audio(batch["features"], batch["feature_lengths"])  # once for all
+        tally = self._tallies.setdefault(name, SetTally())
+        tokens = sum(len(t) for t in self.target_ids(texts))
+        tally.tokens += tokens
+        right = self.loss(audio, audio_lengths, texts, prompts, reduction="sum").item()
+        tally.loss_sum += right
+        tally.no_audio_sum += self.loss(audio, [0] * size, texts, prompts, reduction="sum").item()
+        if size > 1:  # each clip's transcript with its neighbour's audio
+            neighbours = audio_lengths[-1:] + audio_lengths[:-1]
+            tally.wrong_audio_sum += self.loss(audio.roll(1, 0), neighbours, texts, prompts, reduction="sum").item()
+            tally.paired_loss_sum += right
+            tally.paired_tokens += tokens
+        hypotheses = self.generate_text(audio, audio_lengths, prompts)  # strings: on the CPU
         references = [normalize_for_wer(r) for r in batch["text"]]
         normalized = [normalize_for_wer(h) for h in hypotheses]
         key = self._wer_keys.setdefault(name, str(dataloader_idx))  # set names may hold dots, keys may not
@@ -402,7 +439,6 @@ class SpeechLLM(LightningModule):
         wer = self.set_wer[key]
         wer.update(normalized, references)
         self.log(f"{prefix}wer", wer, batch_size=size, add_dataloader_idx=False, metric_attribute=f"set_wer.{key}")
-        tally = self._tallies.setdefault(name, SetTally())
         tally.utterances += size
         tally.audio_s += sum(batch["duration"])
         tally.compute_s += time.perf_counter() - start
@@ -429,16 +465,21 @@ class SpeechLLM(LightningModule):
             torch.distributed.all_gather_object(gathered, tallies)
             tallies = {name: SetTally.merge([g[name] for g in gathered if name in g]) for name in tallies}
         wers = {name: self.set_wer[self._wer_keys[name]].compute().item() for name in tallies}
-        for name, tally in tallies.items():
+        for name, tally in tallies.items():  # the same merged totals on every rank
             prefix = f"val/{name}/" if name else "val/"
+            for key, value in tally.metrics().items():
+                self.log(f"{prefix}{key}", value, rank_zero_only=True)
             self.log(f"{prefix}hours", tally.audio_s / 3600, rank_zero_only=True)
             self.log(f"{prefix}rtf", tally.compute_s / max(tally.audio_s, 1e-9), rank_zero_only=True)
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
         if self.global_rank != 0 or self.trainer.sanity_checking:
             return
-        rows = [f"{name or 'validation':<28} {t.utterances:>10} {t.audio_s / 3600:>9.3f} {100 * wers[name]:>8.2f} "
-                f"{t.compute_s / max(t.audio_s, 1e-9):>8.3f}" for name, t in tallies.items()]
-        print("\n".join([f"{'set':<28} {'utterances':>10} {'hours':>9} {'WER %':>8} {'RTF':>8}", *rows]))
+        lines = [f"{'set':<20} {'utterances':>10} {'hours':>7} {'WER %':>7} {'loss':>7} {'gain':>7} {'RTF':>6}"]
+        for name, t in tallies.items():
+            metrics, rtf = t.metrics(), t.compute_s / max(t.audio_s, 1e-9)
+            lines.append(f"{name or 'validation':<20} {t.utterances:>10} {t.audio_s / 3600:>7.3f} "
+                         f"{100 * wers[name]:>7.2f} {metrics['loss']:>7.3f} {metrics['audio_gain']:>7.3f} {rtf:>6.3f}")
+        print("\n".join(lines))
         self._write_utterances(tallies, folder / "utterances")
         if isinstance(self.logger, TensorBoardLogger):
             self._log_examples()
