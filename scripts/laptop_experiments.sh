@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The real-model experiments of docs/experiments.md, one `tiny-audio fit` after another (on 2 cores one
+# run at a time is fastest), each in its own folder with its TensorBoard events, outside the repository.
+# A run that stopped resumes where it was (--ckpt_path auto); a finished one is skipped.
+#
+# usage: scripts/laptop_experiments.sh MODELS SPEECH OUT [RUN...]
+#   MODELS  folder with whisper-tiny.en and smollm2-135m (../shared/realmodels/build.sh MODELS)
+#   SPEECH  a LoquaciousSet-schema folder (scripts/make_speech_set.py SPEECH)
+#   OUT     where the runs go: OUT/RUN/lightning_logs/version_0, OUT/RUN.log
+set -euo pipefail
+MODELS=$1 SPEECH=$2 OUT=$3
+shift 3
+declare -A RUNS=(
+  [baseline]=""                                              # configs/laptop.yaml as it is: the defaults
+  [lr-1e-3]="--model.learning_rate 1e-3"
+  [warmup-0]="--model.warmup_steps 0"
+  [warmup-100]="--model.warmup_steps 100"
+  [full-window]="--model.whisper_full_window true"
+  [data-800]="--data.max_train_samples 800"
+  [stack-4]="--model.projector_stack 4"                       # idea: half the audio tokens to attend over
+  [task-prompt]="--model.system_prompt 'Transcribe the audio exactly.'"  # idea: say the task, not "helpful assistant"
+  [hidden-1024]="--model.projector_hidden 1024"               # idea: a 5x smaller projector
+)
+ORDER=(baseline lr-1e-3 warmup-100 warmup-0 full-window stack-4 task-prompt hidden-1024 data-800)
+mkdir -p "$OUT"
+for name in "${@:-${ORDER[@]}}"; do
+  [ -e "$OUT/$name/done" ] && continue
+  echo "$(date -u +%FT%TZ) $name: ${RUNS[$name]}"
+  eval tiny-audio fit -c configs/laptop.yaml --model.encoder "$MODELS/whisper-tiny.en" \
+    --model.decoder "$MODELS/smollm2-135m" --data.dataset "$SPEECH" --data.config_name null \
+    --trainer.default_root_dir "$OUT/$name" --trainer.enable_progress_bar false --ckpt_path auto \
+    "${RUNS[$name]}" > "$OUT/$name.log" 2>&1
+  touch "$OUT/$name/done"
+done
