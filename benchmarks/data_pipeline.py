@@ -30,8 +30,9 @@ from tiny_audio_pl.data import ClipPreparer, collate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_clips(count: int, rate: int = 16_000, seed: int = 0) -> list[dict]:
-    """``count`` rows (``id``, ``audio`` as FLAC bytes, ``text``) with log-normal durations (median 6 s, 1-30 s).
+def make_clips(count: int, rate: int = 16_000, seed: int = 0, durations: list[float] | None = None) -> list[dict]:
+    """``count`` rows (``id``, ``audio`` as FLAC bytes, ``text``) with log-normal durations (median 6 s, 1-30 s),
+    or the ``durations`` given.
 
     Each clip is a random stretch of the tiny set's speech laid end to end; its transcript is the
     words spoken in that stretch (each word placed evenly within its utterance), so transcript
@@ -52,7 +53,8 @@ def make_clips(count: int, rate: int = 16_000, seed: int = 0) -> list[dict]:
     if rate != 16_000:
         speech = soxr.resample(speech, 16_000, rate)
     clips = []
-    for i, seconds in enumerate(np.clip(rng.lognormal(np.log(6.0), 0.6, count), 1.0, 30.0)):
+    lengths = np.clip(rng.lognormal(np.log(6.0), 0.6, count), 1.0, 30.0) if durations is None else durations
+    for i, seconds in enumerate(lengths):
         start = int(rng.integers(0, len(speech) - int(30 * rate)))
         buffer = io.BytesIO()
         sf.write(buffer, speech[start:start + int(seconds * rate)], rate, format="FLAC")

@@ -13,7 +13,16 @@ the optimisations switched on, one more per mode, so each one's effect is measur
   right-padded and causal, so none is needed), which lets it use the flash kernel;
 - ``head``: and the LM head only at the labelled positions;
 - ``ours``: and length-grouped batches (:func:`tiny_audio_pl.data.length_grouped` over windows of
-  ``data.shuffle_buffer`` clips), i.e. the project's defaults.
+  ``data.shuffle_buffer`` clips) of ``data.batch_size`` clips, ``trainer.accumulate_grad_batches``
+  of them per optimizer step;
+- ``budget``: batches filled to ``--batch-seconds`` of padded audio instead
+  (:func:`tiny_audio_pl.data.budget_batches`), ``--budget-accumulate`` per optimizer step;
+- ``compiled``: and the frozen layers compiled (``model.compile_frozen``); untimed steps first on a
+  budget batch and on a one-clip batch, the two graphs dynamic shapes need (size 1 is specialised).
+
+``--worst-case`` then measures the peak memory of one optimizer step on the two largest batches a
+budget can hold: ``--batch-seconds`` of the longest clips allowed (30 s) and ``--max-batch-clips``
+clips as long as still fit.
 
 The model settings, precision and batch size come from the config under test: ``configs/smoke.yaml``
 for ``--size tiny`` (the tiny assets, CPU) and ``configs/whisper.yaml`` for ``--size real`` (GPU):
@@ -30,6 +39,7 @@ LM head at labelled positions only. Usage::
 
     python benchmarks/throughput.py --size tiny [--json PATH]
     python benchmarks/throughput.py --size real --json PATH    # one GPU
+    python benchmarks/throughput.py --size real --modes naive,ours,budget,compiled --worst-case --json PATH
 """
 
 from __future__ import annotations
@@ -49,10 +59,12 @@ import numpy as np
 import torch
 import yaml
 from lightning.pytorch import Callback, Trainer
+from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
 
 from data_pipeline import make_clips
-from tiny_audio_pl.data import ClipPreparer, collate, length_grouped
+from tiny_audio_pl.cli import quiet
+from tiny_audio_pl.data import ClipPreparer, budget_batches, collate, length_grouped
 from tiny_audio_pl.model import SpeechLLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,11 +77,14 @@ class Mode:
     default_attention: bool  # PyTorch's own SDPA kernel choice, padding mask in the decoder
     full_vocabulary_head: bool  # logits at every position
     grouped: bool  # length-grouped batches instead of arrival order
+    budget: bool = False  # batches filled to a budget of seconds instead of a number of clips
+    compiled: bool = False  # frozen layers compiled
 
 
 MODES = [Mode("naive", True, True, True, False), Mode("trim", False, True, True, False),
          Mode("attention", False, False, True, False), Mode("head", False, False, False, False),
-         Mode("ours", False, False, False, True)]
+         Mode("ours", False, False, False, True), Mode("budget", False, False, False, True, budget=True),
+         Mode("compiled", False, False, False, True, budget=True, compiled=True)]
 
 
 class BenchmarkedSpeechLLM(SpeechLLM):
@@ -78,14 +93,15 @@ class BenchmarkedSpeechLLM(SpeechLLM):
     full_vocabulary_head = False
 
     def loss(self, audio: torch.Tensor, audio_lengths: list[int], texts: list[str],
-             prompts: list[str | None] | None = None) -> torch.Tensor:
+             prompts: list[str | None] | None = None, reduction: str = "mean") -> torch.Tensor:
         if not self.full_vocabulary_head:
-            return super().loss(audio, audio_lengths, texts, prompts)
+            return super().loss(audio, audio_lengths, texts, prompts, reduction)
         embeds, mask, labels = self.assemble(audio, audio_lengths, self.target_ids(texts),
                                              self.chat_prompts(prompts, len(texts)))
         with self.attention():
-            return self.decoder(inputs_embeds=embeds, attention_mask=None if self.attention_backends else mask,
+            mean = self.decoder(inputs_embeds=embeds, attention_mask=None if self.attention_backends else mask,
                                 labels=labels, use_cache=False).loss  # from [B, L, V] logits
+        return mean if reduction == "mean" else mean * (labels != -100).sum()
 
 
 class Stopwatch(Callback):
@@ -148,6 +164,14 @@ def batches_in_order(durations: list[float], batch_size: int, grouped: bool, win
         order = [start + i for start in range(0, len(order), window)
                  for i in length_grouped(durations[start:start + window], batch_size, rng)]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def batches_by_budget(durations: list[float], seconds: float, max_clips: int, window: int, seed: int = 0
+                      ) -> list[list[int]]:
+    """The training stream's budget batches over windows of ``window`` clips."""
+    rng = np.random.default_rng(seed)
+    return [[start + i for i in batch] for start in range(0, len(durations), window)
+            for batch in budget_batches(durations[start:start + window], rng, seconds, max_clips)]
 
 
 def decoder_lengths(model: SpeechLLM, batch: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
@@ -246,59 +270,110 @@ def run_mode(model: BenchmarkedSpeechLLM, mode: Mode, prepared: list[dict], batc
                 float(trainer.callback_metrics.get("train/loss", float("nan"))), 4)}
 
 
+def worst_case(model: BenchmarkedSpeechLLM, mode: Mode, preparer: ClipPreparer, seconds: float, max_clips: int,
+               trainer_config: dict[str, Any], device: str) -> dict[str, dict[str, Any]]:
+    """Peak memory of one optimizer step on each of the two largest batches a budget lets through:
+    ``seconds`` of the longest clips allowed (30 s), and ``max_clips`` clips as long as still fit."""
+    worst = {}
+    for name, lengths in (("longest_clips", [30.0] * int(seconds // 30)),
+                          ("most_clips", [seconds / max_clips] * max_clips)):
+        clips = [preparer(row) for row in make_clips(len(lengths), durations=lengths, seed=1)]
+        figures = run_mode(model, mode, clips, [list(range(len(clips)))], [], trainer_config, 1, device)
+        worst[name] = {"clips": len(clips), "clip_s": round(lengths[0], 2), "peak_mem_mb": figures["peak_mem_mb"],
+                       "seconds": figures["seconds"]}
+        print(json.dumps({name: worst[name]}), flush=True)
+    return worst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["tiny", "real"], default="tiny")
     parser.add_argument("--batch-size", type=int, help="clips per batch (default: the config's data.batch_size)")
     parser.add_argument("--accumulate", type=int,
-                        help="batches per optimizer step (default: the config's trainer.accumulate_grad_batches)")
-    parser.add_argument("--batches", type=int, help="timed batches per mode (default: 12 tiny, 24 real)")
+                        help="batches of --batch-size per optimizer step (default: the config's "
+                             "trainer.accumulate_grad_batches; 32 clips a step with a budget config)")
+    parser.add_argument("--batch-seconds", type=float,
+                        help="budget modes: padded seconds per batch (default: the config's data.batch_seconds, "
+                             "else 64, about 8 clips)")
+    parser.add_argument("--max-batch-clips", type=int, help="budget modes: clips per batch at most (default: config)")
+    parser.add_argument("--budget-accumulate", type=int,
+                        help="budget modes: batches per optimizer step (default: the config's accumulation)")
+    parser.add_argument("--batches", type=int, help="timed batches of --batch-size per mode (default: 12 tiny, "
+                        "24 real); the budget modes train on the same clips")
     parser.add_argument("--warmup", type=int, help="untimed optimizer steps per mode first (default 1, 2 tiny)")
-    parser.add_argument("--modes", default=",".join(m.name for m in MODES), help="comma-separated subset")
+    parser.add_argument("--modes", default=",".join(m.name for m in MODES if m.name != "compiled"),
+                        help=f"comma-separated subset of {','.join(m.name for m in MODES)}")
+    parser.add_argument("--worst-case", action="store_true",
+                        help="then the peak memory of the two largest batches the budget allows")
     parser.add_argument("--models", type=Path, default=Path("/tmp/real-size-models"),
                         help="--size real: where the random-weight real-size models are made (once) and read")
     parser.add_argument("--peak-tflops", type=float, help="the accelerator's dense peak, if not recognised")
-    parser.add_argument("--profile", action="store_true", help="then profile 6 batches of the last mode")
+    parser.add_argument("--profile", action="store_true", help="then profile 2 optimizer steps of the last mode")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.size == "real" and device != "cuda":
         parser.error("--size real needs a GPU")
     config = load_config(args.size, args.models)
-    batch_size = args.batch_size or config["data"]["batch_size"]
-    accumulate = args.accumulate or config["trainer"].get("accumulate_grad_batches", 1)
+    data, trainer_config = config["data"], config["trainer"]
+    batch_size = args.batch_size or data["batch_size"]
+    configured = trainer_config.get("accumulate_grad_batches", 1)
+    accumulate = args.accumulate or (32 // batch_size if data.get("batch_seconds") else configured)
+    seconds = args.batch_seconds or data.get("batch_seconds") or 64.0
+    max_clips = args.max_batch_clips or data.get("max_batch_clips") or 64
+    budget_accumulate = args.budget_accumulate or configured
     num_batches = args.batches or (12 if args.size == "tiny" else 24)
     num_warmup = (args.warmup or (2 if args.size == "tiny" else 1)) * accumulate
     if num_batches % accumulate:
         parser.error(f"--batches must be a multiple of the {accumulate} batches per optimizer step")
+    modes = [m for m in MODES if m.name in args.modes.split(",")]
     torch.manual_seed(0)
     model = BenchmarkedSpeechLLM(**config["model"])
     initial_projector = {k: v.clone() for k, v in model.projector.state_dict().items()}
 
     preparer = ClipPreparer(config["model"]["encoder"], config["model"]["decoder"],
                             min_duration=0.1, max_duration=30.0, max_target_tokens=10_000, text_normalization="lower")
-    rows = make_clips((num_warmup + num_batches) * batch_size)
-    prepared = [preparer(row) for row in rows]  # each with its "duration"
-    warmup = [list(range(i * batch_size, (i + 1) * batch_size)) for i in range(num_warmup)]
-    timed = list(range(num_warmup * batch_size, len(prepared)))
+    # Untimed clips first: enough for the count modes' warmup and two budget steps (compilation).
+    warm = max(num_warmup * batch_size, int(2 * budget_accumulate * seconds / 6))
+    prepared = [preparer(row) for row in make_clips(warm + num_batches * batch_size)]  # each with its "duration"
+    window = data.get("shuffle_buffer", 1000)
+    timed = list(range(warm, len(prepared)))
     durations = [prepared[i]["duration"] for i in timed]
-    window = config["data"].get("shuffle_buffer", 1000)
+    warm_durations = [prepared[i]["duration"] for i in range(warm)]
 
-    results = []
-    for mode in [m for m in MODES if m.name in args.modes.split(",")]:
+    results, worst = [], {}
+    for mode in modes:
         model.projector.load_state_dict(initial_projector)
-        batches = [[timed[i] for i in b] for b in batches_in_order(durations, batch_size, mode.grouped, window)]
-        results.append(run_mode(model, mode, prepared, batches, warmup, config["trainer"], accumulate, device))
+        if mode.budget:
+            steps = budget_accumulate
+            batches = [[timed[i] for i in b] for b in batches_by_budget(durations, seconds, max_clips, window)]
+            batches = batches[:len(batches) // steps * steps]
+            warmup = batches_by_budget(warm_durations, seconds, max_clips, window)[:steps]
+            if mode.compiled:  # compile both graphs before timing: one clip (a size-1 batch is specialised) and more
+                warmup += [[0]] * steps
+        else:
+            steps = accumulate
+            batches = [[timed[i] for i in b] for b in batches_in_order(durations, batch_size, mode.grouped, window)]
+            warmup = [list(range(i * batch_size, (i + 1) * batch_size)) for i in range(num_warmup)]
+        if mode.compiled:
+            for layer in model.frozen_layers():
+                layer.compile(dynamic=True)
+        results.append(run_mode(model, mode, prepared, batches, warmup, trainer_config, steps, device))
+        results[-1]["compiled_graphs"] = counters["stats"]["unique_graphs"]
+        results[-1]["clips_per_batch"] = round(float(np.mean([len(b) for b in batches])), 1)
+        results[-1]["batches_per_step"] = steps
         print(json.dumps(results[-1]), flush=True)
+        if args.worst_case and mode.budget and not worst:  # before anything is compiled
+            worst = worst_case(model, mode, preparer, seconds, max_clips, trainer_config, device)
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         profiler = profile(activities=activities)
-        run_mode(model, mode, prepared, batches[:2 * accumulate], warmup, config["trainer"], accumulate, device,
-                 profiler)
+        run_mode(model, mode, prepared, batches[:2 * steps], warmup, trainer_config, steps, device, profiler)
         print(profiler.key_averages().table(sort_by=f"{'cuda' if device == 'cuda' else 'cpu'}_time_total",
                                             row_limit=30))
 
@@ -306,10 +381,14 @@ def main() -> None:
     peak = peak_flops(device, args.peak_tflops)
     for r in results:
         r["mfu"] = round(r["useful_tflops_per_s"] * 1e12 / peak, 4) if peak else None
+        # the recipe: 10,000 optimizer steps of 32 clips' worth of audio (budget batches: the same audio on average)
+        r["recipe_hours"] = round(10_000 * 32 * float(np.mean(durations)) / r["audio_s_per_s"] / 3600, 2)
     report: dict[str, Any] = {
         "size": args.size, "device": torch.cuda.get_device_name() if device == "cuda"
         else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "batch_size": batch_size, "accumulate_grad_batches": accumulate,
+        "batch_seconds": seconds, "max_batch_clips": max_clips, "budget_accumulate": budget_accumulate,
+        "worst_case": worst,
         "timed_batches": num_batches,
         "clip_duration_s": {"mean": round(float(np.mean(durations)), 2),
                             "median": round(float(np.median(durations)), 2),

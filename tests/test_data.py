@@ -7,7 +7,14 @@ import soundfile as sf
 import torch
 
 from conftest import HUBERT, SPEECH, WHISPER
-from tiny_audio_pl.data import SpeechDataModule, collate, decode_audio, find_parquet_files, normalize_target
+from tiny_audio_pl.data import (
+    SpeechDataModule,
+    budget_batches,
+    collate,
+    decode_audio,
+    find_parquet_files,
+    normalize_target,
+)
 from tiny_audio_pl.errors import UsageError
 
 
@@ -104,16 +111,36 @@ def test_training_stream_is_shuffled_and_truncated_and_goes_on_pass_after_pass()
     assert sorted(second) == sorted(first) and second != first  # the same clips, shuffled anew
 
 
+def test_budget_batches_hold_the_budget_and_every_clip_once():
+    rng = np.random.default_rng(0)
+    durations = np.exp(rng.normal(np.log(6), 0.6, 500)).clip(0.5, 30).tolist()
+    batches = budget_batches(durations, np.random.default_rng(1), seconds=120.0, max_clips=16)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    assert all(len(b) * max(durations[i] for i in b) <= 120.0 and len(b) <= 16 for b in batches)
+    sizes = [len(b) for b in batches]
+    assert min(sizes) <= 5 and max(sizes) == 16  # long clips few to a batch, short ones many
+    fill = sum(durations) / sum(len(b) * max(durations[i] for i in b) for b in batches)
+    assert fill > 0.85  # little padding: batches are length-grouped
+    means = [np.mean([durations[i] for i in b]) for b in batches]
+    assert means != sorted(means) and means != sorted(means, reverse=True)  # batches in random order
+    assert budget_batches([40.0, 1.0], np.random.default_rng(0), seconds=30.0, max_clips=8) in ([[1], [0]],
+                                                                                                [[0], [1]])
+    with pytest.raises(UsageError, match="batch_seconds"):
+        SpeechDataModule(batch_seconds=20.0, max_duration=30.0)
+
+
 def _ids(batches) -> list[str]:
     return [i for b in batches for i in b["id"]]
 
 
-def test_training_stream_resumes_exactly_in_any_pass_with_workers():
+@pytest.mark.parametrize("batching", [{"batch_size": 3}, {"batch_seconds": 12.0, "max_duration": 12.0}],
+                         ids=["3-clip-batches", "12-second-batches"])
+def test_training_stream_resumes_exactly_in_any_pass_with_workers(batching):
     """The saved position restores the shuffled stream exactly, in the first pass, at the boundary between
     passes and inside the second: nothing repeated, nothing skipped."""
     def loader():
-        data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=3, num_workers=2, encoder=WHISPER,
-                                shuffle_buffer=8, seed=5)
+        data = SpeechDataModule(dataset=SPEECH, config_name=None, num_workers=2, encoder=WHISPER,
+                                shuffle_buffer=8, seed=5, **batching)
         data.setup("fit")
         return data.train_dataloader()
 

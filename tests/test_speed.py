@@ -7,10 +7,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader
 
 from conftest import DECODER, ROOT, WHISPER, cli_env
 from throughput import BenchmarkedSpeechLLM
 from tiny_audio_pl.data import length_grouped
+from tiny_audio_pl.model import SpeechLLM
 
 
 def _loss_and_grads(model: BenchmarkedSpeechLLM, batch: dict) -> tuple[float, list[torch.Tensor]]:
@@ -42,6 +45,43 @@ def test_whisper_full_window_is_the_one_change_of_objective(dev_batch):
         full = model(dev_batch).item()
     assert trimmed != full
     assert abs(trimmed - full) / full < 0.2  # same task, different encoder input: see docs/benchmarks.md
+
+
+def _sub_batch(batch: dict, rows: list[int]) -> dict:
+    """Clips ``rows`` of a collated batch as a batch of their own, padded to their own longest clip."""
+    lengths = batch["feature_lengths"][rows]
+    return {"features": batch["features"][rows][..., :int(lengths.max())], "feature_lengths": lengths,
+            "text": [batch["text"][i] for i in rows], "prompt": [None] * len(rows)}
+
+
+def _first_step_gradients(model: SpeechLLM, batches: list[dict]) -> list[torch.Tensor]:
+    """The projector's gradient of one optimizer step over ``batches`` (accumulated), as the optimizer used it."""
+    trainer = Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=len(batches), logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0)
+    trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch))
+    return [p.grad.clone() for p in model.projector.parameters()]  # nothing zeroes them after the last step
+
+
+def test_an_optimizer_step_weighs_every_target_token_alike(dev_batch):
+    """4 uneven micro-batches accumulated give the gradient of one batch of all their clips: the mean over
+    the step's tokens, not a mean of the micro-batches' means (which weighs the tokens of small batches more)."""
+    torch.manual_seed(0)
+    model = SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=64)
+    start = {k: v.clone() for k, v in model.projector.state_dict().items()}
+    parts = [[0], [1, 2], [3], [4, 5]]
+    accumulated = _first_step_gradients(model, [_sub_batch(dev_batch, rows) for rows in parts])
+    model.projector.load_state_dict(start)
+    whole = _first_step_gradients(model, [_sub_batch(dev_batch, list(range(6)))])
+    for mine, theirs in zip(accumulated, whole):
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-6), (mine - theirs).abs().max()
+
+    model.projector.load_state_dict(start)
+    model.zero_grad()
+    for rows in parts:  # what a mean of per-micro-batch means would give
+        (model(_sub_batch(dev_batch, rows)) / len(parts)).backward()
+    means = [p.grad for p in model.projector.parameters()]
+    assert not all(torch.allclose(m, w, rtol=1e-2) for m, w in zip(means, whole))
 
 
 def test_length_grouping_is_a_permutation_of_similar_length_batches():

@@ -103,6 +103,37 @@ def length_grouped(durations: list[float], batch_size: int, rng: np.random.Gener
     return [int(i) for b in rng.permutation(len(batches)) for i in batches[b]]
 
 
+def count_batches(durations: list[float], rng: np.random.Generator, batch_size: int, grouped: bool
+                  ) -> list[list[int]]:
+    """``durations``' indices in batches of ``batch_size``: length-grouped, or a plain shuffle cut in order."""
+    order = length_grouped(durations, batch_size, rng) if grouped else rng.permutation(len(durations)).tolist()
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def budget_batches(durations: list[float], rng: np.random.Generator, seconds: float, max_clips: int
+                   ) -> list[list[int]]:
+    """``durations``' indices packed into batches of at most ``seconds`` of padded audio, in random batch order.
+
+    The clips are taken in order of duration times a random factor in [0.9, 1.1] (as in
+    :func:`length_grouped`), and a batch takes the next clip while (clips + 1) x its longest clip
+    stays within ``seconds`` and it holds fewer than ``max_clips``: short clips come many to a batch,
+    long ones few, and no batch pads to more than ``seconds`` (a single clip longer than that makes a
+    batch of its own). That bounds the encoder's and the decoder's work per batch by construction.
+    """
+    jittered = np.asarray(durations, dtype=np.float64) * rng.uniform(0.9, 1.1, len(durations))
+    batches: list[list[int]] = []
+    longest = 0.0
+    for i in np.argsort(jittered, kind="stable").tolist():
+        grown = max(longest, durations[i])
+        if batches and len(batches[-1]) < max_clips and (len(batches[-1]) + 1) * grown <= seconds:
+            batches[-1].append(i)
+            longest = grown
+        else:
+            batches.append([i])
+            longest = durations[i]
+    return [batches[b] for b in rng.permutation(len(batches))]
+
+
 def normalize_target(text: str, mode: Literal["lower", "none"]) -> str:
     """The training target for a transcript: ``lower`` turns LoquaciousSet's upper case to lower case."""
     text = " ".join(text.split())
@@ -253,26 +284,26 @@ class SkipLedger:
 
 
 class WindowShuffled(TorchIterableDataset):
-    """Shuffles a stream window by window, with a position that is saved and restored exactly.
+    """Shuffles a stream window by window into training batches, with a position saved and restored exactly.
 
     ``datasets``' own buffer shuffle does not save its buffer, so a resumed run would silently skip
-    the clips that sat in it. Here the rows are read in windows of ``window``; each window is
-    yielded in a permutation seeded by (seed, epoch, worker, window index): a plain shuffle, or,
-    with ``group_size`` (the batch size), an order whose consecutive runs of ``group_size`` clips
-    have similar durations (:func:`length_grouped`). The dataloader cuts a worker's rows into
-    batches in the order they come, so those runs become its batches; the window is rounded up to
-    a multiple of ``group_size`` to keep them aligned. The saved state is the
-    source's position at the start of the current window plus how many of its rows were yielded: on
-    resume the window is read again and the same permutation continues where it stopped, so no clip
-    is repeated or skipped. Rows are prepared (decoded, featurized) only when they are yielded.
-    Inside dataloader workers the ``datasets`` stream splits its shards among them by itself.
+    the clips that sat in it. Here the rows are read in windows of ``window``, and each window is cut
+    into batches by ``batches`` (a function of the window's durations, read from the audio headers,
+    and of a generator seeded by (seed, epoch, worker, window index)): a shuffle cut every
+    ``data.batch_size`` clips, length-grouped batches of that size (:func:`length_grouped`), or
+    batches filled to a budget of seconds (:func:`budget_batches`). The batches are yielded whole,
+    as lists of prepared clips. The saved state is the source's position at the start of the
+    current window plus how many of its batches were yielded: on resume the window is read again,
+    cut into the same batches, and continues where it stopped, so no clip is repeated or skipped.
+    Rows are prepared (decoded, featurized) only when their batch is yielded. Inside dataloader
+    workers the ``datasets`` stream splits its shards among them by itself.
     """
 
     def __init__(self, source: IterableDataset, prepare: Callable[[dict], dict], window: int, seed: int,
-                 group_size: int | None = None, duration: Callable[[dict], float] | None = None) -> None:
+                 batches: Callable[[list[float], np.random.Generator], list[list[int]]],
+                 duration: Callable[[dict], float]) -> None:
         self.source, self.prepare, self.seed = source, prepare, seed
-        self.group_size, self.duration = group_size, duration
-        self.window = -(-max(1, window) // group_size) * group_size if group_size else max(1, window)
+        self.batches, self.duration, self.window = batches, duration, max(1, window)
         self.epoch = 0
         self._state: dict[str, Any] = {"epoch": 0, "source": None, "window": 0, "yielded": 0}
         self._resume: dict[str, Any] | None = None
@@ -288,7 +319,7 @@ class WindowShuffled(TorchIterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = state
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         resume, self._resume = self._resume, None
         if resume and resume["epoch"] == self.epoch:
             window_start, index, skip = resume["source"], resume["window"], resume["yielded"]
@@ -302,15 +333,12 @@ class WindowShuffled(TorchIterableDataset):
         rows = iter(source)
         while window := list(itertools.islice(rows, self.window)):
             rng = np.random.default_rng([self.seed, self.epoch, worker.id if worker else 0, index])
-            if self.group_size and self.duration:
-                order = length_grouped([self.duration(row) for row in window], self.group_size, rng)
-            else:
-                order = rng.permutation(len(window)).tolist()
-            for position, row in enumerate(order):
+            batches = self.batches([self.duration(row) for row in window], rng)
+            for position, batch in enumerate(batches):
                 if position < skip:
                     continue
                 self._state = {"epoch": self.epoch, "source": window_start, "window": index, "yielded": position + 1}
-                yield self.prepare(window[row])
+                yield [self.prepare(window[row]) for row in batch]
             window_start, index, skip = source.state_dict(), index + 1, 0
 
 
@@ -462,6 +490,8 @@ class SpeechDataModule(LightningDataModule):
         text_column: str = "text",
         id_column: str = "ID",
         batch_size: PositiveInt = 8,
+        batch_seconds: PositiveFloat | None = None,
+        max_batch_clips: PositiveInt = 64,
         max_train_samples: PositiveInt | None = None,
         max_eval_samples: PositiveInt | None = None,
         num_workers: NonNegativeInt = 4,
@@ -489,7 +519,14 @@ class SpeechDataModule(LightningDataModule):
             audio_column: column holding the audio ({bytes, path}, raw bytes, or a path).
             text_column: column holding the transcript.
             id_column: column holding a clip id, shown in logs and skip reports.
-            batch_size: clips per batch (per device).
+            batch_size: clips per batch (per device): every validation batch, and training batches
+                unless ``batch_seconds`` is set.
+            batch_seconds: fill each training batch (per device) with clips up to this many seconds of
+                padded audio (clips x the batch's longest clip) instead of a number of clips: short
+                clips come many to a batch, long ones few, and no batch exceeds the budget (see
+                ``budget_batches``; implies length grouping). Must be at least ``max_duration``.
+            max_batch_clips: with ``batch_seconds``, at most this many clips in a batch (bounds the
+                prompt tokens a batch of very short clips would add).
             max_train_samples: use only the first N clips of the train stream (the stream repeats
                 each epoch).
             max_eval_samples: use only the first N clips of the validation split.
@@ -518,6 +555,9 @@ class SpeechDataModule(LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise UsageError(f"data.batch_size must be >= 1, got {batch_size}")
+        if batch_seconds is not None and batch_seconds < max_duration:
+            raise UsageError(f"data.batch_seconds ({batch_seconds:g}) must be at least data.max_duration "
+                             f"({max_duration:g}): a clip longer than the budget would make a batch over it")
         self.save_hyperparameters()
         self.train_sources = _sources(train_sources, "train_sources")
         self.eval_sets = _sources(eval_sets, "eval_sets")
@@ -593,8 +633,13 @@ class SpeechDataModule(LightningDataModule):
             if hp.max_train_samples is not None:
                 train = train.take(hp.max_train_samples)
             train = split_dataset_by_node(train, rank, world)
-            self.train_dataset = WindowShuffled(train, prepare(), window=hp.shuffle_buffer, seed=hp.seed,
-                                                group_size=hp.batch_size if hp.group_by_length else None,
+            if hp.batch_seconds:
+                batches, window = partial(budget_batches, seconds=hp.batch_seconds, max_clips=hp.max_batch_clips), \
+                    hp.shuffle_buffer
+            else:  # a window of whole batches
+                batches = partial(count_batches, batch_size=hp.batch_size, grouped=hp.group_by_length)
+                window = -(-max(1, hp.shuffle_buffer) // hp.batch_size) * hp.batch_size
+            self.train_dataset = WindowShuffled(train, prepare(), window=window, seed=hp.seed, batches=batches,
                                                 duration=partial(stored_duration, "audio"))
         if stage in ("fit", "validate"):
             self.val_datasets = {}
@@ -619,7 +664,8 @@ class SpeechDataModule(LightningDataModule):
                 name: str = "") -> StatefulDataLoader:
         # A stream is split among workers by its shards (files): more workers than shards would idle.
         shards = (dataset.source if isinstance(dataset, WindowShuffled) else dataset).num_shards
-        return kind(dataset, batch_size=self.hparams.batch_size, collate_fn=partial(collate, name=name),
+        batch_size = None if kind is TrainLoader else self.hparams.batch_size  # training batches come whole
+        return kind(dataset, batch_size=batch_size, collate_fn=partial(collate, name=name),
                     num_workers=min(self.hparams.num_workers, shards), pin_memory=torch.cuda.is_available(),
                     worker_init_fn=_ignore_sigterm)
 

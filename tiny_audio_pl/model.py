@@ -155,6 +155,7 @@ class SpeechLLM(LightningModule):
         lora_rank: NonNegativeInt = 0,
         lora_alpha: PositiveFloat = 32.0,
         lora_targets: list[str] | None = None,
+        compile_frozen: bool = False,
     ) -> None:
         """Load the frozen models and build the projector.
 
@@ -185,6 +186,10 @@ class SpeechLLM(LightningModule):
             lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_rank``).
             lora_targets: decoder module names that get adapters (default: the attention's
                 ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``).
+            compile_frozen: compile each layer of the frozen encoder and decoder with ``torch.compile``
+                (dynamic shapes: one graph serves every batch size and length, so budget batches do
+                not recompile): fused kernels and fewer launches, for a GPU whose step is bound by
+                the CPU launching kernels (docs/benchmarks.md). The first steps pay the compilation.
         """
         super().__init__()
         if projector_stack < 1:
@@ -207,6 +212,9 @@ class SpeechLLM(LightningModule):
             frozen.eval()
         if lora_rank > 0:
             self._add_lora(lora_rank, lora_alpha, lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj"])
+        if compile_frozen:
+            for layer in self.frozen_layers():
+                layer.compile(dynamic=True)
         self.set_wer = torch.nn.ModuleDict()  # one WordErrorRate per evaluation set, made on first use
         self._wer_keys: dict[str, str] = {}
         self._tallies: dict[str, SetTally] = {}  # per evaluation set, this validation pass
@@ -217,6 +225,7 @@ class SpeechLLM(LightningModule):
         self._nonfinite_in_row = 0
         self._nonfinite_total = 0
         self._loaded_step = 0  # the step of the checkpoint loaded, for reports of `validate`
+        self._step_tokens = 0  # target tokens of the optimizer step so far, on this rank
 
     def _add_lora(self, rank: int, alpha: float, targets: list[str]) -> None:
         """Trainable low-rank adapters in the frozen decoder (float32, B initialised to zero: no change at first)."""
@@ -230,6 +239,12 @@ class SpeechLLM(LightningModule):
             if "lora_" in name:
                 parameter.data = parameter.data.float()
                 parameter.requires_grad_(True)
+
+    def frozen_layers(self) -> list[torch.nn.Module]:
+        """The repeated blocks of the encoder and the decoder (what ``compile_frozen`` compiles)."""
+        encoder = self.encoder.model
+        blocks = getattr(encoder, "layers", None) or encoder.encoder.layers  # Whisper's encoder, HuBERT-like
+        return [*blocks, *self.decoder.get_decoder().layers]
 
     # ----------------------------------------------------------------------------------------- setup
     def train(self, mode: bool = True) -> SpeechLLM:
@@ -376,19 +391,40 @@ class SpeechLLM(LightningModule):
         return batch
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        """The summed loss of the batch's target tokens: the optimizer step's gradient is divided by its
+        token count later (:meth:`on_before_optimizer_step`), so every token of the step weighs the same."""
         if not batch["text"]:  # every clip of the batch was skipped
             return None
         # No finiteness check here: it would make the CPU wait for the GPU every micro-batch. A
         # non-finite loss makes non-finite gradients, which on_before_optimizer_step skips.
-        loss = self(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["text"]))
+        audio, audio_lengths = self.embed_audio(batch["features"], batch["feature_lengths"])
+        loss = self.loss(audio, audio_lengths, batch["text"], batch.get("prompt"), reduction="sum")
+        tokens = sum(len(t) for t in self.target_ids(batch["text"]))  # counted on the CPU
+        self._step_tokens += tokens
+        self.log("train/loss", loss.detach() / tokens, prog_bar=True, batch_size=tokens)
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip the step if the gradients are not finite (one device sync per optimizer step)."""
+        """Make the gradient that of the mean over the step's target tokens; skip it if not finite.
+
+        The gradient arrives as the sum over the step's micro-batches of their summed losses, divided
+        by Lightning by the number of micro-batches (and, under DDP, averaged over the ranks). Dividing
+        by the tokens of all micro-batches of all ranks instead gives the mean over every target
+        token of the optimizer step: a mean of per-batch means would weigh the tokens of small
+        batches more. One device sync per optimizer step (the finiteness check; the token all-reduce
+        under DDP).
+        """
+        tokens, self._step_tokens = self._step_tokens, 0
         params = [p for p in self.parameters() if p.requires_grad and p.grad is not None]
         if not params:
             return
+        world = self.trainer.world_size if self._trainer else 1
+        if world > 1:
+            counted = torch.tensor(float(tokens), device=params[0].device)
+            torch.distributed.all_reduce(counted)
+            tokens = int(counted.item())
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer else 1
+        torch._foreach_mul_([p.grad for p in params], accumulate * world / max(tokens, 1))
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer else None
         if not torch.isfinite(norm) and scaler is None:  # fp16's GradScaler skips overflow steps itself

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The recipe's training step on one GPU with the real architectures (random weights), in one run of a
+# few minutes: naive, ours at 8 clips x 4, budget batches (configs/whisper.yaml: 260 s, one batch per
+# step) and the same with the frozen layers compiled; samples/s, MFU, peak memory, and the peak memory
+# of the two largest batches the budget lets through. Figures go to OUT (default /tmp/budget-check).
+#   bash benchmarks/gpu_budget_check.sh
+# Python packages the GPU machine lacks can travel as wheels in .whl/ (installed into /tmp/site).
+set -uo pipefail
+out=${OUT:-/tmp/budget-check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+python3 -c "
+import importlib.metadata as m, torch
+print(torch.cuda.get_device_name(), {p: m.version(p) for p in ('torch', 'transformers', 'lightning', 'datasets',
+      'pyarrow', 'huggingface_hub', 'fsspec', 'triton')})
+import tiny_audio_pl.cli" || exit 1
+start=$SECONDS
+[ -d /tmp/real-size-models/smollm3 ] || python3 scripts/make_real_size_models.py /tmp/real-size-models
+echo "models built in $((SECONDS - start)) s"
+timeout 460 python3 benchmarks/throughput.py --size real --modes naive,ours,budget,compiled --worst-case \
+  --batches 40 --json "$out/real.json" 2>&1 | grep -v "it/s\]" | tee "$out/real.log"
+echo "benchmark done at $((SECONDS - start)) s"
