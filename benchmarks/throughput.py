@@ -17,8 +17,10 @@ the optimisations switched on, one more per mode, so each one's effect is measur
   of them per optimizer step;
 - ``budget``: batches filled to ``--batch-seconds`` of padded audio instead
   (:func:`tiny_audio_pl.data.budget_batches`), ``--budget-accumulate`` per optimizer step;
-- ``compiled``: and the frozen layers compiled (``model.compile_frozen``); untimed steps first on a
-  budget batch and on a one-clip batch, the two graphs dynamic shapes need (size 1 is specialised).
+- ``compiled``: and each layer of the frozen encoder and decoder compiled with ``torch.compile``
+  (dynamic shapes); untimed steps first on budget batches and on a one-clip batch, the graphs the
+  dynamic shapes need (size 1 is specialised). Slower than ``budget`` on an H200 (docs/benchmarks.md),
+  so not part of the project.
 
 ``--worst-case`` then measures the peak memory of one optimizer step on the two largest batches a
 budget can hold: ``--batch-seconds`` of the longest clips allowed (30 s) and ``--max-batch-clips``
@@ -336,7 +338,7 @@ def main() -> None:
     preparer = ClipPreparer(config["model"]["encoder"], config["model"]["decoder"],
                             min_duration=0.1, max_duration=30.0, max_target_tokens=10_000, text_normalization="lower")
     # Untimed clips first: enough for the count modes' warmup and two budget steps (compilation).
-    warm = max(num_warmup * batch_size, int(2 * budget_accumulate * seconds / 6))
+    warm = max(num_warmup * batch_size, int(((args.warmup or 1) + 1) * budget_accumulate * seconds / 6))
     prepared = [preparer(row) for row in make_clips(warm + num_batches * batch_size)]  # each with its "duration"
     window = data.get("shuffle_buffer", 1000)
     timed = list(range(warm, len(prepared)))
@@ -350,15 +352,15 @@ def main() -> None:
             steps = budget_accumulate
             batches = [[timed[i] for i in b] for b in batches_by_budget(durations, seconds, max_clips, window)]
             batches = batches[:len(batches) // steps * steps]
-            warmup = batches_by_budget(warm_durations, seconds, max_clips, window)[:steps]
+            warmup = batches_by_budget(warm_durations, seconds, max_clips, window)[:(args.warmup or 1) * steps]
             if mode.compiled:  # compile both graphs before timing: one clip (a size-1 batch is specialised) and more
                 warmup += [[0]] * steps
         else:
             steps = accumulate
             batches = [[timed[i] for i in b] for b in batches_in_order(durations, batch_size, mode.grouped, window)]
             warmup = [list(range(i * batch_size, (i + 1) * batch_size)) for i in range(num_warmup)]
-        if mode.compiled:
-            for layer in model.frozen_layers():
+        if mode.compiled:  # each repeated block of the frozen encoder and decoder
+            for layer in [*model.encoder.model.layers, *model.decoder.get_decoder().layers]:
                 layer.compile(dynamic=True)
         results.append(run_mode(model, mode, prepared, batches, warmup, trainer_config, steps, device))
         results[-1]["compiled_graphs"] = counters["stats"]["unique_graphs"]

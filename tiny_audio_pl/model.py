@@ -155,7 +155,6 @@ class SpeechLLM(LightningModule):
         lora_rank: NonNegativeInt = 0,
         lora_alpha: PositiveFloat = 32.0,
         lora_targets: list[str] | None = None,
-        compile_frozen: bool = False,
     ) -> None:
         """Load the frozen models and build the projector.
 
@@ -186,10 +185,6 @@ class SpeechLLM(LightningModule):
             lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_rank``).
             lora_targets: decoder module names that get adapters (default: the attention's
                 ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``).
-            compile_frozen: compile each layer of the frozen encoder and decoder with ``torch.compile``
-                (dynamic shapes: one graph serves every batch size and length, so budget batches do
-                not recompile): fused kernels and fewer launches, for a GPU whose step is bound by
-                the CPU launching kernels (docs/benchmarks.md). The first steps pay the compilation.
         """
         super().__init__()
         if projector_stack < 1:
@@ -212,9 +207,6 @@ class SpeechLLM(LightningModule):
             frozen.eval()
         if lora_rank > 0:
             self._add_lora(lora_rank, lora_alpha, lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj"])
-        if compile_frozen:
-            for layer in self.frozen_layers():
-                layer.compile(dynamic=True)
         self.set_wer = torch.nn.ModuleDict()  # one WordErrorRate per evaluation set, made on first use
         self._wer_keys: dict[str, str] = {}
         self._tallies: dict[str, SetTally] = {}  # per evaluation set, this validation pass
@@ -239,12 +231,6 @@ class SpeechLLM(LightningModule):
             if "lora_" in name:
                 parameter.data = parameter.data.float()
                 parameter.requires_grad_(True)
-
-    def frozen_layers(self) -> list[torch.nn.Module]:
-        """The repeated blocks of the encoder and the decoder (what ``compile_frozen`` compiles)."""
-        encoder = self.encoder.model
-        blocks = getattr(encoder, "layers", None) or encoder.encoder.layers  # Whisper's encoder, HuBERT-like
-        return [*blocks, *self.decoder.get_decoder().layers]
 
     # ----------------------------------------------------------------------------------------- setup
     def train(self, mode: bool = True) -> SpeechLLM:
