@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 from conftest import ROOT, make_workdir
 
 NOTEBOOKS = ROOT / "notebooks"
-NAMES = ["quickstart", "transcribe"]
+NAMES = ["quickstart", "transcribe", "experiments"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -40,6 +40,6 @@ def test_notebook_runs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
 
     assert sorted(p.name for p in cwd.iterdir()) == ["assets"], "the notebook wrote into its working folder"
-    assert list(work.glob("lightning_logs/version_*/checkpoints/last.ckpt")), "no run under TINY_AUDIO_WORKDIR"
+    assert list(work.glob("**/lightning_logs/version_*/checkpoints/last.ckpt")), "no run under TINY_AUDIO_WORKDIR"
     errors = [out for cell in notebook.cells for out in cell.get("outputs", []) if out.output_type == "error"]
     assert not errors
