@@ -26,6 +26,7 @@ import torch
 from datasets import Audio, load_dataset
 
 from tiny_audio_pl.data import ClipPreparer, collate
+from tiny_audio_pl.processing import TinyAudioProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,8 +66,9 @@ def make_clips(count: int, rate: int = 16_000, seed: int = 0, durations: list[fl
 
 
 def measure(encoder: str, clips: list[dict], batch: int) -> dict:
-    preparer = ClipPreparer(encoder, str(ROOT / "assets/tiny-smollm3"), min_duration=0.1,
-                            max_duration=30.0, max_target_tokens=256, text_normalization="lower")
+    processor = TinyAudioProcessor.from_models(encoder, str(ROOT / "assets/tiny-smollm3"))
+    preparer = ClipPreparer(processor, min_duration=0.1, max_duration=30.0, max_target_tokens=256,
+                            text_normalization="lower")
     preparer(clips[0])  # warm-up
     start = time.perf_counter()
     for i in range(0, len(clips), batch):

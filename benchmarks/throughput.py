@@ -66,8 +66,10 @@ from torch.utils.data import DataLoader
 
 from data_pipeline import make_clips
 from tiny_audio_pl.cli import quiet
-from tiny_audio_pl.data import ClipPreparer, budget_batches, collate, length_grouped
+from tiny_audio_pl.data import ClipPreparer, collate
 from tiny_audio_pl.model import SpeechLLM
+from tiny_audio_pl.modeling import TinyAudioModel
+from tiny_audio_pl.stream import budget_batches, length_grouped
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,21 +91,28 @@ MODES = [Mode("naive", True, True, True, False), Mode("trim", False, True, True,
          Mode("compiled", False, False, False, True, budget=True, compiled=True)]
 
 
-class BenchmarkedSpeechLLM(SpeechLLM):
-    """``SpeechLLM`` with a switch back to the naive loss: ``transformers``' own, logits at every position."""
+class NaiveCapableModel(TinyAudioModel):
+    """``TinyAudioModel`` with a switch back to the naive loss: ``transformers``' own, logits at every position."""
 
     full_vocabulary_head = False
 
-    def loss(self, audio: torch.Tensor, audio_lengths: list[int], texts: list[str],
+    def loss(self, audio: torch.Tensor, audio_lengths: list[int], targets: list[list[int]],
              prompts: list[str | None] | None = None, reduction: str = "mean") -> torch.Tensor:
         if not self.full_vocabulary_head:
-            return super().loss(audio, audio_lengths, texts, prompts, reduction)
-        embeds, mask, labels = self.assemble(audio, audio_lengths, self.target_ids(texts),
-                                             self.chat_prompts(prompts, len(texts)))
+            return super().loss(audio, audio_lengths, targets, prompts, reduction)
+        layout = self.assemble(audio, audio_lengths, self.chat_prompts(prompts, len(targets)), targets)
         with self.attention():
-            mean = self.decoder(inputs_embeds=embeds, attention_mask=None if self.attention_backends else mask,
-                                labels=labels, use_cache=False).loss  # from [B, L, V] logits
-        return mean if reduction == "mean" else mean * (labels != -100).sum()
+            mean = self.decoder(inputs_embeds=layout.embeds, labels=layout.labels, use_cache=False,  # [B, L, V] logits
+                                attention_mask=None if self.attention_backends else layout.mask).loss
+        return mean if reduction == "mean" else mean * sum(len(t) for t in targets)
+
+
+class BenchmarkedSpeechLLM(SpeechLLM):
+    """``SpeechLLM`` whose network can take the naive loss (:class:`NaiveCapableModel`)."""
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.model.__class__ = NaiveCapableModel  # the same network and weights, with the switch
 
 
 class Stopwatch(Callback):
@@ -178,24 +187,26 @@ def batches_by_budget(durations: list[float], seconds: float, max_clips: int, wi
 
 def decoder_lengths(model: SpeechLLM, batch: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
     """Per clip: decoder positions (prompt + audio + target), audio tokens and labelled positions."""
-    frames = model.encoder.frame_lengths(batch["feature_lengths"])
-    audio = model.projector.output_lengths(frames).tolist()
-    targets = [len(t) for t in model.target_ids(batch["text"])]
-    return [model.prompt.length(a) + t for a, t in zip(audio, targets)], audio, targets
+    net = model.model
+    frames = net.encoder.frame_lengths(batch["feature_lengths"])
+    audio = net.projector.output_lengths(frames).tolist()
+    targets = [len(t) for t in model.targets(batch)]
+    return [net.processor.prompt.length(a) + t for a, t in zip(audio, targets)], audio, targets
 
 
 def useful_flops(model: SpeechLLM, batch: dict[str, Any]) -> float:
     """Analytic FLOPs of the work a perfect implementation must do for one batch (see module docstring)."""
-    enc = model.encoder.model.config
-    dec = model.decoder.config
+    net = model.model
+    enc = net.encoder.model.config
+    dec = net.decoder.config
     d, heads = dec.hidden_size, dec.num_attention_heads
     head_dim = getattr(dec, "head_dim", None) or d // heads
     q, kv = heads * head_dim, dec.num_key_value_heads * head_dim
     dec_linear = 2 * dec.num_hidden_layers * (d * q + 2 * d * kv + q * d + 3 * d * dec.intermediate_size)
-    proj_params = sum(p.numel() for p in model.projector.parameters())
+    proj_params = sum(p.numel() for p in net.projector.parameters())
     total = 0.0
     lengths, audio, targets = decoder_lengths(model, batch)
-    frames = model.encoder.frame_lengths(batch["feature_lengths"]).tolist()
+    frames = net.encoder.frame_lengths(batch["feature_lengths"]).tolist()
     for n, length, a, t in zip(frames, lengths, audio, targets):
         e = enc.d_model
         total += 2 * (enc.num_mel_bins * 3 * e) * 2 * n + 2 * (3 * e * e) * n  # the two convs over 2n, n frames
@@ -237,9 +248,9 @@ def run_mode(model: BenchmarkedSpeechLLM, mode: Mode, prepared: list[dict], batc
              warmup: list[list[int]], trainer_config: dict[str, Any], accumulate: int, device: str,
              profiler: torch.profiler.profile | None = None) -> dict[str, Any]:
     """Train on ``warmup`` then ``batches`` (timed) with the mode's switches; return its figures."""
-    model.encoder.full_window = mode.full_window
-    model.full_vocabulary_head = mode.full_vocabulary_head
-    model.attention_backends = None if mode.default_attention else SpeechLLM.attention_backends
+    model.model.encoder.full_window = mode.full_window
+    model.model.full_vocabulary_head = mode.full_vocabulary_head
+    model.model.attention_backends = None if mode.default_attention else TinyAudioModel.attention_backends
     loader = DataLoader(prepared, batch_sampler=warmup + batches, collate_fn=collate,
                         pin_memory=device == "cuda")
     stopwatch = Stopwatch(len(warmup), profiler)
@@ -333,10 +344,10 @@ def main() -> None:
     modes = [m for m in MODES if m.name in args.modes.split(",")]
     torch.manual_seed(0)
     model = BenchmarkedSpeechLLM(**config["model"])
-    initial_projector = {k: v.clone() for k, v in model.projector.state_dict().items()}
+    initial_projector = {k: v.clone() for k, v in model.model.projector.state_dict().items()}
 
-    preparer = ClipPreparer(config["model"]["encoder"], config["model"]["decoder"],
-                            min_duration=0.1, max_duration=30.0, max_target_tokens=10_000, text_normalization="lower")
+    preparer = ClipPreparer(model.model.processor, min_duration=0.1, max_duration=30.0, max_target_tokens=10_000,
+                            text_normalization="lower")
     # Untimed clips first: enough for the count modes' warmup and two budget steps (compilation).
     warm = max(num_warmup * batch_size, int(((args.warmup or 1) + 1) * budget_accumulate * seconds / 6))
     prepared = [preparer(row) for row in make_clips(warm + num_batches * batch_size)]  # each with its "duration"
@@ -347,7 +358,7 @@ def main() -> None:
 
     results, worst = [], {}
     for mode in modes:
-        model.projector.load_state_dict(initial_projector)
+        model.model.projector.load_state_dict(initial_projector)
         if mode.budget:
             steps = budget_accumulate
             batches = [[timed[i] for i in b] for b in batches_by_budget(durations, seconds, max_clips, window)]
@@ -360,7 +371,7 @@ def main() -> None:
             batches = [[timed[i] for i in b] for b in batches_in_order(durations, batch_size, mode.grouped, window)]
             warmup = [list(range(i * batch_size, (i + 1) * batch_size)) for i in range(num_warmup)]
         if mode.compiled:  # each repeated block of the frozen encoder and decoder
-            for layer in [*model.encoder.model.layers, *model.decoder.get_decoder().layers]:
+            for layer in [*model.model.encoder.model.layers, *model.model.decoder.get_decoder().layers]:
                 layer.compile(dynamic=True)
         results.append(run_mode(model, mode, prepared, batches, warmup, trainer_config, steps, device))
         results[-1]["compiled_graphs"] = counters["stats"]["unique_graphs"]

@@ -144,7 +144,7 @@ def make_decoder(steps: int = 2500) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, SmolLM3Config, SmolLM3ForCausalLM
 
-    from tiny_audio_pl.model import ChatPrompt
+    from tiny_audio_pl.processing import ChatPrompt, end_of_turn
 
     rng = random.Random(1)
     torch.manual_seed(1)
@@ -166,7 +166,7 @@ def make_decoder(steps: int = 2500) -> None:
         draw = rng.random()
         shown = placeholder if draw < 0.2 else ids if draw < 0.5 else [i for i in ids for _ in range(rng.randint(1, 5))]
         context = prompt.prefix_ids + shown + prompt.suffix_ids
-        answer = ids + prompt.end_ids
+        answer = ids + [end_of_turn(tokenizer)]
         return context + answer, [-100] * len(context) + answer
 
     config = SmolLM3Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
@@ -207,8 +207,8 @@ def make_whisper(steps: int = 800) -> None:
     """
     from transformers import AutoTokenizer, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-    from tiny_audio_pl.data import collate
     from tiny_audio_pl.encoder import AudioEncoder
+    from tiny_audio_pl.processing import TinyAudioProcessor
 
     rng = random.Random(2)
     torch.manual_seed(2)
@@ -229,7 +229,7 @@ def make_whisper(steps: int = 800) -> None:
         text = sentence(rng)
         audio = synthesize(text, rng.choice(VOICES)[0], speed=rng.randint(140, 200))
         features = extractor(audio, sampling_rate=SAMPLE_RATE, padding="longest", return_tensors="np")
-        clips.append({"features": features["input_features"][0], "text": text, "id": "", "skip": ""})
+        clips.append((features["input_features"][0], text))
     whisper.save_pretrained(out)
     extractor.save_pretrained(out)
     encoder = AudioEncoder(str(out))  # the trimmed-window encoder the projector will sit on
@@ -238,9 +238,10 @@ def make_whisper(steps: int = 800) -> None:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     whisper.train()
     for step in range(steps):
-        batch = collate(rng.sample(clips, 16))
-        frames, _ = encoder(batch["features"], batch["feature_lengths"])  # [B, T, D], padding zeroed
-        labels = tokenizer([t + "<|im_end|>" for t in batch["text"]], add_special_tokens=False, padding=True,
+        chosen = rng.sample(clips, 16)
+        features, lengths = TinyAudioProcessor.pad([f for f, _ in chosen])
+        frames, _ = encoder(features, lengths)  # [B, T, D], padding zeroed
+        labels = tokenizer([t + "<|im_end|>" for _, t in chosen], add_special_tokens=False, padding=True,
                            return_tensors="pt")
         targets = labels.input_ids.masked_fill(labels.attention_mask == 0, -100)
         loss = whisper(encoder_outputs=(frames,), labels=targets).loss

@@ -64,7 +64,8 @@ def dev_batch():
     """The first 6 clips of the tiny dev split, prepared for the Whisper encoder."""
     from tiny_audio_pl.data import SpeechDataModule
 
-    data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=6, num_workers=0, encoder=WHISPER)
+    data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=6, num_workers=0, encoder=WHISPER,
+                            decoder=DECODER)
     data.setup("validate")
     return next(iter(data.val_dataloader()[0]))
 

@@ -11,8 +11,9 @@ import soundfile as sf
 import soxr
 from datasets import Audio, Features, Value, load_dataset
 
-from conftest import ROOT, SMOKE, SPEECH, WHISPER, run_cli
+from conftest import DECODER, SMOKE, SPEECH, WHISPER, run_cli
 from tiny_audio_pl.data import ClipPreparer
+from tiny_audio_pl.processing import TinyAudioProcessor
 
 REASONS = ["missing_field", "empty_transcript", "transcript_too_long", "undecodable", "empty_audio", "nan_or_inf",
            "silent", "too_short", "too_long"]
@@ -58,7 +59,7 @@ def bad_dataset(tmp_path_factory):
 
 
 def test_each_bad_case_gets_its_reason(bad_dataset):
-    preparer = ClipPreparer(WHISPER, str(ROOT / "assets" / "tiny-smollm3"), min_duration=0.1,
+    preparer = ClipPreparer(TinyAudioProcessor.from_models(WHISPER, DECODER), min_duration=0.1,
                             max_duration=5.0, max_target_tokens=64, text_normalization="lower")
     rows = load_dataset("parquet", data_files=f"{bad_dataset}/train/*.parquet", split="train").cast_column(
         "wav", Audio(decode=False))

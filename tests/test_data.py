@@ -6,16 +6,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import HUBERT, SPEECH, WHISPER
-from tiny_audio_pl.data import (
-    SpeechDataModule,
-    budget_batches,
-    collate,
-    decode_audio,
-    find_parquet_files,
-    normalize_target,
-)
+from conftest import DECODER, HUBERT, SPEECH, WHISPER
+from tiny_audio_pl.data import SpeechDataModule, collate, find_parquet_files, normalize_target
 from tiny_audio_pl.errors import UsageError
+from tiny_audio_pl.processing import decode_audio
+from tiny_audio_pl.stream import budget_batches
 
 
 def _encoded(audio: np.ndarray, rate: int, fmt: str) -> bytes:
@@ -47,7 +42,7 @@ def test_target_normalisation():
 
 def _example(length: int, text: str, skip: str = "") -> dict:
     features = None if skip else np.full((4, length), float(length), dtype=np.float32)
-    return {"id": text, "text": text, "features": features, "skip": skip}
+    return {"id": text, "text": text, "targets": [length], "features": features, "skip": skip}
 
 
 def test_collate_pads_to_the_longest_clip_and_counts_skips():
@@ -73,7 +68,8 @@ def test_local_parquet_layout_is_found():
 
 
 def test_whisper_stream_yields_every_dev_clip_with_unpadded_features():
-    data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=8, num_workers=0, encoder=WHISPER)
+    data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=8, num_workers=0, encoder=WHISPER,
+                            decoder=DECODER)
     data.setup("validate")
     batches = list(data.val_dataloader()[0])
     assert sum(len(b["text"]) for b in batches) == 20
@@ -85,6 +81,7 @@ def test_whisper_stream_yields_every_dev_clip_with_unpadded_features():
 
 def test_waveform_stream_for_hubert_and_duration_limit():
     data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=20, num_workers=0, encoder=HUBERT,
+                            decoder=DECODER,
                             max_duration=2.5)
     data.setup("validate")
     batch = next(iter(data.val_dataloader()[0]))
@@ -95,13 +92,14 @@ def test_waveform_stream_for_hubert_and_duration_limit():
 
 def test_missing_column_lists_the_columns_that_exist():
     data = SpeechDataModule(dataset=SPEECH, config_name=None, text_column="transcript", num_workers=0,
-                            encoder=WHISPER)
+                            encoder=WHISPER, decoder=DECODER)
     with pytest.raises(UsageError, match=r"transcript.*'ID'.*'wav'"):
         data.check("validate")  # what the CLI runs before any model loads
 
 
 def test_training_stream_is_shuffled_and_truncated_and_goes_on_pass_after_pass():
     data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=5, num_workers=0, encoder=WHISPER,
+                            decoder=DECODER,
                             max_train_samples=10, shuffle_buffer=10)
     data.setup("fit")
     batches = [b["id"] for b in itertools.islice(data.train_dataloader(), 4)]  # 2 batches of 5 clips a pass
@@ -139,7 +137,7 @@ def test_training_stream_resumes_exactly_in_any_pass_with_workers(batching):
     """The saved position restores the shuffled stream exactly, in the first pass, at the boundary between
     passes and inside the second: nothing repeated, nothing skipped."""
     def loader():
-        data = SpeechDataModule(dataset=SPEECH, config_name=None, num_workers=2, encoder=WHISPER,
+        data = SpeechDataModule(dataset=SPEECH, config_name=None, num_workers=2, encoder=WHISPER, decoder=DECODER,
                                 shuffle_buffer=8, seed=5, **batching)
         data.setup("fit")
         return data.train_dataloader()

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from conftest import DECODER, HUBERT, SPEECH, WHISPER
 from tiny_audio_pl.encoder import AudioEncoder
 from tiny_audio_pl.errors import UsageError
-from tiny_audio_pl.model import IGNORE, ChatPrompt
+from tiny_audio_pl.modeling import IGNORE
+from tiny_audio_pl.processing import ChatPrompt, end_of_turn
 
 
 @pytest.mark.parametrize("path, prefix", [(WHISPER, "model.encoder."), (HUBERT, "hubert.")])
@@ -25,48 +26,55 @@ def test_encoder_weights_are_the_checkpoints(path, prefix):
 
 
 def test_chat_prompt_splits_the_template_at_the_audio(tiny_model):
-    tokenizer = tiny_model.tokenizer
+    tokenizer = tiny_model.model.processor.tokenizer
     prompt = ChatPrompt(tokenizer, "/no_think", "Transcribe: <audio>")
     prefix = tokenizer.decode(prompt.prefix_ids)
     suffix = tokenizer.decode(prompt.suffix_ids)
     assert prefix == "<|im_start|>system\n/no_think<|im_end|>\n<|im_start|>user\nTranscribe: "
     assert suffix == "<|im_end|>\n<|im_start|>assistant\n"
-    assert tokenizer.convert_ids_to_tokens(prompt.end_ids) == ["<|im_end|>"]
+    assert tokenizer.convert_ids_to_tokens([end_of_turn(tokenizer)]) == ["<|im_end|>"]
     with pytest.raises(UsageError, match="exactly once"):
         ChatPrompt(tokenizer, "", "Transcribe this")
 
 
 def test_labels_cover_only_the_transcript_and_end_of_turn(tiny_model):
-    audio = torch.randn(2, 5, tiny_model.decoder.config.hidden_size)
-    targets = tiny_model.target_ids(["the red fox", "a dog"])
-    embeds, mask, labels = tiny_model.assemble(audio, [5, 3], targets)
-    prompt_len = len(tiny_model.prompt.prefix_ids) + len(tiny_model.prompt.suffix_ids)
+    net, processor = tiny_model.model, tiny_model.model.processor
+    audio = torch.randn(2, 5, net.decoder.config.hidden_size)
+    targets = processor.targets(["the red fox", "a dog"])
+    layout = net.assemble(audio, [5, 3], net.chat_prompts(None, 2), targets)
+    labels, length = layout.labels, layout.labels.shape[1]
+    prompt_len = len(processor.prompt.prefix_ids) + len(processor.prompt.suffix_ids)
     for i, n in enumerate([5, 3]):
         start = prompt_len + n
         assert labels[i, :start].eq(IGNORE).all()
         assert labels[i, start:start + len(targets[i])].tolist() == targets[i]
         assert labels[i, start + len(targets[i]):].eq(IGNORE).all()  # right padding
-        assert mask[i].sum() == start + len(targets[i])
+        assert layout.mask[i].sum() == start + len(targets[i])
         # the audio sits right after the prefix
-        p = len(tiny_model.prompt.prefix_ids)
-        assert torch.equal(embeds[i, p:p + n], audio[i, :n])
-    assert tiny_model.tokenizer.decode(targets[0]) == "the red fox<|im_end|>"
+        p = len(processor.prompt.prefix_ids)
+        assert torch.equal(layout.embeds[i, p:p + n], audio[i, :n])
+    # the layout says which positions predict a label: each one just before its label
+    assert torch.equal(layout.predicting + 1, torch.nonzero(labels.flatten() != IGNORE).flatten())
+    assert layout.predicting[0] // length == 0 and layout.predicting[-1] // length == 1
+    assert processor.tokenizer.decode(targets[0]) == "the red fox<|im_end|>"
 
 
 def test_loss_equals_full_vocabulary_loss(tiny_model, dev_batch):
     """Computing the LM head only at labelled positions gives the same objective as the full logits."""
+    net = tiny_model.model
     with torch.no_grad():
         loss = tiny_model(dev_batch)
-        audio, lengths = tiny_model.embed_audio(dev_batch["features"], dev_batch["feature_lengths"])
-        embeds, mask, labels = tiny_model.assemble(audio, lengths, tiny_model.target_ids(dev_batch["text"]))
-        logits = tiny_model.decoder(inputs_embeds=embeds, attention_mask=mask).logits  # [B, L, V]
+        audio, lengths = net.embed_audio(dev_batch["features"], dev_batch["feature_lengths"])
+        layout = net.assemble(audio, lengths, net.chat_prompts(None, len(lengths)), dev_batch["targets"])
+        embeds, mask, labels = layout.embeds, layout.mask, layout.labels
+        logits = net.decoder(inputs_embeds=embeds, attention_mask=mask).logits  # [B, L, V]
         full = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
     assert loss.item() == pytest.approx(full.item(), rel=1e-5)
 
 
 def _clips(batch: dict, rows: list[int]) -> dict:
     """The clips ``rows`` of a collated batch, as a batch of their own."""
-    picked = {key: [batch[key][i] for i in rows] for key in ("text", "id", "duration", "prompt")}
+    picked = {key: [batch[key][i] for i in rows] for key in ("text", "targets", "id", "duration", "prompt")}
     return {**picked, "features": batch["features"][rows], "feature_lengths": batch["feature_lengths"][rows]}
 
 
@@ -80,19 +88,18 @@ def _tally(model, batch: dict, name: str):
 
 
 def test_grounding_losses_use_the_neighbours_audio_and_no_audio(tiny_model, dev_batch):
-    texts = dev_batch["text"]
+    net, targets = tiny_model.model, dev_batch["targets"]
     tally = _tally(tiny_model, dev_batch, "dev")
     metrics = tally.metrics()
     with torch.no_grad():
-        audio, lengths = tiny_model.embed_audio(dev_batch["features"], dev_batch["feature_lengths"])
-        right = tiny_model.loss(audio, lengths, texts).item()
-        wrong = tiny_model.loss(audio.roll(1, 0), lengths[-1:] + lengths[:-1], texts).item()
+        audio, lengths = net.embed_audio(dev_batch["features"], dev_batch["feature_lengths"])
+        right = net.loss(audio, lengths, targets).item()
+        wrong = net.loss(audio.roll(1, 0), lengths[-1:] + lengths[:-1], targets).item()
         # no audio: the chat prompt alone before each transcript, straight through the decoder
-        rows = [tiny_model.prompt.prefix_ids + tiny_model.prompt.suffix_ids + t for t in tiny_model.target_ids(texts)]
-        nll = [F.cross_entropy(tiny_model.decoder(torch.tensor([r])).logits[0, -len(t) - 1:-1],
-                               torch.tensor(t), reduction="sum").item()
-               for r, t in zip(rows, tiny_model.target_ids(texts))]
-    assert tally.tokens == tally.paired_tokens == sum(len(t) for t in tiny_model.target_ids(texts))
+        prompt = net.processor.prompt
+        nll = [F.cross_entropy(net.decoder(torch.tensor([prompt.prefix_ids + prompt.suffix_ids + t])).logits[
+            0, -len(t) - 1:-1], torch.tensor(t), reduction="sum").item() for t in targets]
+    assert tally.tokens == tally.paired_tokens == sum(len(t) for t in targets)
     assert metrics["loss"] == pytest.approx(right, rel=1e-5)
     assert metrics["loss_wrong_audio"] == pytest.approx(wrong, rel=1e-5) and wrong != pytest.approx(right)
     assert metrics["audio_gain"] == pytest.approx(wrong - right, rel=1e-4)
@@ -105,8 +112,9 @@ def test_grounding_losses_use_the_neighbours_audio_and_no_audio(tiny_model, dev_
 
 
 def test_batched_decoding_equals_one_by_one(tiny_model, dev_batch):
-    batched = tiny_model.transcribe(dev_batch["features"], dev_batch["feature_lengths"])
-    single = [tiny_model.transcribe(dev_batch["features"][i:i + 1, :, :n], dev_batch["feature_lengths"][i:i + 1])[0]
+    net = tiny_model.model
+    batched = net.transcribe(dev_batch["features"], dev_batch["feature_lengths"])
+    single = [net.transcribe(dev_batch["features"][i:i + 1, :, :n], dev_batch["feature_lengths"][i:i + 1])[0]
               for i, n in enumerate(dev_batch["feature_lengths"].tolist())]
     assert len(set(dev_batch["feature_lengths"].tolist())) > 1  # the batch really is padded
     assert any(batched)
@@ -115,12 +123,13 @@ def test_batched_decoding_equals_one_by_one(tiny_model, dev_batch):
 
 def test_frozen_models_stay_frozen_in_train_mode(tiny_model):
     tiny_model.train()
+    net = tiny_model.model
     try:
-        assert not tiny_model.encoder.training and not tiny_model.decoder.training
-        assert tiny_model.projector.training
-        assert all(not p.requires_grad for p in tiny_model.encoder.parameters())
-        assert all(not p.requires_grad for p in tiny_model.decoder.parameters())
-        assert all(p.requires_grad for p in tiny_model.projector.parameters())
+        assert not net.encoder.training and not net.decoder.training
+        assert net.projector.training
+        assert all(not p.requires_grad for p in net.encoder.parameters())
+        assert all(not p.requires_grad for p in net.decoder.parameters())
+        assert all(p.requires_grad for p in net.projector.parameters())
     finally:
         tiny_model.eval()
 
@@ -132,7 +141,7 @@ def test_hubert_encoder_runs_through_the_same_model():
     waveform = torch.randn(2, 16_000)
     loss = model({"features": waveform, "feature_lengths": torch.tensor([16_000, 12_000]), "text": ["a", "b c"]})
     loss.backward()
-    assert torch.isfinite(loss) and model.projector.gate.weight.grad is not None
+    assert torch.isfinite(loss) and model.model.projector.gate.weight.grad is not None
 
 
 @pytest.mark.parametrize("path", [WHISPER, HUBERT])
@@ -140,7 +149,8 @@ def test_encoding_does_not_depend_on_batch_padding(path):
     """Padded frames are masked in attention and zeroed in the output, so frame stacking cannot leak them."""
     from tiny_audio_pl.data import SpeechDataModule
 
-    data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=4, num_workers=0, encoder=path)
+    data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=4, num_workers=0, encoder=path,
+                            decoder=DECODER)
     data.setup("validate")
     batch = next(iter(data.val_dataloader()[0]))
     encoder = AudioEncoder(path).eval()
@@ -168,10 +178,10 @@ def test_bf16_frozen_models_train_the_projector(dev_batch):
     from tiny_audio_pl.model import SpeechLLM
 
     model = SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=32, frozen_dtype="bfloat16")
-    assert model.decoder.dtype == torch.bfloat16 and model.projector.gate.weight.dtype == torch.float32
+    assert model.model.decoder.dtype == torch.bfloat16 and model.model.projector.gate.weight.dtype == torch.float32
     loss = model(dev_batch)
     loss.backward()
-    assert torch.isfinite(loss) and model.projector.down.weight.grad.abs().sum() > 0
+    assert torch.isfinite(loss) and model.model.projector.down.weight.grad.abs().sum() > 0
 
 
 def test_nonfinite_gradients_skip_the_step_and_too_many_stop_the_run():
@@ -180,16 +190,16 @@ def test_nonfinite_gradients_skip_the_step_and_too_many_stop_the_run():
     model = SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=16, max_nonfinite_steps=3)
     model.log = lambda *args, **kwargs: None  # no trainer attached
     for _ in range(2):
-        for p in model.projector.parameters():
+        for p in model.model.projector.parameters():
             p.grad = torch.full_like(p, float("nan"))
         model.on_before_optimizer_step(None)
-        assert all(p.grad is None for p in model.projector.parameters())
-    for p in model.projector.parameters():
+        assert all(p.grad is None for p in model.model.projector.parameters())
+    for p in model.model.projector.parameters():
         p.grad = torch.ones_like(p)
     model.on_before_optimizer_step(None)  # a good step resets the count
     assert model._nonfinite_in_row == 0 and model._nonfinite_total == 2
     with pytest.raises(UsageError, match="3 times in a row"):
         for _ in range(3):
-            for p in model.projector.parameters():
+            for p in model.model.projector.parameters():
                 p.grad = torch.full_like(p, float("inf"))
             model.on_before_optimizer_step(None)

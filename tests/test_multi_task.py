@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import ROOT, SMOKE, SPEECH, WHISPER, run_cli
+from conftest import DECODER, ROOT, SMOKE, SPEECH, WHISPER, run_cli
 from tiny_audio_pl.data import Source, SpeechDataModule
 from tiny_audio_pl.errors import UsageError
 
@@ -18,6 +18,7 @@ def test_mixed_stream_carries_each_sources_prompt_and_target():
                Source("sex", SPEECH, "train", audio_column="wav", text_column="sex", id_column="ID",
                       prompt=SEX_PROMPT, weight=1.0)]
     data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=8, num_workers=0, encoder=WHISPER,
+                            decoder=DECODER,
                             train_sources=sources, max_train_samples=80)
     data.setup("fit")
     clips = [clip for batch in itertools.islice(data.train_dataloader(), 10)  # one pass
@@ -55,6 +56,7 @@ def test_mixed_stream_resumes_exactly_with_workers():
                    Source("s", SPEECH, "train", audio_column="wav", text_column="sex", id_column="ID",
                           prompt=SEX_PROMPT)]
         data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=3, num_workers=2, encoder=WHISPER,
+                                decoder=DECODER,
                                 shuffle_buffer=8, seed=5, train_sources=sources, max_train_samples=60)
         data.setup("fit")
         return data.train_dataloader()

@@ -3,6 +3,9 @@
 import io
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +16,9 @@ import torch
 from datasets import Audio, load_dataset
 from safetensors.torch import load_file
 
-from conftest import SPEECH, run_cli
+from conftest import SPEECH, cli_env, run_cli
 from tiny_audio_pl.checkpoint import read_checkpoint
-from tiny_audio_pl.transcribe import split_windows
+from tiny_audio_pl.processing import split_windows
 
 
 @pytest.fixture(scope="module")
@@ -49,24 +52,84 @@ def test_split_windows_cuts_long_audio_at_pauses():
     assert len(split_windows(speech, rate)) == 1  # under 30 s: one piece
 
 
-def test_export_writes_only_the_projector_and_what_rebuilds_the_model(trained, tmp_path):
+def test_export_writes_the_trained_weights_the_processor_and_the_code(trained, tmp_path):
     out = tmp_path / "model"
     result = run_cli(tmp_path, "export", "--ckpt", str(trained), "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "projector.safetensors"]
+    files = {str(p.relative_to(out)) for p in out.rglob("*")}
+    assert {"config.json", "model.safetensors", "README.md", "processor/preprocessor_config.json",
+            "processor/processor_config.json", "processor/tokenizer.json", "modeling.py", "processing.py",
+            "pipeline.py", "encoder.py", "projector.py"} <= files
+    assert not [name for name in files if name.endswith((".ckpt", ".bin"))]
     checkpoint = read_checkpoint(trained)
-    weights = load_file(out / "projector.safetensors")
-    assert {f"projector.{k}" for k in weights} == set(checkpoint["state_dict"])
+    weights = load_file(out / "model.safetensors")
+    assert {f"model.{k}" for k in weights} == set(checkpoint["state_dict"])  # the trained weights, nothing frozen
     for key, value in weights.items():
-        assert torch.equal(value, checkpoint["state_dict"][f"projector.{key}"])
+        assert torch.equal(value, checkpoint["state_dict"][f"model.{key}"])
     config = json.loads((out / "config.json").read_text())
-    model = config["model"]
-    assert Path(model["encoder"]).is_dir() and Path(model["decoder"]).is_dir()  # absolute: usable from anywhere
-    assert model["prompt"] == "Transcribe: <audio>" and model["projector_stack"] == 2
-    assert model["projector_hidden"] == 256 and config["training"]["global_step"] == 20
+    assert config["model_type"] == "tiny_audio" and config["auto_map"]["AutoModel"] == "modeling.TinyAudioModel"
+    assert Path(config["encoder"]).is_dir() and Path(config["decoder"]).is_dir()  # absolute: usable from anywhere
+    assert config["prompt"] == "Transcribe: <audio>" and config["projector_stack"] == 2
+    assert config["projector_hidden"] == 256 and config["training"]["global_step"] == 20
+    for code in out.glob("*.py"):
+        imports = re.findall(r"^\s*(?:from|import)\s+(\S+)", code.read_text(), flags=re.MULTILINE)
+        assert not [name for name in imports if name.startswith("tiny_audio_pl")], f"{code.name} imports the package"
     wer = config["training"]["validation"]["metrics"]["val/wer"]
     card = (out / "README.md").read_text()
     assert f"| val/wer | {wer:.4g} |" in card and "step 20" in card
+    assert 'pipeline("automatic-speech-recognition", model="THIS_FOLDER", trust_remote_code=True)' in card
+
+
+HUB_LOAD = """
+import json, sys
+sys.modules["tiny_audio_pl"] = None  # the exported code must not need the training package
+from transformers import AutoModel, pipeline
+
+folder, files = sys.argv[1], sys.argv[2:]
+model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
+print(json.dumps({"class": f"{type(model).__module__}.{type(model).__name__}",
+                  "pipeline": type(asr).__name__, "texts": [asr(f)["text"] for f in files]}))
+"""
+
+
+def test_the_exported_folder_loads_in_transformers_alone_and_transcribes_as_tiny_audio_does(trained, clips,
+                                                                                            tmp_path):
+    """AutoModel and pipeline(trust_remote_code=True) on the folder, in a Python that cannot import tiny_audio_pl,
+    give the transcripts `tiny-audio transcribe` prints (a 40 s file cut into windows, a 44.1 kHz stereo one)."""
+    out = tmp_path / "model"
+    assert run_cli(tmp_path, "export", "--ckpt", str(trained), "--out", str(out)).returncode == 0
+    files = [str(clips[name]) for name in ("mono.wav", "long.ogg", "stereo44k.flac")]
+    ours = run_cli(tmp_path, "transcribe", *files, "--ckpt", str(out), "--json")
+    assert ours.returncode == 0, ours.stderr
+    expected = [json.loads(line)["text"] for line in ours.stdout.splitlines()]
+    (tmp_path / "load.py").write_text(HUB_LOAD)
+    theirs = subprocess.run([sys.executable, "load.py", str(out), *files], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env=cli_env(HF_HOME=str(tmp_path / "hf-home")))
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    loaded = json.loads(theirs.stdout.splitlines()[-1])
+    assert loaded["class"].startswith("transformers_modules.") and loaded["class"].endswith(".TinyAudioModel")
+    assert loaded["pipeline"] == "TinyAudioPipeline"
+    assert loaded["texts"] == expected and all(expected)
+
+
+def test_an_export_of_an_older_tiny_audio_says_to_export_again(tmp_path, capfd):
+    from tiny_audio_pl.cli import main
+
+    old = tmp_path / "old-export"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"format": "tiny-audio-projector", "model": {}}))
+    (old / "projector.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["transcribe", str(clips_file(tmp_path)), "--ckpt", str(old)])
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "export it again" in err
+
+
+def clips_file(folder: Path) -> Path:
+    path = folder / "tone.wav"
+    sf.write(path, np.sin(np.arange(16_000) / 16_000 * 2 * np.pi * 220).astype(np.float32), 16_000)
+    return path
 
 
 def test_transcribe_files_and_the_export_round_trip(trained, clips, tmp_path):
@@ -102,7 +165,7 @@ def test_push_to_hub_offline_says_so(trained, tmp_path):
                      "someone/model", HF_TOKEN="hf_secret_token_value")
     assert result.returncode != 0 and "HF_HUB_OFFLINE is set" in result.stderr
     assert "hf_secret_token_value" not in result.stdout + result.stderr
-    assert all(b"hf_secret_token_value" not in p.read_bytes() for p in (tmp_path / "m").iterdir())
+    assert all(b"hf_secret_token_value" not in p.read_bytes() for p in (tmp_path / "m").rglob("*") if p.is_file())
 
 
 def test_many_files_are_read_in_bounded_chunks_with_the_same_result(trained, clips):
@@ -160,16 +223,15 @@ def test_export_replaces_nothing_of_a_users_unasked(trained, tmp_path, capfd, mo
 
         (mine / "notes.txt").write_text("keep me")
         assert _export(capfd, "--ckpt", str(trained), "--out", str(mine), "--overwrite")[0] == 0
-        assert sorted(p.name for p in mine.iterdir()) == ["README.md", "config.json", "notes.txt",
-                                                           "projector.safetensors"]
-        assert (mine / "notes.txt").read_text() == "keep me"
+        assert {"notes.txt", "model.safetensors", "processor"} <= {p.name for p in mine.iterdir()}
+        assert (mine / "notes.txt").read_text() == "keep me" and (mine / "README.md").read_text() != "my notes"
 
         fresh = tmp_path / "new" / "model"
         assert _export(capfd, "--ckpt", str(trained), "--out", str(fresh))[0] == 0
         assert _export(capfd, "--ckpt", str(trained), "--out", str(fresh))[0] == 0  # an earlier export: replaced
-        assert sorted(p.name for p in fresh.iterdir()) == ["README.md", "config.json", "projector.safetensors"]
-        assert {oct(p.stat().st_mode & 0o777) for p in fresh.iterdir()} == {"0o644"}
-        assert oct(fresh.stat().st_mode & 0o777) == "0o755"
+        assert not [p for p in fresh.iterdir() if p.name.startswith(".export-")]  # no staging folder left
+        assert {oct(p.stat().st_mode & 0o777) for p in fresh.rglob("*") if p.is_file()} == {"0o644"}
+        assert {oct(p.stat().st_mode & 0o777) for p in [fresh, *fresh.rglob("*")] if p.is_dir()} == {"0o755"}
 
         (tmp_path / "a-file").write_text("x")
         code, output = _export(capfd, "--ckpt", str(trained), "--out", str(tmp_path / "a-file" / "model"))
@@ -183,8 +245,8 @@ def test_export_replaces_nothing_of_a_users_unasked(trained, tmp_path, capfd, mo
 def test_export_into_a_read_only_earlier_export_is_one_line(trained, tmp_path, capfd):
     out = tmp_path / "model"
     assert _export(capfd, "--ckpt", str(trained), "--out", str(out))[0] == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     out.chmod(0o555)
     code, output = _export(capfd, "--ckpt", str(trained), "--out", str(out))
     assert code == 2 and output.count("\n") == 1 and "Permission denied" in output
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -1,7 +1,7 @@
 import pytest
 from torchmetrics.text import WordErrorRate
 
-from tiny_audio_pl.model import normalize_for_wer
+from tiny_audio_pl.evaluation import normalize_for_wer
 
 
 @pytest.mark.parametrize("raw, normalized", [

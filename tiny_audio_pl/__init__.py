@@ -2,6 +2,9 @@
 
 from tiny_audio_pl.data import Source, SpeechDataModule
 from tiny_audio_pl.model import SpeechLLM
+from tiny_audio_pl.modeling import TinyAudioConfig, TinyAudioModel
+from tiny_audio_pl.processing import TinyAudioProcessor
 from tiny_audio_pl.projector import Projector
 
-__all__ = ["Projector", "Source", "SpeechDataModule", "SpeechLLM"]
+__all__ = ["Projector", "Source", "SpeechDataModule", "SpeechLLM", "TinyAudioConfig", "TinyAudioModel",
+           "TinyAudioProcessor"]

@@ -268,7 +268,7 @@ def use_model(args: list[str]) -> None:
     if files:
         model = load_model(options.ckpt, options.dtype or ("float32" if device.type == "cpu" else None)).to(device)
         if options.max_new_tokens:
-            model.hparams.max_new_tokens = options.max_new_tokens
+            model.config.max_new_tokens = options.max_new_tokens
         for result in transcribe_files(model, files, options.batch_size):
             if result.error:
                 failed += 1

@@ -1,21 +1,17 @@
-"""Streaming speech data: parquet (hub or local) -> decoded clips -> encoder features -> padded batches.
+"""The data module: sources (hub or local parquet) -> prepared clips -> padded batches, and what went wrong.
 
 Why it looks like this:
 
 - LoquaciousSet ``large`` is ~3 TB, so everything streams (``datasets.load_dataset(streaming=True)``).
-  A local folder of parquet files in the same schema streams through the same code.
-- ``datasets`` would decode audio with torchcodec + FFmpeg; we cast the audio column to
-  ``Audio(decode=False)`` and decode the stored bytes with soundfile, downmix, and resample with soxr.
-- Features come from the encoder's own feature extractor, one clip at a time and unpadded, in the
-  dataloader workers. The collate pads each batch only to its longest clip (not to Whisper's 30 s)
-  and passes the true lengths, so the model can mask the padding and a clip's encoding does not
-  depend on what it was batched with.
-- A ``StatefulDataLoader`` saves the stream position (workers included) in every checkpoint, and
-  the training shuffle (:class:`WindowShuffled`) is built so that this position is exact: a resumed
-  run sees the same clips in the same order as one that never stopped.
-- Batches are length-grouped: each shuffle window is cut into batches of clips of similar duration
-  (read from the stored audio's header, no decoding), served in random order, so a batch of 3 s
-  clips is not padded to the 20 s clip that happened to arrive with them (see :func:`length_grouped`).
+  A local folder of parquet files in the same schema streams through the same code. Every split
+  read, for training or scoring, is a :class:`Source` (a dataset, its split and its columns).
+- ``datasets`` would decode audio with torchcodec + FFmpeg; the audio column is read undecoded and
+  turned into features by :class:`~tiny_audio_pl.processing.TinyAudioProcessor`, the same as in
+  ``tiny-audio transcribe`` and the exported model's pipeline. Transcripts are tokenized once, in the
+  dataloader workers. The collate pads each batch only to its longest clip and passes the true
+  lengths, so a clip's encoding does not depend on what it was batched with.
+- The training stream (``stream.py``) is shuffled in windows, cut into length-grouped or budget
+  batches, and resumes exactly, pass after pass.
 - A clip that cannot be used is never fatal and never silent: it travels as a ``skip`` reason to
   the collate, which drops it from the batch; the data module counts the reasons in the main
   process (:class:`SkipLedger`), logs them, and stops a run that is mostly bad data.
@@ -23,12 +19,7 @@ Why it looks like this:
 
 from __future__ import annotations
 
-import copy
-import io
-import itertools
-import signal
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -36,102 +27,18 @@ from typing import Any, Literal
 
 import numpy as np
 import soundfile as sf
-import soxr
 import torch
-import torch.distributed as dist
 from datasets import Audio, IterableDataset, interleave_datasets, load_dataset
 from datasets.distributed import split_dataset_by_node
 from huggingface_hub import constants as hub_constants
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import IterableDataset as TorchIterableDataset
-from torch.utils.data import get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
-from transformers import AutoFeatureExtractor, AutoTokenizer
 
 from tiny_audio_pl.errors import UsageError
-
-# The Whisper encoder's position table covers 30 s; longer clips cannot be encoded in one window.
-WHISPER_WINDOW_S = 30.0
-
-
-def _readable(value: dict | bytes | str) -> io.BytesIO | str:
-    """What soundfile reads for a stored clip: its bytes (``datasets``' ``{bytes, path}`` or raw) or its path."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    return io.BytesIO(value) if isinstance(value, bytes) else value
-
-
-def decode_audio(value: dict | bytes | str, sample_rate: int) -> np.ndarray:
-    """Decode one stored clip to float32 mono at ``sample_rate``.
-
-    Args:
-        value: an undecoded ``datasets`` audio value (``{"bytes": ..., "path": ...}``), raw encoded
-            bytes, or a file path. wav, flac, ogg and mp3 are read by libsndfile.
-        sample_rate: the rate the encoder expects.
-
-    Returns:
-        ``[num_samples]`` float32 waveform.
-    """
-    audio, rate = sf.read(_readable(value), dtype="float32", always_2d=True)  # [T, C]
-    audio = audio.mean(axis=1)
-    if rate != sample_rate:
-        audio = soxr.resample(audio, rate, sample_rate)
-    return np.ascontiguousarray(audio, dtype=np.float32)
-
-
-def stored_duration(column: str, row: dict[str, Any]) -> float:
-    """Duration in seconds of ``row[column]``'s audio, read from its header (0 when unreadable)."""
-    try:
-        return sf.info(_readable(row.get(column))).duration
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError):
-        return 0.0  # the clip is skipped later, when it fails to decode
-
-
-def length_grouped(durations: list[float], batch_size: int, rng: np.random.Generator) -> list[int]:
-    """An order of ``durations``' indices whose consecutive runs of ``batch_size`` have similar durations.
-
-    The indices are sorted by duration times a random factor in [0.9, 1.1] (so batch membership
-    changes from epoch to epoch instead of always grouping the same neighbours), cut into batches,
-    and the batches are put in random order (so training does not see short clips first, then
-    long ones). Randomness lost against a plain shuffle: a batch holds clips within ~10 % of one
-    another in duration instead of any clips of the window.
-    """
-    jittered = np.asarray(durations, dtype=np.float64) * rng.uniform(0.9, 1.1, len(durations))
-    ordered = np.argsort(jittered, kind="stable")
-    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
-    return [int(i) for b in rng.permutation(len(batches)) for i in batches[b]]
-
-
-def count_batches(durations: list[float], rng: np.random.Generator, batch_size: int, grouped: bool
-                  ) -> list[list[int]]:
-    """``durations``' indices in batches of ``batch_size``: length-grouped, or a plain shuffle cut in order."""
-    order = length_grouped(durations, batch_size, rng) if grouped else rng.permutation(len(durations)).tolist()
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def budget_batches(durations: list[float], rng: np.random.Generator, seconds: float, max_clips: int
-                   ) -> list[list[int]]:
-    """``durations``' indices packed into batches of at most ``seconds`` of padded audio, in random batch order.
-
-    The clips are taken in order of duration times a random factor in [0.9, 1.1] (as in
-    :func:`length_grouped`), and a batch takes the next clip while (clips + 1) x its longest clip
-    stays within ``seconds`` and it holds fewer than ``max_clips``: short clips come many to a batch,
-    long ones few, and no batch pads to more than ``seconds`` (a single clip longer than that makes a
-    batch of its own). That bounds the encoder's and the decoder's work per batch by construction.
-    """
-    jittered = np.asarray(durations, dtype=np.float64) * rng.uniform(0.9, 1.1, len(durations))
-    batches: list[list[int]] = []
-    longest = 0.0
-    for i in np.argsort(jittered, kind="stable").tolist():
-        grown = max(longest, durations[i])
-        if batches and len(batches[-1]) < max_clips and (len(batches[-1]) + 1) * grown <= seconds:
-            batches[-1].append(i)
-            longest = grown
-        else:
-            batches.append([i])
-            longest = durations[i]
-    return [batches[b] for b in rng.permutation(len(batches))]
+from tiny_audio_pl.processing import WHISPER_WINDOW_S, TinyAudioProcessor, decode_audio, stored_duration
+from tiny_audio_pl.stream import TrainLoader, WindowShuffled, budget_batches, count_batches, ignore_sigterm
 
 
 def normalize_target(text: str, mode: Literal["lower", "none"]) -> str:
@@ -140,49 +47,24 @@ def normalize_target(text: str, mode: Literal["lower", "none"]) -> str:
     return text.lower() if mode == "lower" else text
 
 
-class Featurizer:
-    """The encoder's own feature extractor, applied to one clip without padding."""
-
-    def __init__(self, encoder: str) -> None:
-        self.extractor = AutoFeatureExtractor.from_pretrained(encoder)
-        self.sample_rate: int = self.extractor.sampling_rate
-        self.is_whisper = "WhisperFeatureExtractor" in type(self.extractor).__name__
-
-    def __call__(self, audio: np.ndarray) -> np.ndarray:
-        """Features of one 16 kHz clip: log-mel ``[n_mels, frames]`` or normalised waveform ``[samples]``."""
-        if self.is_whisper:
-            out = self.extractor(audio, sampling_rate=self.sample_rate, padding="longest", truncation=False,
-                                 return_tensors="np")
-            return out["input_features"][0]
-        return self.extractor(audio, sampling_rate=self.sample_rate, return_tensors="np")["input_values"][0]
-
-
 class ClipPreparer:
-    """Turns one raw dataset row into encoder features plus target text, or a reason to skip it.
+    """Turns one raw dataset row into encoder features plus target tokens, or a reason to skip it.
 
     Runs in the dataloader workers. A row that cannot be used is never fatal: it comes back with
     ``skip`` set to one of ``missing_field``, ``empty_transcript``, ``transcript_too_long``,
     ``undecodable``, ``empty_audio``, ``nan_or_inf``, ``silent``, ``too_short`` or ``too_long``.
     """
 
-    def __init__(self, encoder: str, decoder: str | None, min_duration: float, max_duration: float,
+    def __init__(self, processor: TinyAudioProcessor, min_duration: float, max_duration: float,
                  max_target_tokens: int, text_normalization: Literal["lower", "none"],
                  keep_audio: bool = False) -> None:
-        self.features = Featurizer(encoder)
-        self.tokenizer = AutoTokenizer.from_pretrained(decoder) if decoder else None
-        self.sample_rate = self.features.sample_rate
+        self.processor = processor
+        self.sample_rate = processor.sample_rate
         self.min_samples = int(min_duration * self.sample_rate)
         self.max_samples = int(max_duration * self.sample_rate)
         self.max_target_tokens = max_target_tokens
         self.text_normalization = text_normalization
         self.keep_audio = keep_audio  # validation: a few clips are played back in TensorBoard
-
-    def _text_problem(self, text: str) -> str:
-        if not text:
-            return "empty_transcript"
-        if self.tokenizer and len(self.tokenizer(text, add_special_tokens=False).input_ids) > self.max_target_tokens:
-            return "transcript_too_long"
-        return ""
 
     def _audio_problem(self, audio: np.ndarray) -> str:
         if len(audio) == 0:
@@ -202,8 +84,12 @@ class ClipPreparer:
             out["skip"] = "missing_field"
             return out
         out["text"] = normalize_target(str(text), self.text_normalization)
-        out["skip"] = self._text_problem(out["text"])
-        if out["skip"]:
+        if not out["text"]:
+            out["skip"] = "empty_transcript"
+            return out
+        out["targets"] = self.processor.targets([out["text"]])[0]  # the one tokenization of the transcript
+        if len(out["targets"]) - 1 > self.max_target_tokens:  # the end-of-turn token not counted
+            out["skip"] = "transcript_too_long"
             return out
         try:
             audio = decode_audio(value, self.sample_rate)
@@ -212,7 +98,7 @@ class ClipPreparer:
             return out
         out["skip"] = self._audio_problem(audio)
         if not out["skip"]:
-            out["features"] = self.features(audio)
+            out["features"] = self.processor.features(audio)
             out["duration"] = len(audio) / self.sample_rate
             if self.keep_audio:
                 out["audio"], out["sample_rate"] = audio, self.sample_rate
@@ -228,28 +114,21 @@ def collate(examples: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
 
     Returns:
         ``features``: ``[B, n_mels, T]`` (Whisper) or ``[B, T]`` (waveform encoders), zero-padded;
-        ``feature_lengths``: ``[B]`` valid frames/samples; ``text``, ``id``, ``duration`` (seconds),
-        ``prompt`` (a source's own prompt, or None) and, when kept, ``audio`` (waveforms): lists of
-        length B; ``set``: ``name``;
-        ``skipped``: ``{reason: [ids]}`` for the clips dropped from this batch.
+        ``feature_lengths``: ``[B]`` valid frames/samples; ``text``, ``targets`` (token ids), ``id``,
+        ``duration`` (seconds), ``prompt`` (a source's own prompt, or None) and, when kept, ``audio``
+        (waveforms): lists of length B; ``set``: ``name``; ``skipped``: ``{reason: [ids]}`` for the
+        clips dropped from this batch.
     """
     kept = [e for e in examples if not e["skip"]]
     skipped: dict[str, list[str]] = defaultdict(list)
     for example in examples:
         if example["skip"]:
             skipped[example["skip"]].append(example["id"])
-    lengths = torch.tensor([e["features"].shape[-1] for e in kept], dtype=torch.long)
-    if kept:
-        first = kept[0]["features"]
-        features = torch.zeros(len(kept), *first.shape[:-1], int(lengths.max()), dtype=torch.float32)
-        for i, example in enumerate(kept):
-            features[i, ..., : lengths[i]] = torch.from_numpy(example["features"])
-    else:
-        features = torch.zeros(0)
+    features, lengths = TinyAudioProcessor.pad([e["features"] for e in kept])
     batch = {"features": features, "feature_lengths": lengths, "text": [e["text"] for e in kept],
-             "id": [e["id"] for e in kept], "duration": [e.get("duration", 0.0) for e in kept],
-             "prompt": [e.get("prompt") for e in kept], "set": name,
-             "skipped": dict(skipped)}
+             "targets": [e["targets"] for e in kept], "id": [e["id"] for e in kept],
+             "duration": [e.get("duration", 0.0) for e in kept], "prompt": [e.get("prompt") for e in kept],
+             "set": name, "skipped": dict(skipped)}
     if any("audio" in e for e in kept):
         batch["audio"] = [e.get("audio") for e in kept]
         batch["sample_rate"] = kept[0]["sample_rate"]
@@ -281,140 +160,6 @@ class SkipLedger:
     def summary(self) -> str:
         return "; ".join(f"{reason} {count} (e.g. {', '.join(self.examples[reason])})"
                          for reason, count in self.counts.most_common())
-
-
-class WindowShuffled(TorchIterableDataset):
-    """Shuffles a stream window by window into training batches, with a position saved and restored exactly.
-
-    ``datasets``' own buffer shuffle does not save its buffer, so a resumed run would silently skip
-    the clips that sat in it. Here the rows are read in windows of ``window``, and each window is cut
-    into batches by ``batches`` (a function of the window's durations, read from the audio headers,
-    and of a generator seeded by (seed, epoch, worker, window index)): a shuffle cut every
-    ``data.batch_size`` clips, length-grouped batches of that size (:func:`length_grouped`), or
-    batches filled to a budget of seconds (:func:`budget_batches`). The batches are yielded whole,
-    as lists of prepared clips. The saved state is the source's position at the start of the
-    current window plus how many of its batches were yielded: on resume the window is read again,
-    cut into the same batches, and continues where it stopped, so no clip is repeated or skipped.
-    Rows are prepared (decoded, featurized) only when their batch is yielded. Inside dataloader
-    workers the ``datasets`` stream splits its shards among them by itself.
-    """
-
-    def __init__(self, source: IterableDataset, prepare: Callable[[dict], dict], window: int, seed: int,
-                 batches: Callable[[list[float], np.random.Generator], list[list[int]]],
-                 duration: Callable[[dict], float]) -> None:
-        self.source, self.prepare, self.seed = source, prepare, seed
-        self.batches, self.duration, self.window = batches, duration, max(1, window)
-        self.epoch = 0
-        self._state: dict[str, Any] = {"epoch": 0, "source": None, "window": 0, "yielded": 0}
-        self._resume: dict[str, Any] | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start pass ``epoch`` over the stream (its own permutations) from its beginning."""
-        self.epoch = epoch
-        self._state = {"epoch": epoch, "source": None, "window": 0, "yielded": 0}
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self._state)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume = state
-
-    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
-        resume, self._resume = self._resume, None
-        if resume and resume["epoch"] == self.epoch:
-            window_start, index, skip = resume["source"], resume["window"], resume["yielded"]
-        else:
-            window_start, index, skip = None, 0, 0
-        source = copy.deepcopy(self.source)  # a fresh position for every pass
-        source.set_epoch(self.epoch)
-        if window_start is not None:
-            source.load_state_dict(window_start)
-        worker = get_worker_info()
-        rows = iter(source)
-        while window := list(itertools.islice(rows, self.window)):
-            rng = np.random.default_rng([self.seed, self.epoch, worker.id if worker else 0, index])
-            batches = self.batches([self.duration(row) for row in window], rng)
-            for position, batch in enumerate(batches):
-                if position < skip:
-                    continue
-                self._state = {"epoch": self.epoch, "source": window_start, "window": index, "yielded": position + 1}
-                yield [self.prepare(window[row]) for row in batch]
-            window_start, index, skip = source.state_dict(), index + 1, 0
-
-
-class TrainLoader(StatefulDataLoader):
-    """A StatefulDataLoader that streams pass after pass without end, with an exact saved position.
-
-    Lightning's epochs do not fit a stream measured in optimizer steps: on a restart inside an epoch
-    it skips ``on_train_epoch_start`` (so a shuffle seeded by the pass would not learn which pass it
-    is in), and a checkpoint taken at the last batch of a pass restarts with the pass counted twice.
-    So this loader never ends: Lightning sees one endless epoch, and the loader itself starts pass
-    ``p + 1`` (reseeding the shuffle through ``WindowShuffled.set_epoch``) when pass ``p`` runs out.
-    Its state is the pass and the position inside it.
-
-    Lightning fetches one batch ahead of the one it trains on, so the underlying loader's state at
-    checkpoint time already counts a batch that was never trained on, and a resumed run would skip
-    it. This loader reports the state from before the latest fetch: that of the batch being trained on.
-
-    Lightning writes the checkpoint from rank 0 alone, so under DDP every rank would resume from rank
-    0's position in rank 0's part of the stream. The state therefore gathers every rank's position
-    (the checkpoint is built on all ranks), and each rank restores its own.
-    """
-
-    dataset: WindowShuffled
-
-    def __init__(self, dataset: WindowShuffled, **kwargs: Any) -> None:
-        super().__init__(dataset, **kwargs)
-        self.passes = 0  # passes over the stream started so far, minus one
-        self._trained_position: dict[str, Any] | None = None
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            self.dataset.set_epoch(self.passes)
-            iterator = super().__iter__()  # restores a loaded position once, else starts the pass afresh
-            fetched = 0
-            while True:
-                before = {"pass": self.passes, "loader": super().state_dict()}
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    break
-                self._trained_position = before
-                fetched += 1
-                yield batch
-            if not fetched:  # an endless loop otherwise
-                raise UsageError("the training stream yielded no clips in a whole pass: check data.dataset, "
-                                 "data.train_split / data.train_sources and data.max_train_samples")
-            self.passes += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        own = self._trained_position or {"pass": self.passes, "loader": super().state_dict()}
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return own
-        ranks: list[dict[str, Any] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, own)
-        return {"per_rank": ranks}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "per_rank" in state_dict:
-            ranks = state_dict["per_rank"]
-            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-            if len(ranks) != world:
-                raise UsageError(f"the checkpoint holds the data positions of {len(ranks)} ranks, this run has "
-                                 f"{world}: resume with the same devices x nodes (or start a new run)")
-            state_dict = ranks[dist.get_rank() if world > 1 else 0]
-        self._trained_position = state_dict  # what state_dict() reports until the first batch is fetched
-        self.passes = state_dict["pass"]
-        super().load_state_dict(state_dict["loader"])
-
-
-def _ignore_sigterm(worker_id: int) -> None:
-    """Dataloader workers ignore SIGTERM: the main process saves the step, then stops them itself.
-
-    Slurm, systemd and ``docker stop`` signal the whole process group. A worker that died of the
-    signal would take the run down with it before the main process could save the current step.
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def find_parquet_files(root: Path, config_name: str | None, split: str) -> list[str]:
@@ -457,6 +202,11 @@ class Source:
     prompt: str | None = None
     weight: float = 1.0
     max_samples: int | None = None
+
+
+def _row_duration(row: dict[str, Any]) -> float:
+    """Duration of a canonical row's audio, from its header (for length grouping; 0 when unreadable)."""
+    return stored_duration(row.get("audio"))
 
 
 def _canonical_row(row: dict[str, Any], source: Source) -> dict[str, Any]:
@@ -506,7 +256,7 @@ class SpeechDataModule(LightningDataModule):
         train_sources: list[Source] | None = None,
         eval_sets: list[Source] | None = None,
         encoder: str = "openai/whisper-large-v3-turbo",
-        decoder: str | None = None,
+        decoder: str = "HuggingFaceTB/SmolLM3-3B",
     ) -> None:
         """Configure the data.
 
@@ -550,7 +300,7 @@ class SpeechDataModule(LightningDataModule):
                 (each with its own columns; see ``configs/eval.yaml``).
             encoder: the encoder whose feature extractor makes the features; linked to
                 ``model.encoder`` by the CLI.
-            decoder: the decoder whose tokenizer measures transcripts; linked to ``model.decoder``.
+            decoder: the decoder whose tokenizer turns transcripts into targets; linked to ``model.decoder``.
         """
         super().__init__()
         if batch_size < 1:
@@ -620,7 +370,8 @@ class SpeechDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         """Open the streams for this rank, mix, shuffle and truncate them, and attach the clip preparation."""
         hp = self.hparams
-        prepare = partial(ClipPreparer, hp.encoder, hp.decoder, hp.min_duration, hp.max_duration,
+        processor = TinyAudioProcessor.from_models(hp.encoder, hp.decoder)  # features and tokens only: no weights
+        prepare = partial(ClipPreparer, processor, hp.min_duration, hp.max_duration,
                           hp.max_target_tokens, hp.text_normalization)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         if stage == "fit":
@@ -640,7 +391,7 @@ class SpeechDataModule(LightningDataModule):
                 batches = partial(count_batches, batch_size=hp.batch_size, grouped=hp.group_by_length)
                 window = -(-max(1, hp.shuffle_buffer) // hp.batch_size) * hp.batch_size
             self.train_dataset = WindowShuffled(train, prepare(), window=window, seed=hp.seed, batches=batches,
-                                                duration=partial(stored_duration, "audio"))
+                                                duration=_row_duration)
         if stage in ("fit", "validate"):
             self.val_datasets = {}
             for source in self.evaluation_sets():
@@ -667,7 +418,7 @@ class SpeechDataModule(LightningDataModule):
         batch_size = None if kind is TrainLoader else self.hparams.batch_size  # training batches come whole
         return kind(dataset, batch_size=batch_size, collate_fn=partial(collate, name=name),
                     num_workers=min(self.hparams.num_workers, shards), pin_memory=torch.cuda.is_available(),
-                    worker_init_fn=_ignore_sigterm)
+                    worker_init_fn=ignore_sigterm)
 
     def train_dataloader(self) -> TrainLoader:
         return self._loader(self.train_dataset, TrainLoader)

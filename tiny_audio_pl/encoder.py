@@ -20,10 +20,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from tiny_audio_pl.errors import UsageError, explained_loading
+from .errors import UsageError, explained_loading
+
+
+def encoder_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The encoder's config, or one line if it cannot be read or is of a kind this project cannot use.
+
+    Reads only ``config.json``: a wrong encoder is refused before any weights are read.
+    """
+    with explained_loading(name, "encoder"):
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    known_class = MODEL_MAPPING.get(type(config), None)  # None for remote code: checked once loaded
+    if config.model_type != "whisper" and known_class and not hasattr(known_class, "_get_feat_extract_output_lengths"):
+        raise unsupported_encoder(config.model_type, name)
+    return config
+
+
+def unsupported_encoder(model_type: str, name: str) -> UsageError:
+    return UsageError(f"unsupported encoder type '{model_type}' ({name}): use a Whisper checkpoint or a waveform "
+                      "encoder such as HuBERT, wav2vec2, WavLM or data2vec-audio")
 
 
 class AudioEncoder(nn.Module):
@@ -40,18 +58,12 @@ class AudioEncoder(nn.Module):
             trust_remote_code: allow the checkpoint to run its own Python code.
         """
         super().__init__()
-        with explained_loading(name, "encoder"):
-            config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        config = encoder_config(name, trust_remote_code)
         self.is_whisper = config.model_type == "whisper"
-        unsupported = UsageError(f"unsupported encoder type '{config.model_type}' ({name}): use a Whisper checkpoint "
-                                 "or a waveform encoder such as HuBERT, wav2vec2, WavLM or data2vec-audio")
-        known_class = MODEL_MAPPING.get(type(config), None)  # None for remote code: checked once loaded
-        if not self.is_whisper and known_class and not hasattr(known_class, "_get_feat_extract_output_lengths"):
-            raise unsupported  # before any weights are read
         with explained_loading(name, "encoder"):
             model = AutoModel.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
         if not self.is_whisper and not hasattr(model, "_get_feat_extract_output_lengths"):
-            raise unsupported
+            raise unsupported_encoder(config.model_type, name)
         self.model = model.get_encoder() if self.is_whisper else model
         self.full_window = full_window and self.is_whisper
         self.dim: int = config.d_model if self.is_whisper else config.hidden_size

@@ -1,16 +1,20 @@
-"""The shareable model folder: only the trained weights, plus what it takes to rebuild the rest.
+"""The shareable model folder, and loading a model from it or from a training checkpoint.
 
-``tiny-audio export --ckpt PATH --out DIR`` writes::
+``tiny-audio export --ckpt PATH --out DIR`` writes a folder that ``transformers`` loads by itself::
 
-    DIR/projector.safetensors   the projector's weights, the only trained tensors ...
-    DIR/adapter.safetensors     ... unless the decoder had LoRA adapters (``model.lora_rank``): those
-    DIR/config.json             every SpeechLLM setting (encoder and decoder names, prompt, k, sizes)
-                                plus the training recipe and the last validation scores of the run
-    DIR/README.md               a model card built from the same facts
+    DIR/config.json                the TinyAudioConfig (encoder and decoder names, projector, prompt, LoRA),
+                                   the code to load (auto_map, custom pipeline) and the run's training facts
+    DIR/model.safetensors          the trained weights only: projector (and LoRA adapters)
+    DIR/preprocessor_config.json,  the processor: the encoder's feature extractor, the decoder's
+      tokenizer files, ...           tokenizer and chat template, the prompts
+    DIR/modeling.py, ...           the model's own code (it does not import tiny_audio_pl)
+    DIR/README.md                  a model card built from the same facts
 
-The frozen encoder and decoder are not copied: they are reloaded by name (hub id or local folder),
-as during training. :func:`load_model` rebuilds a :class:`SpeechLLM` from such a folder or straight
-from a training checkpoint, so both transcribe identically.
+so that ``AutoModel.from_pretrained(DIR, trust_remote_code=True)`` and ``pipeline(
+"automatic-speech-recognition", model=DIR, trust_remote_code=True)`` work with only transformers,
+torch and soundfile installed. The frozen encoder and decoder are not copied: they are loaded by name
+(hub id, or a local folder made absolute), as during training. :func:`load_model` rebuilds the model
+from such a folder or straight from a training checkpoint, so both transcribe identically.
 """
 
 from __future__ import annotations
@@ -22,63 +26,71 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+import torch
 
 from tiny_audio_pl.checkpoint import give_usual_mode, read_training_checkpoint
 from tiny_audio_pl.errors import UsageError
-from tiny_audio_pl.model import SpeechLLM
+from tiny_audio_pl.modeling import SETTINGS, WEIGHTS, TinyAudioConfig, TinyAudioModel, write_model_folder
+from tiny_audio_pl.processing import TinyAudioProcessor
 
-FORMAT = "tiny-audio-projector"
-WEIGHTS = "projector.safetensors"
-ADAPTER = "adapter.safetensors"
-OWN_FILES = ("config.json", "README.md", WEIGHTS, ADAPTER)
+MODEL_TYPE = TinyAudioConfig.model_type
+OLD_FORMAT = "tiny-audio-projector"  # folders of tiny-audio before the model was a transformers model
 
 
-def load_model(path: str | Path, dtype: str | None = None) -> SpeechLLM:
-    """A :class:`SpeechLLM` in eval mode from a training checkpoint or an exported folder.
-
-    Local model folders named relatively by the training command are found as :func:`model_settings` says.
+def load_model(path: str | Path, dtype: str | None = None) -> TinyAudioModel:
+    """A :class:`TinyAudioModel` in eval mode from an exported folder or a training checkpoint.
 
     Args:
-        path: a ``.ckpt`` written by ``tiny-audio fit`` or a folder written by ``tiny-audio export``.
+        path: a folder written by ``tiny-audio export`` or a ``.ckpt`` written by ``tiny-audio fit``.
         dtype: override of ``frozen_dtype`` (e.g. ``float32`` on a CPU, where bf16 is slow).
     """
     path = Path(path)
     if path.is_dir():
-        if not is_export(path):
-            raise UsageError(f"{path} is not a folder written by tiny-audio export (config.json has no format "
-                             f"'{FORMAT}'): pass such a folder or a .ckpt file")
-        settings = json.loads((path / "config.json").read_text())["model"]
-        weights = {f"projector.{k}": v for k, v in load_file(path / WEIGHTS).items()}
-        if (path / ADAPTER).is_file():
-            weights |= {f"decoder.{k}": v for k, v in load_file(path / ADAPTER).items()}
-    else:
-        checkpoint = read_training_checkpoint(path, what="--ckpt")
-        settings, weights = model_settings(checkpoint, path), checkpoint["state_dict"]
-    model = SpeechLLM(**{**settings, **({"frozen_dtype": dtype} if dtype else {})})
-    trained = {name for name, p in model.named_parameters() if p.requires_grad}
-    if trained != weights.keys():
-        raise UsageError(f"{path} does not match its settings: missing {sorted(trained - weights.keys())[:3]}, "
-                         f"unexpected {sorted(weights.keys() - trained)[:3]}")
+        kind = export_kind(path)
+        if kind == OLD_FORMAT:
+            raise UsageError(f"{path} was exported by an older tiny-audio (projector.safetensors): export it again "
+                             "with `tiny-audio export --ckpt CHECKPOINT --out DIR`")
+        if kind != MODEL_TYPE:
+            raise UsageError(f"{path} is not a folder written by tiny-audio export (its config.json has no model_type "
+                             f"'{MODEL_TYPE}'): pass such a folder or a .ckpt file")
+        return TinyAudioModel.from_pretrained(path, dtype=dtype)
+    checkpoint = read_training_checkpoint(path, what="--ckpt")
+    config = TinyAudioConfig(**model_settings(checkpoint, path))
+    if dtype:
+        config.frozen_dtype = dtype
+    model = TinyAudioModel(config)
+    weights = trained_weights(checkpoint)
+    expected = set(model.trainable_state_dict())
+    if set(weights) != expected:
+        raise UsageError(f"{path} does not match its settings: missing {sorted(expected - set(weights))[:3]}, "
+                         f"unexpected {sorted(set(weights) - expected)[:3]}")
     model.load_state_dict(weights, strict=False)
     return model.eval()
 
 
-def is_export(folder: Path) -> bool:
-    """Whether ``folder`` holds a ``config.json`` written by :func:`export`."""
+def export_kind(folder: Path) -> str | None:
+    """``tiny_audio`` for a model folder, the old format's name for an older export, else None."""
     try:
-        return json.loads((folder / "config.json").read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    return config.get("model_type") if config.get("model_type") == MODEL_TYPE else config.get("format")
+
+
+def trained_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The checkpoint's trained tensors under the model's own names (``projector.*``, ``decoder.*lora*``)."""
+    return {name.removeprefix("model."): value for name, value in checkpoint["state_dict"].items()}
 
 
 def model_settings(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The ``SpeechLLM`` arguments saved in the checkpoint at ``path``, local model folders made absolute.
+    """The model settings saved in the checkpoint at ``path``, local model folders made absolute.
 
     Relative folders are looked up from the current folder, then from each folder above the
     checkpoint (a run writes ``lightning_logs/version_N/checkpoints/`` under the folder it ran in).
     """
-    settings = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    settings = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in SETTINGS}
     for name in ("encoder", "decoder"):
         if not Path(settings[name]).is_absolute():
             found = [base / settings[name] for base in (Path.cwd(), *path.resolve().parents)
@@ -99,11 +111,11 @@ def export(checkpoint_path: str | Path, out: str | Path, overwrite: bool = False
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file: name a folder")
     present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    earlier = is_export(out)
+    earlier = export_kind(out) in (MODEL_TYPE, OLD_FORMAT)
     if present and not overwrite and not earlier:
         raise UsageError(f"--out {out} already holds files that are not a tiny-audio export ({', '.join(present[:3])}"
                          f"{', ...' if len(present) > 3 else ''}): name a new or empty folder, or pass --overwrite to "
-                         f"replace {', '.join(OWN_FILES)} in it")
+                         "write the export's files into it")
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -113,11 +125,17 @@ def export(checkpoint_path: str | Path, out: str | Path, overwrite: bool = False
     try:
         _write_export(checkpoint, Path(checkpoint_path), staging)
         written = sorted(staging.iterdir())
-        for file in written:
-            give_usual_mode(file)
-            os.replace(file, out / file.name)
-        if earlier and ADAPTER not in {f.name for f in written}:
-            (out / ADAPTER).unlink(missing_ok=True)  # the earlier export's, from a LoRA run
+        for path in written:
+            for part in (path, *path.rglob("*")):
+                give_usual_mode(part)
+            if path.is_dir() and (out / path.name).is_dir():
+                shutil.rmtree(out / path.name)  # the export's own subfolder (processor/), replaced whole
+            os.replace(path, out / path.name)
+        if earlier:  # files of the earlier export that this one does not have (an adapter, an old format's)
+            names = {f.name for f in written}
+            for stale in ("projector.safetensors", "adapter.safetensors"):
+                if stale not in names:
+                    (out / stale).unlink(missing_ok=True)
     except OSError as error:
         raise UsageError(f"cannot write to --out {out}: {error.strerror or error}") from error
     finally:
@@ -131,66 +149,74 @@ def export(checkpoint_path: str | Path, out: str | Path, overwrite: bool = False
 
 def _write_export(checkpoint: dict[str, Any], checkpoint_path: Path, folder: Path) -> None:
     """The export's files, into ``folder``."""
-    state = checkpoint["state_dict"]
-    weights = {k.removeprefix("projector."): v.contiguous() for k, v in state.items() if k.startswith("projector.")}
-    adapter = {k.removeprefix("decoder."): v.contiguous() for k, v in state.items() if k.startswith("decoder.")}
-    save_file(weights, folder / WEIGHTS, metadata={"format": FORMAT})
-    if adapter:
-        save_file(adapter, folder / ADAPTER, metadata={"format": FORMAT})
-    config = {
-        "format": FORMAT,
-        "model": model_settings(checkpoint, checkpoint_path),  # local folders absolute: usable anywhere
-        "projector_parameters": sum(v.numel() for v in weights.values()),
-        "adapter_parameters": sum(v.numel() for v in adapter.values()),
-        "training": {"global_step": checkpoint.get("global_step"),
-                     "data": {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items()
-                              if not k.startswith("_")},
-                     "validation": checkpoint.get("validation", {})},
-    }
-    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    settings = model_settings(checkpoint, checkpoint_path)  # local folders absolute: usable anywhere
+    config = TinyAudioConfig(**settings)
+    weights = trained_weights(checkpoint)
+    processor = TinyAudioProcessor.from_models(settings["encoder"], settings["decoder"], settings["system_prompt"],
+                                               settings["prompt"], settings["trust_remote_code"])
+    config.training = {
+        "global_step": checkpoint.get("global_step"),
+        "learning_rate": checkpoint["hyper_parameters"].get("learning_rate"),
+        "warmup_steps": checkpoint["hyper_parameters"].get("warmup_steps"),
+        "projector_parameters": sum(v.numel() for k, v in weights.items() if k.startswith("projector.")),
+        "adapter_parameters": sum(v.numel() for k, v in weights.items() if not k.startswith("projector.")),
+        "data": {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")},
+        "validation": checkpoint.get("validation", {})}
+    write_model_folder(folder, config, weights, processor)
     (folder / "README.md").write_text(model_card(config))
 
 
-def model_card(config: dict[str, Any]) -> str:
+def model_card(config: TinyAudioConfig) -> str:
     """A short model card: what the model is, how it was trained, how well it did, how to use it."""
-    model, training = config["model"], config["training"]
+    training = config.training
     data, validation = training["data"], training["validation"]
     scores = ("\n".join(f"| {name} | {value:.4g} |" for name, value in sorted(validation.get("metrics", {}).items()))
               or "| (no validation in this run) | |")
+    lora = (f"rank {config.lora_rank} on {config.lora_targets or 'q/k/v/o_proj'}, "
+            f"{training['adapter_parameters']:,} parameters" if config.lora_rank else "none")
     return f"""---
-library_name: tiny-audio
-tags: [automatic-speech-recognition, speech-llm]
+library_name: transformers
+pipeline_tag: automatic-speech-recognition
+tags: [automatic-speech-recognition, speech-llm, tiny-audio]
 ---
-# Speech recognition projector for {model['decoder']}
+# Speech recognition with {config.decoder}
 
 A projector trained with tiny-audio (PyTorch Lightning) between the frozen speech encoder
-`{model['encoder']}` and the frozen LLM `{model['decoder']}`. Only the projector is in this folder
-(`{WEIGHTS}`, {config['projector_parameters']:,} parameters); the encoder and decoder are loaded by name.
+`{config.encoder}` and the frozen LLM `{config.decoder}`. Only the trained weights are in this
+folder (`{WEIGHTS}`: the projector's {training['projector_parameters']:,} parameters); the encoder and
+decoder are loaded by name.
+
+## Use
+
+```python
+from transformers import pipeline
+
+asr = pipeline("automatic-speech-recognition", model="THIS_FOLDER", trust_remote_code=True)
+print(asr("clip.wav")["text"])
+```
+
+`AutoModel.from_pretrained("THIS_FOLDER", trust_remote_code=True)` gives the model itself; its
+`processor` turns audio into features and `generate` / `transcribe` decode greedily. Needs
+`transformers`, `torch` and `soundfile` (and `soxr` for audio not at 16 kHz). With tiny-audio
+installed: `tiny-audio transcribe clip.wav --ckpt THIS_FOLDER`.
 
 ## Training recipe
 
-- projector: stack {model['projector_stack']} frames, SwiGLU hidden {model['projector_hidden']}, RMSNorm in and out
-- decoder LoRA: {f"rank {model['lora_rank']} on {model['lora_targets'] or 'q/k/v/o_proj'}, "
-                 f"{config['adapter_parameters']:,} parameters in `{ADAPTER}`" if model.get('lora_rank') else 'none'}
-- prompt: system `{model['system_prompt']}`, user `{model['prompt']}`
-- AdamW, learning rate {model['learning_rate']}, {model['warmup_steps']} warmup steps then cosine;
+- projector: stack {config.projector_stack} frames, SwiGLU hidden {config.projector_hidden}, RMSNorm in and out
+- decoder LoRA: {lora}
+- prompt: system `{config.system_prompt}`, user `{config.prompt}`
+- AdamW, learning rate {training['learning_rate']}, {training['warmup_steps']} warmup steps then cosine;
   {training['global_step']} optimizer steps
 - data: `{data.get('dataset')}` ({data.get('config_name')}), split `{data.get('train_split')}`,
-  batch {data.get('batch_size')} per device, transcripts `{data.get('text_normalization')}`
+  transcripts `{data.get('text_normalization')}`
 
-## Validation (split `{data.get('val_split')}`, step {validation.get('step')})
+## Validation (step {validation.get('step')})
 
 | metric | value |
 | --- | --- |
 {scores}
 
 WER is computed after Whisper's English text normaliser.
-
-## Use
-
-```bash
-tiny-audio transcribe clip.wav --ckpt THIS_FOLDER
-```
 """
 
 
@@ -201,9 +227,8 @@ def push_to_hub(folder: str | Path, repo_id: str) -> str:
 
     if hub_constants.HF_HUB_OFFLINE:
         raise UsageError("cannot push to the hub: HF_HUB_OFFLINE is set. Unset it (and log in with "
-                      "`hf auth login` or set HF_TOKEN) to upload.")
+                         "`hf auth login` or set HF_TOKEN) to upload.")
     api = HfApi(token=os.environ.get("HF_TOKEN"))  # None: huggingface_hub's own login, never written by us
     api.create_repo(repo_id, exist_ok=True)
     return str(api.upload_folder(folder_path=str(folder), repo_id=repo_id,
-                                 commit_message="Upload tiny-audio projector"))
-
+                                 commit_message="Upload tiny-audio model"))

@@ -1,11 +1,11 @@
 """Transcribing audio files with a trained model: ``tiny-audio transcribe AUDIO... --ckpt PATH``.
 
 Files of any format libsndfile reads (wav, flac, ogg, mp3), sample rate and channel count are
-decoded, downmixed and resampled as in training. A file longer than the encoder's 30 s window is
-cut into windows of at most 30 s, each cut placed at the quietest 25 ms within the last
-``search_s`` seconds before the limit (so a cut falls between words where there is a pause), the
-windows are transcribed like separate clips and their texts joined with a space. Windows of many
-files are batched together, shortest to longest, so a batch wastes little padding.
+decoded, downmixed and resampled as in training, by the model's own processor (the exported
+folder's pipeline does the same). A file longer than the encoder's 30 s window is cut into windows
+of at most 30 s at pauses (``processing.split_windows``), the windows are transcribed like separate
+clips and their texts joined with a space. Windows of many files are batched together, shortest to
+longest, so a batch wastes little padding.
 """
 
 from __future__ import annotations
@@ -19,25 +19,9 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from tiny_audio_pl.data import WHISPER_WINDOW_S, Featurizer, collate, decode_audio
 from tiny_audio_pl.errors import UsageError
-from tiny_audio_pl.model import SpeechLLM
-
-
-def split_windows(audio: np.ndarray, sample_rate: int, window_s: float = WHISPER_WINDOW_S,
-                  search_s: float = 3.0) -> list[np.ndarray]:
-    """Cut ``audio`` into pieces of at most ``window_s`` seconds, each cut at the quietest 25 ms near the limit."""
-    window, search, frame = int(window_s * sample_rate), int(search_s * sample_rate), int(0.025 * sample_rate)
-    pieces, start = [], 0
-    while len(audio) - start > window:
-        lo = start + window - search
-        region = audio[lo:start + window]
-        energy = np.square(region[: len(region) // frame * frame]).reshape(-1, frame).sum(axis=1)  # [frames]
-        cut = lo + int(np.argmin(energy)) * frame + frame // 2
-        pieces.append(audio[start:cut])
-        start = cut
-    pieces.append(audio[start:])
-    return pieces
+from tiny_audio_pl.modeling import TinyAudioModel
+from tiny_audio_pl.processing import decode_audio, split_windows
 
 
 @dataclass
@@ -52,7 +36,7 @@ class Transcript:
 MIN_DURATION_S = 0.1  # shorter than the encoders' first frame (Whisper's STFT, HuBERT's 25 ms conv); data.min_duration
 
 
-def transcribe_files(model: SpeechLLM, files: list[str], batch_size: int = 8, progress: bool = True,
+def transcribe_files(model: TinyAudioModel, files: list[str], batch_size: int = 8, progress: bool = True,
                      chunk_batches: int = 16) -> Iterator[Transcript]:
     """Transcribe ``files`` in batches; yields one :class:`Transcript` per file, in the given order.
 
@@ -60,7 +44,7 @@ def transcribe_files(model: SpeechLLM, files: list[str], batch_size: int = 8, pr
     many files there are. A file that cannot be used (unreadable, too short, or failing in the
     model) yields a transcript with ``error`` set, and the other files are transcribed as usual.
     """
-    featurize = Featurizer(model.hparams.encoder)
+    processor = model.processor
     # A bar for a person watching a terminal; none in a log file (disable=None: off when not a TTY).
     shown = None if progress and len(files) > 1 else True
     bar = tqdm(total=len(files), desc="transcribing", unit="file", disable=shown)
@@ -70,11 +54,11 @@ def transcribe_files(model: SpeechLLM, files: list[str], batch_size: int = 8, pr
         result = Transcript(str(path), "", 0.0, 0)
         pending.append(result)
         try:
-            audio = decode_audio(str(path), featurize.sample_rate)
-            result.duration_s = len(audio) / featurize.sample_rate
+            audio = decode_audio(str(path), processor.sample_rate)
+            result.duration_s = len(audio) / processor.sample_rate
             if result.duration_s < MIN_DURATION_S:
                 raise ValueError(f"too short ({result.duration_s:.3f} s; at least {MIN_DURATION_S} s of audio)")
-            pieces = [featurize(p) for p in split_windows(audio, featurize.sample_rate) if len(p)]
+            pieces = [processor.features(p) for p in split_windows(audio, processor.sample_rate)]
         except Exception as error:  # noqa: BLE001 - reported for this file, the others go on
             result.error = f"cannot read: {error}" if isinstance(error, sf.LibsndfileError) else str(error)
         else:
@@ -89,12 +73,12 @@ def transcribe_files(model: SpeechLLM, files: list[str], batch_size: int = 8, pr
     bar.close()
 
 
-def _transcribe_batch(model: SpeechLLM, features: list[np.ndarray]) -> list[str]:
-    padded = collate([{"features": f, "skip": "", "id": "", "text": ""} for f in features])
-    return model.transcribe(padded["features"].to(model.device), padded["feature_lengths"])
+def _transcribe_batch(model: TinyAudioModel, features: list[np.ndarray]) -> list[str]:
+    padded, lengths = model.processor.pad(features)
+    return model.transcribe(padded.to(model.device), lengths)
 
 
-def _decode(model: SpeechLLM, results: list[Transcript], windows: list[tuple[int, np.ndarray]], batch_size: int
+def _decode(model: TinyAudioModel, results: list[Transcript], windows: list[tuple[int, np.ndarray]], batch_size: int
             ) -> Iterator[Transcript]:
     """Transcribe ``windows`` shortest first (little padding per batch), then join each file's texts.
 

@@ -1,0 +1,305 @@
+"""The network as a ``transformers`` model: frozen encoder -> trained projector -> frozen LLM decoder.
+
+One example becomes the decoder input::
+
+    [chat prefix ... "Transcribe: "] [audio embeddings, n_i of them] [chat suffix ... assistant turn]
+    [answer tokens] [end-of-turn]
+
+and the next-token loss covers only the answer and the end-of-turn token. Only the projector is
+trained (optionally LoRA adapters in the decoder too): the encoder runs without autograd, the decoder
+passes gradients through to its input embeddings, and both stay in eval mode (no dropout). The LM
+head is applied only at positions that carry a label, which skips the 128k-wide logits of every
+prompt and audio position.
+
+:class:`TinyAudioModel` is the one place the network lives: the training loop wraps it
+(``tiny_audio_pl.model``), ``tiny-audio transcribe`` runs it, and an exported folder holds its
+config, its trained weights only (the frozen models are loaded by name, as in training), the
+processor's files and this code, so that ``AutoModel.from_pretrained(folder, trust_remote_code=True)``
+and ``pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)`` work without
+``tiny_audio_pl`` installed. This file therefore imports only torch, transformers and its sibling files.
+"""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
+
+from .encoder import AudioEncoder, encoder_config
+from .errors import UsageError, explained_loading
+from .processing import ChatPrompt, TinyAudioProcessor
+from .projector import Projector
+
+IGNORE = -100
+WEIGHTS = "model.safetensors"
+PROCESSOR = "processor"  # the processor's files, in a folder of their own: the Auto classes would read config.json
+# The files an exported folder needs besides its config, weights and processor files: this model's code.
+CODE = ("modeling.py", "processing.py", "pipeline.py", "encoder.py", "projector.py", "errors.py")
+# The settings of TinyAudioConfig: what a training run's model options and an export share.
+SETTINGS = ("encoder", "decoder", "projector_stack", "projector_hidden", "system_prompt", "prompt", "max_new_tokens",
+            "whisper_full_window", "frozen_dtype", "trust_remote_code", "lora_rank", "lora_alpha", "lora_targets")
+
+
+class TinyAudioConfig(PretrainedConfig):
+    """Everything that rebuilds a :class:`TinyAudioModel` around its trained weights."""
+
+    model_type = "tiny_audio"
+
+    def __init__(self, encoder: str = "openai/whisper-large-v3-turbo", decoder: str = "HuggingFaceTB/SmolLM3-3B",
+                 projector_stack: int = 2, projector_hidden: int = 5120, system_prompt: str = "/no_think",
+                 prompt: str = "Transcribe: <audio>", max_new_tokens: int = 128, whisper_full_window: bool = False,
+                 frozen_dtype: str = "float32", trust_remote_code: bool = False, lora_rank: int = 0,
+                 lora_alpha: float = 32.0, lora_targets: list[str] | None = None, **kwargs: Any) -> None:
+        """The settings; ``tiny_audio_pl.model.SpeechLLM`` documents each (they are its ``model.*`` options)."""
+        self.encoder, self.decoder = encoder, decoder
+        self.projector_stack, self.projector_hidden = projector_stack, projector_hidden
+        self.system_prompt, self.prompt, self.max_new_tokens = system_prompt, prompt, max_new_tokens
+        self.whisper_full_window, self.frozen_dtype = whisper_full_window, frozen_dtype
+        self.trust_remote_code = trust_remote_code
+        self.lora_rank, self.lora_alpha, self.lora_targets = lora_rank, lora_alpha, lora_targets
+        super().__init__(**kwargs)
+
+
+@dataclass
+class Layout:
+    """The decoder input :meth:`TinyAudioModel.assemble` built, and where its labels are."""
+
+    embeds: torch.Tensor  # [B, L, D], zero at padding
+    mask: torch.Tensor  # [B, L], 1 at real positions
+    labels: torch.Tensor  # [B, L], the token at each answer position, IGNORE elsewhere
+    predicting: torch.Tensor  # [N_labels] flat indices (b * L + t) of the positions whose next token is a label
+
+
+class TinyAudioModel(PreTrainedModel):
+    """Speech recognition with a frozen encoder, a trained projector and a frozen LLM decoder."""
+
+    config_class = TinyAudioConfig
+    base_model_prefix = "tiny_audio"
+    # Attention kernels for the frozen models. Not cuDNN's: it builds an execution plan for every new
+    # input shape, and with batches of varying length nearly every batch is a new shape (measured on
+    # an H100: see docs/benchmarks.md). Flash / memory-efficient kernels take any shape at no setup cost.
+    attention_backends: list[SDPBackend] | None = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                                   SDPBackend.MATH]
+
+    def __init__(self, config: TinyAudioConfig, processor: TinyAudioProcessor | None = None) -> None:
+        """Load the frozen models by name and build the projector (its own initialisation).
+
+        Args:
+            config: the settings.
+            processor: feature extraction and tokenization (default: from the encoder's and decoder's names).
+        """
+        super().__init__(config)
+        remote = config.trust_remote_code
+        encoder_config(config.encoder, remote)  # a wrong encoder fails here, before any weights are read
+        self.processor = processor or TinyAudioProcessor.from_models(config.encoder, config.decoder,
+                                                                     config.system_prompt, config.prompt, remote)
+        dtype = getattr(torch, config.frozen_dtype)
+        self.encoder = AudioEncoder(config.encoder, config.whisper_full_window, dtype, remote)
+        with explained_loading(config.decoder, "decoder"):
+            self.decoder = AutoModelForCausalLM.from_pretrained(config.decoder, dtype=dtype, trust_remote_code=remote)
+        embeddings = self.decoder.get_input_embeddings().weight
+        self.projector = Projector(self.encoder.dim, embeddings.shape[1], config.projector_stack,
+                                   config.projector_hidden,
+                                   output_scale=embeddings.detach().float().pow(2).mean().sqrt().item())
+        for frozen in (self.encoder, self.decoder):
+            frozen.requires_grad_(False)
+            frozen.eval()
+        if config.lora_rank > 0:
+            self._add_lora(config.lora_rank, config.lora_alpha, config.lora_targets or ["q_proj", "k_proj", "v_proj",
+                                                                                          "o_proj"])
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """Nothing to do: the frozen weights come from their checkpoints, the projector initialises itself."""
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """False for ``transformers``: :meth:`generate` is this model's own greedy decoding, not GenerationMixin's."""
+        return False
+
+    def _add_lora(self, rank: int, alpha: float, targets: list[str]) -> None:
+        """Trainable low-rank adapters in the frozen decoder (float32, B initialised to zero: no change at first)."""
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError as error:
+            raise UsageError("model.lora_rank needs peft: pip install peft") from error
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets),
+                                self.decoder)
+        for name, parameter in self.decoder.named_parameters():
+            if "lora_" in name:
+                parameter.data = parameter.data.float()
+                parameter.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> TinyAudioModel:
+        """Train mode reaches the projector only: the frozen models stay in eval (no dropout)."""
+        super().train(mode)
+        self.encoder.eval()
+        self.decoder.eval()
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors (projector, LoRA adapters): all a checkpoint or an export holds."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {name: value for name, value in self.state_dict().items() if name in trainable}
+
+    # ------------------------------------------------------------------------------------ the network
+    def attention(self) -> AbstractContextManager:
+        """The attention kernels the frozen models may use (all of PyTorch's when ``attention_backends`` is None)."""
+        return sdpa_kernel(self.attention_backends) if self.attention_backends else nullcontext()
+
+    def embed_audio(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Features -> projected audio embeddings ``[B, N, D_dec]`` and each clip's valid token count."""
+        # Lengths stay on the CPU, so this reads no device memory: every later shape and index is
+        # computed on the CPU, and the step never waits for the GPU.
+        lengths = self.projector.output_lengths(self.encoder.frame_lengths(feature_lengths.cpu())).tolist()
+        with torch.no_grad(), self.attention():
+            frames, _ = self.encoder(features, feature_lengths)  # [B, T, D_enc]
+        audio = self.projector(frames.float())  # [B, ceil(T/k), D_dec]; autocast picks the matmul dtype
+        return audio, [min(n, audio.shape[1]) for n in lengths]
+
+    def chat_prompts(self, prompts: list[str | None] | None, count: int) -> list[ChatPrompt]:
+        """The chat layout of each clip: its own user prompt (mixed-task data) or the configured one."""
+        return [self.processor.chat(text) for text in prompts or [None] * count]
+
+    def assemble(self, audio: torch.Tensor, audio_lengths: list[int], prompts: list[ChatPrompt],
+                 targets: list[list[int]] | None = None, padding: Literal["right", "left"] = "right") -> Layout:
+        """Splice audio embeddings into the chat prompt, one row per clip.
+
+        The layout (token ids, where each audio vector goes, labels) is built on the CPU and sent
+        with one non-blocking copy each; the embeddings are then gathered in a few batched ops.
+
+        Args:
+            audio: ``[B, N, D]`` projected audio; row i is valid for ``audio_lengths[i]`` positions.
+            audio_lengths: B counts (0: the prompt without any audio).
+            prompts: each row's chat layout.
+            targets: token ids to append after the prompt (training); ``None`` for generation.
+            padding: ``right`` for training (causal attention needs no mask then), ``left`` for
+                generation (every row's next token is at the end).
+        """
+        targets = targets or [[] for _ in audio_lengths]
+        batch, slots = len(audio_lengths), audio.shape[1]
+        rows = [p.length(n) + len(t) for p, n, t in zip(prompts, audio_lengths, targets)]
+        length = max(rows)
+        ids = torch.zeros(batch, length, dtype=torch.long)  # token ids; 0 at audio and padding
+        source = torch.full((batch, length), -1, dtype=torch.long)  # row of audio.view(B * N, D), -1: none
+        labels = torch.full((batch, length), IGNORE, dtype=torch.long)
+        mask = torch.zeros(batch, length, dtype=torch.long)
+        predicting = []
+        for i, (n, target) in enumerate(zip(audio_lengths, targets)):
+            prefix, suffix = prompts[i].prefix_ids, prompts[i].suffix_ids
+            start = length - rows[i] if padding == "left" else 0
+            audio_at = start + len(prefix)
+            ids[i, start:audio_at] = torch.tensor(prefix, dtype=torch.long)
+            source[i, audio_at:audio_at + n] = torch.arange(i * slots, i * slots + n)
+            tail = torch.tensor(suffix + target, dtype=torch.long)
+            ids[i, audio_at + n:start + rows[i]] = tail
+            answer_at = start + rows[i] - len(target)
+            labels[i, answer_at:start + rows[i]] = tail[len(suffix):]
+            predicting.append(torch.arange(len(target)) + i * length + answer_at - 1)  # position t predicts t + 1
+            mask[i, start:start + rows[i]] = 1
+        device = audio.device
+        ids, source, labels, mask, predicting = (t.to(device, non_blocking=True)
+                                                 for t in (ids, source, labels, mask, torch.cat(predicting)))
+        tokens = self.decoder.get_input_embeddings()(ids)  # [B, L, D]
+        placed = audio.reshape(batch * slots, -1).to(tokens.dtype)[source.clamp(min=0)]  # [B, L, D]
+        embeds = torch.where(source[..., None] >= 0, placed, tokens) * mask[..., None].to(tokens.dtype)
+        return Layout(embeds, mask, labels, predicting)
+
+    def loss(self, audio: torch.Tensor, audio_lengths: list[int], targets: list[list[int]],
+             prompts: list[str | None] | None = None, reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+        """Next-token loss of the ``targets`` given projected audio ``[B, N, D]`` (from :meth:`embed_audio`).
+
+        ``reduction``: the mean over the target tokens, or their sum.
+        """
+        layout = self.assemble(audio, audio_lengths, self.chat_prompts(prompts, len(targets)), targets)
+        # Rows are right-padded and attention is causal, so no real position can see padding: no mask
+        # is needed, which lets SDPA run its flash kernel. Padded positions compute garbage nobody reads.
+        with self.attention():
+            hidden = self.decoder.get_decoder()(inputs_embeds=layout.embeds, use_cache=False).last_hidden_state
+        # The LM head runs only at the positions whose next token is a label: [N_labels, V], not [B, L, V].
+        logits = self.decoder.get_output_embeddings()(hidden.flatten(0, 1)[layout.predicting])
+        return F.cross_entropy(logits.float(), layout.labels.flatten()[layout.predicting + 1], reduction=reduction)
+
+    def forward(self, input_features: torch.Tensor, feature_lengths: torch.Tensor, targets: list[list[int]],
+                prompts: list[str | None] | None = None) -> torch.Tensor:
+        """Mean next-token loss over the target tokens of a padded batch."""
+        return self.loss(*self.embed_audio(input_features, feature_lengths), targets, prompts)
+
+    @torch.no_grad()
+    def generate(self, input_features: torch.Tensor, feature_lengths: torch.Tensor,
+                 prompts: list[str | None] | None = None, max_new_tokens: int | None = None) -> torch.Tensor:
+        """Greedy batched decoding of a padded batch: the answer's token ids ``[B, T]``."""
+        return self.generate_from_audio(*self.embed_audio(input_features, feature_lengths), prompts, max_new_tokens)
+
+    @torch.no_grad()
+    def generate_from_audio(self, audio: torch.Tensor, audio_lengths: list[int],
+                            prompts: list[str | None] | None = None, max_new_tokens: int | None = None
+                            ) -> torch.Tensor:
+        """Greedy batched decoding from projected audio ``[B, N, D]`` (from :meth:`embed_audio`)."""
+        layout = self.assemble(audio, audio_lengths, self.chat_prompts(prompts, len(audio_lengths)), padding="left")
+        end, pad = self.processor.end_id, self.processor.tokenizer.pad_token_id
+        config = GenerationConfig(max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=False,
+                                  eos_token_id=end, pad_token_id=end if pad is None else pad)
+        with self.attention():
+            return self.decoder.generate(inputs_embeds=layout.embeds, attention_mask=layout.mask,
+                                         generation_config=config)
+
+    def transcribe(self, input_features: torch.Tensor, feature_lengths: torch.Tensor,
+                   prompts: list[str | None] | None = None) -> list[str]:
+        """Greedy batched decoding of a padded batch (each clip with its own prompt, if given); one string per clip."""
+        return self.processor.decode(self.generate(input_features, feature_lengths, prompts))
+
+    # ------------------------------------------------------------------------------------ the folder
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """The model folder: config, trained weights only, processor files and this code (see module docstring)."""
+        write_model_folder(save_directory, self.config, self.trainable_state_dict(), self.processor)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, dtype: Any = None,
+                        config: TinyAudioConfig | None = None, **kwargs: Any) -> TinyAudioModel:
+        """Rebuild the model from a folder (or hub repository) written by :meth:`save_pretrained`.
+
+        The frozen encoder and decoder are loaded by the names in the config; ``dtype`` (a
+        ``torch.dtype`` or its name; ``None`` or ``"auto"``: the config's ``frozen_dtype``) overrides
+        the dtype they are held in. Extra keyword arguments of ``transformers`` are accepted and ignored.
+        """
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(pretrained_model_name_or_path)))
+        config = config or TinyAudioConfig.from_pretrained(folder)
+        if dtype not in (None, "auto"):
+            config.frozen_dtype = str(dtype).removeprefix("torch.")
+        model = cls(config, TinyAudioProcessor.from_pretrained(folder / PROCESSOR))
+        weights = load_file(folder / WEIGHTS)
+        expected = set(model.trainable_state_dict())
+        if set(weights) != expected:
+            raise UsageError(f"{folder} does not match its config: missing {sorted(expected - set(weights))[:3]}, "
+                             f"unexpected {sorted(set(weights) - expected)[:3]}")
+        model.load_state_dict(weights, strict=False)
+        return model.eval()
+
+
+def write_model_folder(folder: str | Path, config: TinyAudioConfig, weights: dict[str, torch.Tensor],
+                       processor: TinyAudioProcessor) -> None:
+    """Write a loadable model folder: ``config.json`` (with the ``auto_map`` and the custom pipeline that
+    point ``transformers`` at the code), ``model.safetensors`` (``weights``), the processor's files and the code."""
+    folder = Path(folder)
+    config.auto_map = {"AutoConfig": "modeling.TinyAudioConfig", "AutoModel": "modeling.TinyAudioModel"}
+    config.custom_pipelines = {"automatic-speech-recognition": {"impl": "pipeline.TinyAudioPipeline",
+                                                                "pt": ["AutoModel"], "type": "audio"}}
+    config.architectures = ["TinyAudioModel"]
+    config.save_pretrained(folder)
+    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}, folder / WEIGHTS,
+              metadata={"format": "pt"})
+    processor.save_pretrained(folder / PROCESSOR)
+    for name in CODE:
+        shutil.copyfile(Path(__file__).with_name(name), folder / name)

@@ -1,0 +1,210 @@
+"""Preprocessing, in one place: audio to encoder features, text to decoder tokens and back, the chat layout.
+
+Training (the data module's workers), validation, ``tiny-audio transcribe`` and the exported model's
+``transformers`` pipeline all use :class:`TinyAudioProcessor`, so a clip is turned into features and a
+transcript into tokens the same way everywhere. This file is copied into exported model folders and
+imports nothing of ``tiny_audio_pl`` outside its own folder (only torch, transformers, numpy,
+soundfile, and soxr when audio must be resampled).
+
+- Audio is decoded with soundfile (wav, flac, ogg, mp3), downmixed, and resampled with soxr
+  (``datasets``' own decoding would need torchcodec and FFmpeg).
+- Features come from the encoder's own feature extractor, one clip at a time and unpadded; batches
+  are padded to their longest clip only (not to Whisper's 30 s), with the true lengths alongside.
+- The prompt comes from the decoder's chat template, split at the ``<audio>`` placeholder, so
+  training sees exactly what generation sees; the end-of-turn token is read off the template.
+- Audio longer than the encoder's 30 s window is cut into windows at pauses (:func:`split_windows`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+from transformers import AutoFeatureExtractor, AutoTokenizer, PreTrainedTokenizerBase
+
+from .errors import UsageError, explained_loading
+
+AUDIO_PLACEHOLDER = "<audio>"
+WHISPER_WINDOW_S = 30.0  # the Whisper encoder's position table covers 30 s
+PROCESSOR_FILE = "processor_config.json"
+
+
+def _readable(value: dict | bytes | str) -> io.BytesIO | str:
+    """What soundfile reads for a stored clip: its bytes (``datasets``' ``{bytes, path}`` or raw) or its path."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    return io.BytesIO(value) if isinstance(value, bytes) else value
+
+
+def decode_audio(value: dict | bytes | str, sample_rate: int) -> np.ndarray:
+    """Decode one stored clip or file to float32 mono at ``sample_rate``.
+
+    Args:
+        value: an undecoded ``datasets`` audio value (``{"bytes": ..., "path": ...}``), raw encoded
+            bytes, or a file path. wav, flac, ogg and mp3 are read by libsndfile.
+        sample_rate: the rate the encoder expects.
+
+    Returns:
+        ``[num_samples]`` float32 waveform.
+    """
+    audio, rate = sf.read(_readable(value), dtype="float32", always_2d=True)  # [T, C]
+    return resample(audio.mean(axis=1), rate, sample_rate)
+
+
+def resample(audio: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
+    """``audio`` [T] from ``rate`` to ``sample_rate`` Hz with soxr (needed only when the rates differ)."""
+    if rate != sample_rate:
+        try:
+            import soxr
+        except ImportError as error:
+            raise UsageError(f"resampling {rate} Hz audio to {sample_rate} Hz needs soxr: pip install soxr") from error
+        audio = soxr.resample(audio, rate, sample_rate)
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def stored_duration(value: dict | bytes | str | None) -> float:
+    """Duration in seconds of a stored clip, read from its header (0 when unreadable)."""
+    try:
+        return sf.info(_readable(value)).duration
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError):
+        return 0.0  # the clip is skipped later, when it fails to decode
+
+
+def split_windows(audio: np.ndarray, sample_rate: int, window_s: float = WHISPER_WINDOW_S,
+                  search_s: float = 3.0) -> list[np.ndarray]:
+    """Cut ``audio`` into pieces of at most ``window_s`` seconds, each cut at the quietest 25 ms near the limit.
+
+    The cut falls within the last ``search_s`` seconds before each limit, where the energy is lowest,
+    so it lands between words where there is a pause; nothing is dropped or repeated.
+    """
+    window, search, frame = int(window_s * sample_rate), int(search_s * sample_rate), int(0.025 * sample_rate)
+    pieces, start = [], 0
+    while len(audio) - start > window:
+        lo = start + window - search
+        region = audio[lo:start + window]
+        energy = np.square(region[: len(region) // frame * frame]).reshape(-1, frame).sum(axis=1)  # [frames]
+        cut = lo + int(np.argmin(energy)) * frame + frame // 2
+        pieces.append(audio[start:cut])
+        start = cut
+    pieces.append(audio[start:])
+    return [piece for piece in pieces if len(piece)]
+
+
+class ChatPrompt:
+    """Token ids around the audio, derived from the decoder's chat template."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, system_prompt: str, prompt: str) -> None:
+        if prompt.count(AUDIO_PLACEHOLDER) != 1:
+            raise UsageError(f"model.prompt must contain '{AUDIO_PLACEHOLDER}' exactly once, got {prompt!r}")
+        if not tokenizer.chat_template:
+            raise UsageError("the decoder's tokenizer has no chat template: use an instruct/chat model")
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        before, after = text.split(AUDIO_PLACEHOLDER)
+        self.prefix_ids: list[int] = tokenizer(before, add_special_tokens=False).input_ids
+        self.suffix_ids: list[int] = tokenizer(after, add_special_tokens=False).input_ids
+
+    def length(self, audio_tokens: int) -> int:
+        """Decoder positions of the prompt around ``audio_tokens`` audio embeddings (before the answer)."""
+        return len(self.prefix_ids) + audio_tokens + len(self.suffix_ids)
+
+
+def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token the chat template writes right after an assistant message."""
+    sentinel = "SENTINEL7Q"
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": sentinel}]
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    tail = tokenizer(full.split(sentinel, 1)[1].strip(), add_special_tokens=False).input_ids
+    return tail[0] if tail else tokenizer.eos_token_id
+
+
+class TinyAudioProcessor:
+    """The encoder's feature extractor and the decoder's tokenizer, with the chat layout around the audio."""
+
+    def __init__(self, feature_extractor: Any, tokenizer: PreTrainedTokenizerBase, system_prompt: str = "",
+                 prompt: str = f"Transcribe: {AUDIO_PLACEHOLDER}") -> None:
+        """Wrap the two.
+
+        Args:
+            feature_extractor: the encoder's own (Whisper log-mel, or a waveform normaliser).
+            tokenizer: the decoder's, with a chat template.
+            system_prompt: system message of the chat ("" for none).
+            prompt: user message; ``<audio>`` marks where the audio embeddings go.
+        """
+        self.feature_extractor, self.tokenizer = feature_extractor, tokenizer
+        self.system_prompt, self.user_prompt = system_prompt, prompt
+        self.sample_rate: int = feature_extractor.sampling_rate
+        self.is_whisper = "WhisperFeatureExtractor" in type(feature_extractor).__name__
+        self.prompt = ChatPrompt(tokenizer, system_prompt, prompt)  # checks the template
+        self.end_id = end_of_turn(tokenizer)
+        self._prompts: dict[str, ChatPrompt] = {prompt: self.prompt}  # other prompts met in the data
+
+    @classmethod
+    def from_models(cls, encoder: str, decoder: str, system_prompt: str = "",
+                    prompt: str = f"Transcribe: {AUDIO_PLACEHOLDER}", trust_remote_code: bool = False
+                    ) -> TinyAudioProcessor:
+        """The processor of an encoder and a decoder named by hub id or local folder (no weights are read)."""
+        with explained_loading(encoder, "encoder"):
+            features = AutoFeatureExtractor.from_pretrained(encoder, trust_remote_code=trust_remote_code)
+        with explained_loading(decoder, "decoder"):
+            tokenizer = AutoTokenizer.from_pretrained(decoder, trust_remote_code=trust_remote_code)
+        return cls(features, tokenizer, system_prompt, prompt)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> TinyAudioProcessor:
+        """The processor saved in a model folder by :meth:`save_pretrained`."""
+        settings = json.loads((Path(folder) / PROCESSOR_FILE).read_text())
+        return cls(AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=False),
+                   AutoTokenizer.from_pretrained(folder, trust_remote_code=False),
+                   settings["system_prompt"], settings["prompt"])
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """The feature extractor's and tokenizer's files, and the prompts, into ``folder`` (made if need be)."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.feature_extractor.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        settings = {"system_prompt": self.system_prompt, "prompt": self.user_prompt}
+        (Path(folder) / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+    # ------------------------------------------------------------------------------------- audio
+    def features(self, audio: np.ndarray) -> np.ndarray:
+        """One clip at ``sample_rate`` -> log-mel ``[n_mels, frames]`` or normalised waveform ``[samples]``."""
+        if self.is_whisper:
+            out = self.feature_extractor(audio, sampling_rate=self.sample_rate, padding="longest", truncation=False,
+                                         return_tensors="np")
+            return out["input_features"][0]
+        return self.feature_extractor(audio, sampling_rate=self.sample_rate, return_tensors="np")["input_values"][0]
+
+    @staticmethod
+    def pad(features: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clips' features zero-padded to the longest: ``[B, n_mels, T]`` or ``[B, T]``, and the ``[B]`` lengths."""
+        lengths = torch.tensor([f.shape[-1] for f in features], dtype=torch.long)
+        if not features:
+            return torch.zeros(0), lengths
+        padded = torch.zeros(len(features), *features[0].shape[:-1], int(lengths.max()), dtype=torch.float32)
+        for i, clip in enumerate(features):
+            padded[i, ..., : lengths[i]] = torch.from_numpy(clip)
+        return padded, lengths
+
+    # -------------------------------------------------------------------------------------- text
+    def chat(self, prompt: str | None) -> ChatPrompt:
+        """The chat layout for a user prompt (``None``: the default one)."""
+        if prompt is None:
+            return self.prompt
+        if prompt not in self._prompts:
+            self._prompts[prompt] = ChatPrompt(self.tokenizer, self.system_prompt, prompt)
+        return self._prompts[prompt]
+
+    def targets(self, texts: list[str]) -> list[list[int]]:
+        """Answer tokens followed by the end-of-turn token: what the decoder learns to write."""
+        return [ids + [self.end_id] for ids in self.tokenizer(texts, add_special_tokens=False).input_ids]
+
+    def decode(self, tokens: torch.Tensor | list[list[int]]) -> list[str]:
+        """Generated token ids to text, special tokens and surrounding spaces removed."""
+        return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
