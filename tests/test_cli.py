@@ -49,7 +49,7 @@ def test_whisper_config_is_the_production_recipe(capsys):
 
 def test_hubert_and_mac_configs_compose(capsys):
     whisper = _print_config(capsys, ROOT / "configs" / "whisper.yaml")
-    hubert = _print_config(capsys, ROOT / "configs" / "hubert.yaml")
+    hubert = _print_config(capsys, ROOT / "configs" / "whisper.yaml", ROOT / "configs" / "hubert.yaml")
     assert hubert["model"].pop("encoder") == "facebook/hubert-xlarge-ls960-ft"
     whisper["model"].pop("encoder")
     assert hubert == whisper  # the same recipe otherwise

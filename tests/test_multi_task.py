@@ -30,6 +30,21 @@ def test_mixed_stream_carries_each_sources_prompt_and_target():
     assert all(len(text.split()) > 2 for prompt, text in clips if prompt is None)
 
 
+def test_a_source_says_only_what_differs_from_the_data_settings():
+    data = SpeechDataModule(dataset=SPEECH, config_name=None, max_eval_samples=5, encoder=WHISPER, decoder=DECODER,
+                            train_sources=[Source("sex", text_column="sex", prompt=SEX_PROMPT)],
+                            eval_sets=[Source("dev"), Source("other", dataset="elsewhere", split="test",
+                                                             config_name="x", max_samples=9)])
+    (train,) = data.train_streams()
+    assert (train.dataset, train.split, train.audio_column, train.text_column, train.id_column) == (
+        SPEECH, "train", "wav", "sex", "ID")
+    assert train.max_samples is None and train.prompt == SEX_PROMPT
+    dev, other = data.evaluation_sets()
+    assert (dev.dataset, dev.split, dev.text_column, dev.max_samples) == (SPEECH, "dev", "text", 5)
+    assert (other.dataset, other.split, other.config_name, other.max_samples) == ("elsewhere", "test", "x", 9)
+    assert Source("none", config_name="").filled(config_name="large").config_name is None  # "": no configuration
+
+
 def test_bad_sources_fail_with_the_field_names():
     with pytest.raises(UsageError, match="weights must be positive"):
         SpeechDataModule(train_sources=[Source("a", SPEECH, "train", weight=0.0)])

@@ -177,13 +177,19 @@ def find_parquet_files(root: Path, config_name: str | None, split: str) -> list[
 
 @dataclass
 class Source:
-    """A dataset split and how to read it: for mixed training (``data.train_sources``) or scoring (``data.eval_sets``).
+    """A dataset split and how to read it: an entry of ``data.train_sources`` (mixed training) or
+    ``data.eval_sets`` (each scored on its own).
+
+    Every field left out takes the data module's own setting, so an entry says only what differs
+    and no ``data.*`` setting is ever ignored: ``dataset``, ``config_name`` and the columns from
+    ``data.*``; ``split`` from ``data.train_split`` (training) or ``data.val_split`` (scoring);
+    ``max_samples`` from ``data.max_eval_samples`` (scoring).
 
     Args:
         name: shown in results and metric names (``val/<name>/wer``).
         dataset: hub dataset id or local folder of parquet files.
         split: the split, e.g. ``train``, ``test`` or ``test.clean``.
-        config_name: the dataset configuration, if it has several.
+        config_name: the dataset configuration, if it has several ("" for none).
         audio_column: column holding the audio.
         text_column: column holding the target text (a transcript, or another task's answer).
         id_column: column holding the utterance id.
@@ -193,15 +199,22 @@ class Source:
     """
 
     name: str
-    dataset: str
-    split: str
+    dataset: str | None = None
+    split: str | None = None
     config_name: str | None = None
-    audio_column: str = "audio"
-    text_column: str = "text"
-    id_column: str = "id"
+    audio_column: str | None = None
+    text_column: str | None = None
+    id_column: str | None = None
     prompt: str | None = None
     weight: float = 1.0
     max_samples: int | None = None
+
+    def filled(self, **defaults: Any) -> Source:
+        """This entry with each field left out taken from ``defaults``."""
+        given = {name: value for name, value in vars(self).items() if value is not None}
+        filled = Source(**{**defaults, **given})
+        filled.config_name = filled.config_name or None  # "" asks for no configuration
+        return filled
 
 
 def _row_duration(row: dict[str, Any]) -> float:
@@ -293,11 +306,11 @@ class SpeechDataModule(LightningDataModule):
             text_normalization: how transcripts become training targets: ``lower`` lower-cases
                 (LoquaciousSet is upper case), ``none`` keeps them as they are.
             seed: seed of the shuffle (each epoch, worker and window gets its own permutation).
-            train_sources: train on a weighted mix of these instead of ``dataset``/``train_split``
-                (``datasets.interleave_datasets``), each with its own columns and prompt, e.g.
-                transcription plus other instructions (``configs/multi_task.yaml``).
-            eval_sets: score these sets, each on its own row and metrics, instead of ``val_split``
-                (each with its own columns; see ``configs/eval.yaml``).
+            train_sources: train on a weighted mix of these (``datasets.interleave_datasets``), each
+                with its own dataset, columns and prompt where they differ from the ``data.*`` ones,
+                e.g. transcription plus other instructions (``configs/multi_task.yaml``).
+            eval_sets: score these sets, each on its own row and metrics (``val/<name>/*``), each with
+                its own dataset, split and columns where they differ (``configs/eval.yaml``).
             encoder: the encoder whose feature extractor makes the features; linked to
                 ``model.encoder`` by the CLI.
             decoder: the decoder whose tokenizer turns transcripts into targets; linked to ``model.decoder``.
@@ -318,19 +331,20 @@ class SpeechDataModule(LightningDataModule):
         self.val_datasets: dict[str, IterableDataset] = {}  # "" when there is only val_split
         self.skips = SkipLedger(max_bad_share, window=1000)
 
-    def own_source(self, split: str, max_samples: int | None) -> Source:
-        """This module's ``dataset`` and columns as a :class:`Source` (used without mixes or eval sets)."""
+    def _defaults(self, split: str, max_samples: int | None) -> dict[str, Any]:
         hp = self.hparams
-        return Source("", hp.dataset, split, hp.config_name, hp.audio_column, hp.text_column, hp.id_column,
-                      max_samples=max_samples)
+        return {"dataset": hp.dataset, "split": split, "config_name": hp.config_name, "audio_column": hp.audio_column,
+                "text_column": hp.text_column, "id_column": hp.id_column, "max_samples": max_samples}
 
     def train_streams(self) -> list[Source]:
-        """What training reads: ``data.train_sources``, or ``data.dataset``'s ``train_split``."""
-        return self.train_sources or [self.own_source(self.hparams.train_split, None)]
+        """What training reads: ``data.train_sources``, or ``data.dataset``'s ``train_split`` (named "")."""
+        defaults = self._defaults(self.hparams.train_split, None)
+        return [s.filled(**defaults) for s in self.train_sources] or [Source("").filled(**defaults)]
 
     def evaluation_sets(self) -> list[Source]:
-        """What validation scores: ``data.eval_sets``, or ``data.dataset``'s ``val_split``."""
-        return self.eval_sets or [self.own_source(self.hparams.val_split, self.hparams.max_eval_samples)]
+        """What validation scores: ``data.eval_sets``, or ``data.dataset``'s ``val_split`` (named "": ``val/*``)."""
+        defaults = self._defaults(self.hparams.val_split, self.hparams.max_eval_samples)
+        return [s.filled(**defaults) for s in self.eval_sets] or [Source("").filled(**defaults)]
 
     def check(self, stage: str) -> None:
         """Open every source ``stage`` reads (files and schema only, no audio), so that a missing folder,
