@@ -25,7 +25,7 @@ import soxr
 import torch
 from datasets import Audio, load_dataset
 
-from tiny_audio_pl.data import ClipPreparer, collate
+from tiny_audio_pl.clips import ClipPreparer, collate
 from tiny_audio_pl.processing import TinyAudioProcessor
 
 ROOT = Path(__file__).resolve().parents[1]

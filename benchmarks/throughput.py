@@ -66,7 +66,7 @@ from torch.utils.data import DataLoader
 
 from data_pipeline import make_clips
 from tiny_audio_pl.cli import quiet
-from tiny_audio_pl.data import ClipPreparer, collate
+from tiny_audio_pl.clips import ClipPreparer, collate
 from tiny_audio_pl.model import SpeechLLM
 from tiny_audio_pl.modeling import TinyAudioModel
 from tiny_audio_pl.stream import budget_batches, length_grouped

@@ -12,7 +12,7 @@ import soxr
 from datasets import Audio, Features, Value, load_dataset
 
 from conftest import DECODER, SMOKE, SPEECH, WHISPER, run_cli
-from tiny_audio_pl.data import ClipPreparer
+from tiny_audio_pl.clips import ClipPreparer
 from tiny_audio_pl.processing import TinyAudioProcessor
 
 REASONS = ["missing_field", "empty_transcript", "transcript_too_long", "undecodable", "empty_audio", "nan_or_inf",

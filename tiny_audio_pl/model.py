@@ -120,8 +120,8 @@ class SpeechLLM(LightningModule):
         self._step_tokens = 0  # target tokens of the optimizer step so far, on this rank
 
     def setup(self, stage: str) -> None:
-        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        trainable = sum(p.numel() for p in self.model.trainable_parameters().values())
+        frozen = sum(p.numel() for p in self.parameters()) - trainable
         p, dim = self.model.projector, self.model.encoder.dim
         rank_zero_info(
             f"encoder  {self.hparams.encoder} (frozen)\n"
@@ -173,7 +173,7 @@ class SpeechLLM(LightningModule):
         under DDP).
         """
         tokens, self._step_tokens = self._step_tokens, 0
-        params = [p for p in self.parameters() if p.requires_grad and p.grad is not None]
+        params = [p for p in self.model.trainable_parameters().values() if p.grad is not None]
         if not params:
             return
         world = self.trainer.world_size if self._trainer else 1
@@ -273,7 +273,7 @@ class SpeechLLM(LightningModule):
         if not math.isfinite(total):
             raise UsageError("set trainer.max_steps: a streaming dataset has no length, so the LR schedule "
                              "cannot be sized from epochs")
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = list(self.model.trainable_parameters().values())
         # Not fused: Lightning refuses gradient clipping with a fused optimizer under mixed precision,
         # and the projector's optimizer step is a negligible part of a step either way.
         optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
@@ -287,7 +287,7 @@ class SpeechLLM(LightningModule):
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trained weights: the frozen models are reloaded from their names."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        trainable = {f"model.{name}" for name in self.model.trainable_parameters()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         if self._validated_at is not None:
             self._validation = {"step": self._validated_at, "metrics": {
@@ -298,7 +298,7 @@ class SpeechLLM(LightningModule):
         state = checkpoint["state_dict"]
         for name in [n for n in state if not n.startswith("model.")]:  # written before the model was its own class
             state[f"model.{name}"] = state.pop(name)
-        expected = {name for name, p in self.named_parameters() if p.requires_grad}
+        expected = {f"model.{name}" for name in self.model.trainable_parameters()}
         missing = sorted(expected - state.keys())
         if missing:
             raise UsageError(f"checkpoint lacks trained weights {missing[:5]}{'...' if len(missing) > 5 else ''}: "

@@ -144,10 +144,13 @@ class TinyAudioModel(PreTrainedModel):
         self.decoder.eval()
         return self
 
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The trained parameters (projector, LoRA adapters) by name: what the optimizer sees."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained tensors (projector, LoRA adapters): all a checkpoint or an export holds."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        return {name: value for name, value in self.state_dict().items() if name in trainable}
+        """The trained tensors: all a checkpoint or an export holds."""
+        return {name: p.detach() for name, p in self.trainable_parameters().items()}
 
     # ------------------------------------------------------------------------------------ the network
     def attention(self) -> AbstractContextManager:

@@ -1,0 +1,42 @@
+"""The package's parts import only what the README's map says they may."""
+
+import ast
+
+import pytest
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "tiny_audio_pl"
+MODEL_PART = {"modeling", "processing", "pipeline", "encoder", "projector", "errors"}  # copied into exports
+DATA_PART = {"data", "clips", "stream"}
+TRAINING_PART = {"model", "checkpoint"}
+
+
+def package_imports(name: str) -> tuple[set[str], set[str]]:
+    """The package modules ``name`` imports: (by absolute ``tiny_audio_pl.x``, by relative ``.x``)."""
+    absolute, relative = set(), set()
+    for node in ast.walk(ast.parse((PACKAGE / f"{name}.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            relative.add(node.module)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tiny_audio_pl"):
+            absolute.add(node.module.removeprefix("tiny_audio_pl.").removeprefix("tiny_audio_pl"))
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+            absolute |= {n.removeprefix("tiny_audio_pl.") for n in names if n.startswith("tiny_audio_pl")}
+    return absolute, relative
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_PART))
+def test_the_model_part_imports_only_its_own_files_relatively(name):
+    """These files are copied into exported folders, where no tiny_audio_pl is installed."""
+    absolute, relative = package_imports(name)
+    assert not absolute and relative <= MODEL_PART
+
+
+def test_data_and_model_code_do_not_reach_into_each_other():
+    for name in DATA_PART:
+        absolute, _ = package_imports(name)
+        assert absolute <= DATA_PART | {"processing", "errors"}, name  # the model's processor, nothing else of it
+    for name in MODEL_PART | TRAINING_PART:
+        absolute, relative = package_imports(name)
+        assert not (absolute | relative) & DATA_PART, name
