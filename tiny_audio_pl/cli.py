@@ -249,7 +249,8 @@ def use_model(args: list[str]) -> None:
     run.add_argument("--max-new-tokens", type=positive_int, help="generation limit per 30 s window")
     out = commands.add_parser("export", help="write the shareable model folder for a checkpoint")
     out.add_argument("--ckpt", required=True, help="a checkpoint written by `tiny-audio fit`")
-    out.add_argument("--out", required=True, help="folder to write (projector.safetensors, config.json, README.md)")
+    out.add_argument("--out", required=True, help="folder to write: a transformers model folder (config.json, "
+                     "model.safetensors, processor/, the code, README.md)")
     out.add_argument("--overwrite", action="store_true",
                      help="replace the export's files in a non-empty folder that is not an earlier export")
     out.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this hub repository")
