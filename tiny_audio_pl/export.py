@@ -207,8 +207,7 @@ installed: `tiny-audio transcribe clip.wav --ckpt THIS_FOLDER`.
 - prompt: system `{config.system_prompt}`, user `{config.prompt}`
 - AdamW, learning rate {training['learning_rate']}, {training['warmup_steps']} warmup steps then cosine;
   {training['global_step']} optimizer steps
-- data: `{data.get('dataset')}` ({data.get('config_name')}), split `{data.get('train_split')}`,
-  transcripts `{data.get('text_normalization')}`
+- data: {_data_line(data)}, transcripts `{data.get('text_normalization')}`
 
 ## Validation (step {validation.get('step')})
 
@@ -218,6 +217,16 @@ installed: `tiny-audio transcribe clip.wav --ckpt THIS_FOLDER`.
 
 WER is computed after Whisper's English text normaliser.
 """
+
+
+def _data_line(data: dict[str, Any]) -> str:
+    """What the run trained on, for the model card: the dataset's split, or the mix of sources."""
+    own = f"`{data.get('dataset')}` ({data.get('config_name')}), split `{data.get('train_split')}`"
+    sources = data.get("train_sources") or []
+    if not sources:
+        return own
+    return "a mix of " + ", ".join(f"{s.get('name')} (weight {s.get('weight', 1.0)})"
+                                   for s in (vars(s) if not isinstance(s, dict) else s for s in sources))
 
 
 def push_to_hub(folder: str | Path, repo_id: str) -> str:
