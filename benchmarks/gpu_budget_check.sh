@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The recipe's training step on one GPU with the real architectures (random weights), in one run of a
 # few minutes: naive, ours at 8 clips x 4, budget batches (configs/whisper.yaml: 260 s, one batch per
-# step) and the same with the frozen layers compiled; samples/s, MFU, peak memory, and the peak memory
+# step), the same with the decoder's RMSNorms and MLPs compiled, and with whole frozen layers compiled;
+# samples/s, MFU, peak memory, and the peak memory
 # of the two largest batches the budget lets through. Figures go to OUT (default /tmp/budget-check).
 #   bash benchmarks/gpu_budget_check.sh
 # Python packages the GPU machine lacks can travel as wheels in .whl/ (installed into /tmp/site).
@@ -22,6 +23,6 @@ import tiny_audio_pl.cli" || exit 1
 start=$SECONDS
 [ -d /tmp/real-size-models/smollm3 ] || python3 scripts/make_real_size_models.py /tmp/real-size-models
 echo "models built in $((SECONDS - start)) s"
-timeout 460 python3 benchmarks/throughput.py --size real --modes naive,ours,budget,compiled --worst-case \
+timeout 460 python3 benchmarks/throughput.py --size real --modes naive,ours,budget,norms,compiled --worst-case \
   --batches 40 --json "$out/real.json" 2>&1 | grep -v "it/s\]" | tee "$out/real.log"
 echo "benchmark done at $((SECONDS - start)) s"

@@ -17,10 +17,11 @@ the optimisations switched on, one more per mode, so each one's effect is measur
   of them per optimizer step;
 - ``budget``: batches filled to ``--batch-seconds`` of padded audio instead
   (:func:`tiny_audio_pl.data.budget_batches`), ``--budget-accumulate`` per optimizer step;
-- ``compiled``: and each layer of the frozen encoder and decoder compiled with ``torch.compile``
-  (dynamic shapes); untimed steps first on budget batches and on a one-clip batch, the graphs the
-  dynamic shapes need (size 1 is specialised). Slower than ``budget`` on an H200 (docs/benchmarks.md),
-  so not part of the project.
+- ``norms``: budget batches with the decoder's RMSNorms and MLPs compiled (fused kernels for what the
+  profile shows as many small element-wise ones); ``compiled``: each whole layer of the frozen encoder
+  and decoder compiled instead. Both with dynamic shapes, after untimed steps on budget batches and on
+  a one-clip batch (the graphs the dynamic shapes need: size 1 is specialised). ``compiled`` was
+  slower than ``budget`` on an H200 (docs/benchmarks.md), so it is not part of the project.
 
 ``--worst-case`` then measures the peak memory of one optimizer step on the two largest batches a
 budget can hold: ``--batch-seconds`` of the longest clips allowed (30 s) and ``--max-batch-clips``
@@ -82,13 +83,14 @@ class Mode:
     full_vocabulary_head: bool  # logits at every position
     grouped: bool  # length-grouped batches instead of arrival order
     budget: bool = False  # batches filled to a budget of seconds instead of a number of clips
-    compiled: bool = False  # frozen layers compiled
+    compiled: str = ""  # what of the frozen models is compiled: "norms" (RMSNorms and MLPs) or "layers" (every block)
 
 
 MODES = [Mode("naive", True, True, True, False), Mode("trim", False, True, True, False),
          Mode("attention", False, False, True, False), Mode("head", False, False, False, False),
          Mode("ours", False, False, False, True), Mode("budget", False, False, False, True, budget=True),
-         Mode("compiled", False, False, False, True, budget=True, compiled=True)]
+         Mode("norms", False, False, False, True, budget=True, compiled="norms"),
+         Mode("compiled", False, False, False, True, budget=True, compiled="layers")]
 
 
 class NaiveCapableModel(TinyAudioModel):
@@ -164,6 +166,18 @@ def peak_memory_mb() -> float | None:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return None
+
+
+def compiled_modules(net: TinyAudioModel, what: str) -> list[torch.nn.Module]:
+    """``layers``: every block of the frozen encoder and decoder; ``norms``: the decoder's RMSNorms (HF computes
+    them in fp32 with a cast each way: many small kernels) and MLPs (SiLU x up: two more)."""
+    decoder = net.decoder.get_decoder()
+    if what == "layers":
+        return [*net.encoder.model.layers, *decoder.layers]
+    if what == "norms":
+        norms = [m for m in decoder.modules() if type(m).__name__.endswith("RMSNorm")]
+        return norms + [layer.mlp for layer in decoder.layers]
+    return []
 
 
 def batches_in_order(durations: list[float], batch_size: int, grouped: bool, window: int, seed: int = 0
@@ -370,9 +384,8 @@ def main() -> None:
             steps = accumulate
             batches = [[timed[i] for i in b] for b in batches_in_order(durations, batch_size, mode.grouped, window)]
             warmup = [list(range(i * batch_size, (i + 1) * batch_size)) for i in range(num_warmup)]
-        if mode.compiled:  # each repeated block of the frozen encoder and decoder
-            for layer in [*model.model.encoder.model.layers, *model.model.decoder.get_decoder().layers]:
-                layer.compile(dynamic=True)
+        for module in compiled_modules(model.model, mode.compiled):
+            module.compile(dynamic=True)
         results.append(run_mode(model, mode, prepared, batches, warmup, trainer_config, steps, device))
         results[-1]["compiled_graphs"] = counters["stats"]["unique_graphs"]
         results[-1]["clips_per_batch"] = round(float(np.mean([len(b) for b in batches])), 1)
