@@ -5,7 +5,12 @@
 # samples/s, MFU, peak memory, and the peak memory
 # of the two largest batches the budget lets through. Figures go to OUT (default /tmp/budget-check).
 #   bash benchmarks/gpu_budget_check.sh
-# Python packages the GPU machine lacks can travel as wheels in .whl/ (installed into /tmp/site).
+# Python packages the GPU machine lacks can travel as wheels in .whl/ (installed into /tmp/site). On the
+# lent H200 image (torch 2.11, transformers 5.17, lightning 2.6.6) these were missing: datasets dill
+# multiprocess soundfile cffi pycparser soxr torchdata jsonargparse docstring_parser typeshed_client
+# whisper-normalizer more-itertools indic-numtowords text2num. Fetch them for Python 3.12 with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl NAME==VERSION
 set -uo pipefail
 out=${OUT:-/tmp/budget-check}
 mkdir -p "$out"
