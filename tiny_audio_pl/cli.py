@@ -8,8 +8,8 @@ model (plain argparse: no Trainer). Beyond the stock LightningCLI it adds:
   in optimizer steps out of ``trainer.max_steps`` with the loss and the learning rate;
 - a ``checkpoint.*`` section: the checkpoint callback is always there (every 1000 steps plus
   ``last``, named ``step=N.ckpt``, written atomically, and also on SIGTERM: see ``checkpoint.py``);
-- ``model.encoder`` and ``model.decoder`` feed ``data.encoder`` and ``data.decoder``, so the data
-  uses the encoder's own feature extractor and measures transcripts with the decoder's tokenizer;
+- ``model.encoder``, ``model.decoder`` and ``model.trust_remote_code`` feed the same ``data.*``
+  settings, so the data is prepared by the model's own processor (feature extractor, tokenizer);
 - runs go under ``trainer.default_root_dir`` (the TensorBoard logger's folder unless set apart);
 - ``--ckpt_path last`` means the newest ``last.ckpt`` of any earlier run, and ``fit`` then keeps
   logging into that run's folder. Stock Lightning would look only in the new run's (empty) folder
@@ -134,6 +134,7 @@ class TinyAudioCLI(LightningCLI):
                              "checkpoint.save_top_k": -1, "checkpoint.filename": "{step}"})
         parser.link_arguments("model.encoder", "data.encoder")
         parser.link_arguments("model.decoder", "data.decoder")
+        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Resolve the run folder and ``--ckpt_path last``; check the checkpoint, the data and the run folder.

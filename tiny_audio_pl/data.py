@@ -146,6 +146,7 @@ class SpeechDataModule(LightningDataModule):
         eval_sets: list[Source] | None = None,
         encoder: str = "openai/whisper-large-v3-turbo",
         decoder: str = "HuggingFaceTB/SmolLM3-3B",
+        trust_remote_code: bool = False,
     ) -> None:
         """Configure the data.
 
@@ -190,6 +191,8 @@ class SpeechDataModule(LightningDataModule):
             encoder: the encoder whose feature extractor makes the features; linked to
                 ``model.encoder`` by the CLI.
             decoder: the decoder whose tokenizer turns transcripts into targets; linked to ``model.decoder``.
+            trust_remote_code: let the encoder's feature extractor or the decoder's tokenizer run their
+                own code; linked to ``model.trust_remote_code``.
         """
         super().__init__()
         if batch_size < 1:
@@ -260,7 +263,8 @@ class SpeechDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         """Open the streams for this rank, mix, shuffle and truncate them, and attach the clip preparation."""
         hp = self.hparams
-        processor = TinyAudioProcessor.from_models(hp.encoder, hp.decoder)  # features and tokens only: no weights
+        # features and tokens only: no weights
+        processor = TinyAudioProcessor.from_models(hp.encoder, hp.decoder, trust_remote_code=hp.trust_remote_code)
         prepare = partial(ClipPreparer, processor, hp.min_duration, hp.max_duration,
                           hp.max_target_tokens, hp.text_normalization)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
