@@ -10,6 +10,7 @@
 set -euo pipefail
 MODELS=$1 SPEECH=$2 OUT=$3
 shift 3
+FAST="--model.learning_rate 1e-3 --model.warmup_steps 100"   # the seed's questions answered so far (docs/experiments.md)
 declare -A RUNS=(
   [baseline]=""                                              # configs/laptop.yaml as it is: the defaults
   [lr-1e-3]="--model.learning_rate 1e-3"
@@ -17,11 +18,16 @@ declare -A RUNS=(
   [warmup-100]="--model.warmup_steps 100"
   [full-window]="--model.whisper_full_window true"
   [data-800]="--data.max_train_samples 800"
-  [stack-4]="--model.projector_stack 4"                       # idea: half the audio tokens to attend over
-  [task-prompt]="--model.system_prompt 'Transcribe the audio exactly.'"  # idea: say the task, not "helpful assistant"
-  [hidden-1024]="--model.projector_hidden 1024"               # idea: a 5x smaller projector
+  [fast]="$FAST"
+  [fast-ctc]="$FAST --model.ctc_weight 0.3"                   # idea: an alignment loss on the projector's output
+  [fast-stack-4]="$FAST --model.projector_stack 4"            # idea: half the audio tokens to attend over
+  [fast-task-prompt]="$FAST --model.system_prompt 'Transcribe the audio exactly.'"  # idea: say the task
+  [fast-full-window]="$FAST --model.whisper_full_window true"  # Whisper as pretrained: 30 s windows
+  [fast-hidden-1024]="$FAST --model.projector_hidden 1024"    # idea: a 5x smaller projector
+  [fast-data-800]="$FAST --data.max_train_samples 800"
 )
-ORDER=(baseline lr-1e-3 warmup-100 warmup-0 full-window stack-4 task-prompt hidden-1024 data-800)
+ORDER=(baseline lr-1e-3 warmup-100 fast fast-ctc fast-stack-4 fast-task-prompt fast-full-window fast-hidden-1024
+       fast-data-800 warmup-0 full-window data-800)
 mkdir -p "$OUT"
 for name in "${@:-${ORDER[@]}}"; do
   [ -e "$OUT/$name/done" ] && continue

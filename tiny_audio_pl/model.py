@@ -72,6 +72,7 @@ class SpeechLLM(LightningModule):
         lora_rank: NonNegativeInt = 0,
         lora_alpha: PositiveFloat = 32.0,
         lora_targets: list[str] | None = None,
+        ctc_weight: NonNegativeFloat = 0.0,
     ) -> None:
         """Load the frozen models and build the projector.
 
@@ -102,6 +103,10 @@ class SpeechLLM(LightningModule):
             lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_rank``).
             lora_targets: decoder module names that get adapters (default: the attention's
                 ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``).
+            ctc_weight: above 0, add this times an alignment loss to training: CTC of the transcript
+                tokens read straight off the projected audio against the decoder's token embeddings
+                (``TinyAudioModel.ctc_loss``), which pushes the projector towards token-like vectors
+                in order; the validation losses stay the decoder's alone.
         """
         super().__init__()
         if projector_stack < 1:
@@ -160,6 +165,10 @@ class SpeechLLM(LightningModule):
         tokens = sum(len(t) for t in targets)  # counted on the CPU
         self._step_tokens += tokens
         self.log("train/loss", loss.detach() / tokens, prog_bar=True, batch_size=tokens)
+        if self.hparams.ctc_weight:  # the alignment loss, summed like the decoder's
+            ctc = self.model.ctc_loss(audio, audio_lengths, targets)
+            self.log("train/ctc_loss", ctc.detach() / tokens, batch_size=tokens)
+            loss = loss + self.hparams.ctc_weight * ctc
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -230,6 +230,21 @@ class TinyAudioModel(PreTrainedModel):
         logits = self.decoder.get_output_embeddings()(hidden.flatten(0, 1)[layout.predicting])
         return F.cross_entropy(logits.float(), layout.labels.flatten()[layout.predicting + 1], reduction=reduction)
 
+    def ctc_loss(self, audio: torch.Tensor, audio_lengths: list[int], targets: list[list[int]]) -> torch.Tensor:
+        """Summed CTC loss of the answer tokens read straight off the audio embeddings: an alignment loss.
+
+        Each projected audio vector ``[B, N, D]`` is scored against the decoder's own token embeddings
+        (logits = audio @ E^T, the end-of-turn token as the blank), so the projector is pushed to place,
+        in order, vectors that look like the tokens of the transcript: the form the decoder reads best.
+        Clips with more target tokens than audio vectors contribute nothing (``zero_infinity``).
+        """
+        embeddings = self.decoder.get_input_embeddings().weight  # [V, D]
+        log_probs = (audio @ embeddings.T.to(audio.dtype)).float().log_softmax(-1).transpose(0, 1)  # [N, B, V]
+        answers = [t[:-1] for t in targets]  # without the end-of-turn token, which serves as the blank
+        flat = torch.tensor([i for t in answers for i in t], dtype=torch.long, device=audio.device)
+        return F.ctc_loss(log_probs, flat, torch.tensor(audio_lengths), torch.tensor([len(t) for t in answers]),
+                          blank=self.processor.end_id, reduction="sum", zero_infinity=True)
+
     def forward(self, input_features: torch.Tensor, feature_lengths: torch.Tensor, targets: list[list[int]],
                 prompts: list[str | None] | None = None) -> torch.Tensor:
         """Mean next-token loss over the target tokens of a padded batch."""
