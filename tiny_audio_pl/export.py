@@ -58,14 +58,7 @@ def load_model(path: str | Path, dtype: str | None = None) -> TinyAudioModel:
     config = TinyAudioConfig(**model_settings(checkpoint, path))
     if dtype:
         config.frozen_dtype = dtype
-    model = TinyAudioModel(config)
-    weights = trained_weights(checkpoint)
-    expected = set(model.trainable_state_dict())
-    if set(weights) != expected:
-        raise UsageError(f"{path} does not match its settings: missing {sorted(expected - set(weights))[:3]}, "
-                         f"unexpected {sorted(set(weights) - expected)[:3]}")
-    model.load_state_dict(weights, strict=False)
-    return model.eval()
+    return TinyAudioModel(config).load_trained(trained_weights(checkpoint), path)
 
 
 def export_kind(folder: Path) -> str | None:

@@ -152,6 +152,15 @@ class TinyAudioModel(PreTrainedModel):
         """The trained tensors: all a checkpoint or an export holds."""
         return {name: p.detach() for name, p in self.trainable_parameters().items()}
 
+    def load_trained(self, weights: dict[str, torch.Tensor], source: str | Path) -> TinyAudioModel:
+        """Load the trained tensors of :meth:`trainable_state_dict` (all of them, nothing else) in eval mode."""
+        expected = set(self.trainable_state_dict())
+        if set(weights) != expected:
+            raise UsageError(f"{source} does not match its settings: missing {sorted(expected - set(weights))[:3]}, "
+                             f"unexpected {sorted(set(weights) - expected)[:3]}")
+        self.load_state_dict(weights, strict=False)
+        return self.eval()
+
     # ------------------------------------------------------------------------------------ the network
     def attention(self) -> AbstractContextManager:
         """The attention kernels the frozen models may use (all of PyTorch's when ``attention_backends`` is None)."""
@@ -297,13 +306,7 @@ class TinyAudioModel(PreTrainedModel):
         if dtype not in (None, "auto"):
             config.frozen_dtype = str(dtype).removeprefix("torch.")
         model = cls(config, TinyAudioProcessor.from_pretrained(folder / PROCESSOR))
-        weights = load_file(folder / WEIGHTS)
-        expected = set(model.trainable_state_dict())
-        if set(weights) != expected:
-            raise UsageError(f"{folder} does not match its config: missing {sorted(expected - set(weights))[:3]}, "
-                             f"unexpected {sorted(set(weights) - expected)[:3]}")
-        model.load_state_dict(weights, strict=False)
-        return model.eval()
+        return model.load_trained(load_file(folder / WEIGHTS), folder)
 
 
 def write_model_folder(folder: str | Path, config: TinyAudioConfig, weights: dict[str, torch.Tensor],
