@@ -14,7 +14,7 @@ import soundfile as sf
 import soxr
 import torch
 from datasets import Audio, load_dataset
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import SPEECH, cli_env, run_cli
 from tiny_audio_pl.checkpoint import read_checkpoint
@@ -158,6 +158,12 @@ def test_transcribe_files_and_the_export_round_trip(trained, clips, tmp_path):
 
     plain = run_cli(tmp_path, "transcribe", files[0], "--ckpt", str(out))
     assert plain.stdout == f"{files[0]}\t{results['mono.wav']['text']}\n"
+
+    weights = load_file(out / "model.safetensors")
+    save_file(dict(sorted(weights.items())[1:]), out / "model.safetensors")  # a tensor short
+    damaged = run_cli(tmp_path, "transcribe", files[0], "--ckpt", str(out))
+    assert damaged.returncode == 2 and damaged.stdout == ""
+    assert f"{out} does not match its settings: missing ['{min(weights)}']" in damaged.stderr
 
 
 def test_push_to_hub_offline_says_so(trained, tmp_path):
