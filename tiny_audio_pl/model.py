@@ -104,8 +104,8 @@ class SpeechLLM(LightningModule):
             lora_targets: decoder module names that get adapters (default: the attention's
                 ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``).
             ctc_weight: above 0, add this times an alignment loss to training: CTC of the transcript
-                tokens read straight off the projected audio against the decoder's token embeddings
-                (``TinyAudioModel.ctc_loss``), which pushes the projector towards token-like vectors
+                tokens read straight off the projected audio by cosine with the decoder's token
+                embeddings (``TinyAudioModel.ctc_loss``), which pushes the projector towards token-like vectors
                 in order; the validation losses stay the decoder's alone.
         """
         super().__init__()
