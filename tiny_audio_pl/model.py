@@ -105,8 +105,9 @@ class SpeechLLM(LightningModule):
                 ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``).
             ctc_weight: above 0, add this times an alignment loss to training: CTC of the transcript
                 tokens read straight off the projected audio by cosine with the decoder's token
-                embeddings (``TinyAudioModel.ctc_loss``), which pushes the projector towards token-like vectors
-                in order; the validation losses stay the decoder's alone.
+                embeddings (``TinyAudioModel.ctc_loss``), which pushes the projector towards
+                token-like vectors in order; the validation losses stay the decoder's alone. An
+                experiment: at 0.3 it slowed 600 laptop steps down (docs/experiments.md).
         """
         super().__init__()
         if projector_stack < 1:
