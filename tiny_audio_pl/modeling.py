@@ -40,7 +40,7 @@ from .projector import Projector
 
 IGNORE = -100
 # Cosine-to-logit scale of the alignment loss: with it, a vector equal to one of SmolLM2-135M's token
-# embeddings reads as that token with probability 0.96 (median over tokens; 0.24 at scale 20).
+# embeddings reads as that token with probability 0.96 (median over 200 sampled tokens; 0.24 at scale 20).
 CTC_SCALE = 30.0
 WEIGHTS = "model.safetensors"
 PROCESSOR = "processor"  # the processor's files, in a folder of their own: the Auto classes would read config.json
