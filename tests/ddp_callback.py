@@ -6,9 +6,9 @@ Added to a real ``tiny-audio fit`` with ``--trainer.callbacks+=ddp_callback.Rank
 
 - ``{"event": "train_batch", "step": ..., "ids": [...]}`` for every training batch (the clip ids);
 - ``{"event": "val_local", ...}`` at the end of each validation, before Lightning reduces the
-  logged values: this rank's own WER counts (``errors``, ``words``, summed over the module's
-  ``WordErrorRate`` metrics) and its own ``val/loss`` sum and target-token count;
-- ``{"event": "val_reduced", ...}``: the ``val/wer`` and ``val/loss`` Lightning computed from them;
+  logged values: this rank's own WER counts (``errors``, ``words``, summed over its tallies' scored
+  utterances) and its own ``val/loss`` sum and target-token count;
+- ``{"event": "val_reduced", ...}``: the ``val/wer`` and ``val/loss`` logged from the merged tallies;
 - ``{"event": "train_end", "weights_sum": ..., "weights_moved": ...}``: the sum of the trained
   weights (equal on every rank when DDP averages the gradients) and how far they moved in this run.
 """
@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torchmetrics.text import WordErrorRate
 
 
 class RankRecorder(Callback):
@@ -57,15 +56,14 @@ class RankRecorder(Callback):
                               "ids": list(batch["id"])})
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Runs before the module's own hook merges the ranks' tallies and Lightning syncs the WER: the
-        # states are still this rank's own.
-        tallies = pl_module._tallies  # per evaluation set: token-summed losses of this rank's clips
-        wers = [m for m in pl_module.modules() if isinstance(m, WordErrorRate)]
+        # Runs before the module's own hook merges the ranks' tallies: they are still this rank's own.
+        tallies = pl_module._tallies  # per evaluation set: token-summed losses and word errors of this rank's clips
+        rows = [row for t in tallies.values() for row in t.rows]
         self._write(trainer, {"event": "val_local", "step": trainer.global_step, "sanity": trainer.sanity_checking,
-                              "errors": sum(float(m.errors) for m in wers), "words": sum(float(m.total) for m in wers),
+                              "errors": sum(row[3] for row in rows), "words": sum(row[4] for row in rows),
                               "loss_sum": sum(t.loss_sum for t in tallies.values()),
                               "loss_count": sum(t.tokens for t in tallies.values()),
-                              "wer_metrics": len(wers), "loss_metrics": len(tallies)})
+                              "wer_metrics": sum(1 for t in tallies.values() if t.rows), "loss_metrics": len(tallies)})
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = trainer.callback_metrics

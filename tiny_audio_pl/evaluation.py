@@ -3,8 +3,8 @@
 The LightningModule runs the model on each validation batch and hands the results to a
 :class:`SetTally` per evaluation set; at the end of a pass the tallies of all ranks are merged and
 reported here: one row per set printed, every utterance worst first in a TSV file, a few clips with
-reference and hypothesis in TensorBoard. The corpus WER itself comes from torchmetrics'
-``WordErrorRate`` in the module, whose counts sync across devices.
+reference and hypothesis in TensorBoard. The corpus WER is the merged per-utterance word errors over
+the merged reference words, so each clip is normalised and scored once.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class SetTally:
                         examples=parts[0].examples)
 
     def add_scores(self, ids: list[str], references: list[str], hypotheses: list[str]) -> None:
-        """Per-utterance word errors, for the worst-first file."""
+        """Per-utterance word errors: the worst-first file, and summed, the corpus WER."""
         for i, reference, hypothesis in zip(ids, references, hypotheses):
             ref, hyp = normalize_for_wer(reference), normalize_for_wer(hypothesis)
             words = len(ref.split())
@@ -72,22 +72,24 @@ class SetTally:
             self.rows.append((i, reference, hypothesis, errors, words))
 
     def metrics(self) -> dict[str, float]:
-        """Per-token losses and the audio gain (NaN where there was nothing to average)."""
+        """Corpus WER, per-token losses and the audio gain (NaN where there was nothing to average)."""
         def mean(total: float, count: int) -> float:
             return total / count if count else math.nan
 
-        return {"loss": mean(self.loss_sum, self.tokens), "loss_no_audio": mean(self.no_audio_sum, self.tokens),
+        errors, words = sum(row[3] for row in self.rows), sum(row[4] for row in self.rows)
+        return {"wer": mean(errors, words), "loss": mean(self.loss_sum, self.tokens),
+                "loss_no_audio": mean(self.no_audio_sum, self.tokens),
                 "loss_wrong_audio": mean(self.wrong_audio_sum, self.paired_tokens),
                 "audio_gain": mean(self.wrong_audio_sum - self.paired_loss_sum, self.paired_tokens),
                 "hours": self.audio_s / 3600, "rtf": self.compute_s / max(self.audio_s, 1e-9)}
 
 
-def results_table(tallies: dict[str, SetTally], wers: dict[str, float]) -> str:
+def results_table(tallies: dict[str, SetTally]) -> str:
     """One row per set: utterances, hours, WER, loss, audio gain, real-time factor."""
     lines = [f"{'set':<20} {'utterances':>10} {'hours':>7} {'WER %':>7} {'loss':>7} {'gain':>7} {'RTF':>6}"]
     for name, tally in tallies.items():
         m = tally.metrics()
-        lines.append(f"{name or 'validation':<20} {tally.utterances:>10} {m['hours']:>7.3f} {100 * wers[name]:>7.2f} "
+        lines.append(f"{name or 'validation':<20} {tally.utterances:>10} {m['hours']:>7.3f} {100 * m['wer']:>7.2f} "
                      f"{m['loss']:>7.3f} {m['audio_gain']:>7.3f} {m['rtf']:>6.3f}")
     return "\n".join(lines)
 

@@ -26,13 +26,11 @@ from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativ
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics.text import WordErrorRate
 
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.evaluation import (
     SetTally,
     log_examples,
-    normalize_for_wer,
     results_table,
     set_prefix,
     write_utterances,
@@ -114,8 +112,6 @@ class SpeechLLM(LightningModule):
             raise UsageError(f"model.projector_stack must be >= 1, got {projector_stack}")
         self.save_hyperparameters()
         self.model = TinyAudioModel(TinyAudioConfig(**{k: self.hparams[k] for k in SETTINGS}))
-        self.set_wer = torch.nn.ModuleDict()  # one WordErrorRate per evaluation set, made on first use
-        self._wer_keys: dict[str, str] = {}
         self._tallies: dict[str, SetTally] = {}  # per evaluation set, this validation pass
         self.strict_loading = False  # checkpoints carry only the trained weights; on_load_checkpoint checks them
         self._validation: dict[str, Any] = {}  # the last validation's step and scores, kept in checkpoints
@@ -235,13 +231,6 @@ class SpeechLLM(LightningModule):
             tally.paired_loss_sum += right
             tally.paired_tokens += tokens
         hypotheses = self.model.processor.decode(self.model.generate_from_audio(audio, audio_lengths, prompts))
-        key = self._wer_keys.setdefault(name, str(dataloader_idx))  # set names may hold dots, keys may not
-        if key not in self.set_wer:
-            self.set_wer[key] = WordErrorRate().to(self.device)
-        self.set_wer[key].update([normalize_for_wer(h) for h in hypotheses],
-                                 [normalize_for_wer(r) for r in batch["text"]])
-        self.log(f"{set_prefix(name)}wer", self.set_wer[key], batch_size=size, add_dataloader_idx=False,
-                 metric_attribute=f"set_wer.{key}")
         tally.utterances += size
         tally.audio_s += sum(batch["duration"])
         tally.compute_s += time.perf_counter() - start
@@ -264,14 +253,13 @@ class SpeechLLM(LightningModule):
             gathered: list[dict[str, SetTally]] = [{} for _ in range(torch.distributed.get_world_size())]
             torch.distributed.all_gather_object(gathered, tallies)
             tallies = {name: SetTally.merge([g[name] for g in gathered if name in g]) for name in tallies}
-        wers = {name: self.set_wer[self._wer_keys[name]].compute().item() for name in tallies}
         for name, tally in tallies.items():  # the same merged totals on every rank
             for key, value in tally.metrics().items():
                 self.log(f"{set_prefix(name)}{key}", value, rank_zero_only=True)
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
         if self.global_rank != 0 or self.trainer.sanity_checking:
             return
-        print(results_table(tallies, wers))
+        print(results_table(tallies))
         path = folder / "utterances" / f"step={self.trained_steps}.tsv"
         write_utterances(tallies, path)
         rank_zero_info(f"per-utterance results: {path}")
