@@ -35,6 +35,15 @@ def test_projector_output_starts_at_the_requested_scale():
     assert torch.allclose(rms, torch.full_like(rms, 0.05), rtol=1e-3)
 
 
+def test_projector_bias_starts_the_output_around_the_given_mean():
+    mean = torch.randn(64) * 0.1
+    projector = Projector(encoder_dim=16, decoder_dim=64, stack=2, hidden=32, output_scale=0.05, output_mean=mean)
+    out = projector(torch.randn(4, 10, 16) * 30)  # [4, 5, 64]
+    rms = (out - mean).pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms, torch.full_like(rms, 0.05), rtol=1e-3)
+    assert projector.bias.requires_grad and torch.equal(projector.bias, mean)
+
+
 def test_projector_rejects_nonsense_sizes():
     with pytest.raises(ValueError, match="stack"):
         Projector(encoder_dim=16, decoder_dim=16, stack=0)

@@ -55,6 +55,7 @@ class SpeechLLM(LightningModule):
         decoder: str = "HuggingFaceTB/SmolLM3-3B",
         projector_stack: PositiveInt = 2,
         projector_hidden: PositiveInt = 5120,
+        projector_bias: bool = False,
         system_prompt: str = "/no_think",
         prompt: str = "Transcribe: <audio>",
         max_new_tokens: PositiveInt = 128,
@@ -79,6 +80,10 @@ class SpeechLLM(LightningModule):
             decoder: causal LM with a chat template, hub id or local directory.
             projector_stack: k, encoder frames stacked into one audio token (50/k tokens per second).
             projector_hidden: hidden width of the projector's SwiGLU.
+            projector_bias: give the projector a trained output bias that starts at the decoder's mean
+                token embedding (and its output RMS at the embeddings' spread about it). An LLM's token
+                embeddings share a common direction (SmolLM2-135M: median cosine 0.70 with their mean);
+                without it the audio vectors start, and stay, nearly orthogonal to it (docs/experiments.md).
             system_prompt: system message (``/no_think`` turns off SmolLM3's reasoning); empty for none.
             prompt: user message; ``<audio>`` marks where the audio embeddings go.
             max_new_tokens: generation limit when decoding for WER.

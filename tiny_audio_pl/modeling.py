@@ -47,8 +47,9 @@ PROCESSOR = "processor"  # the processor's files, in a folder of their own: the 
 # The files an exported folder needs besides its config, weights and processor files: this model's code.
 CODE = ("modeling.py", "processing.py", "pipeline.py", "encoder.py", "projector.py", "errors.py")
 # The settings of TinyAudioConfig: what a training run's model options and an export share.
-SETTINGS = ("encoder", "decoder", "projector_stack", "projector_hidden", "system_prompt", "prompt", "max_new_tokens",
-            "whisper_full_window", "frozen_dtype", "trust_remote_code", "lora_rank", "lora_alpha", "lora_targets")
+SETTINGS = ("encoder", "decoder", "projector_stack", "projector_hidden", "projector_bias", "system_prompt", "prompt",
+            "max_new_tokens", "whisper_full_window", "frozen_dtype", "trust_remote_code", "lora_rank", "lora_alpha",
+            "lora_targets")
 
 
 class TinyAudioConfig(PretrainedConfig):
@@ -57,13 +58,15 @@ class TinyAudioConfig(PretrainedConfig):
     model_type = "tiny_audio"
 
     def __init__(self, encoder: str = "openai/whisper-large-v3-turbo", decoder: str = "HuggingFaceTB/SmolLM3-3B",
-                 projector_stack: int = 2, projector_hidden: int = 5120, system_prompt: str = "/no_think",
+                 projector_stack: int = 2, projector_hidden: int = 5120, projector_bias: bool = False,
+                 system_prompt: str = "/no_think",
                  prompt: str = "Transcribe: <audio>", max_new_tokens: int = 128, whisper_full_window: bool = False,
                  frozen_dtype: str = "float32", trust_remote_code: bool = False, lora_rank: int = 0,
                  lora_alpha: float = 32.0, lora_targets: list[str] | None = None, **kwargs: Any) -> None:
         """The settings; ``tiny_audio_pl.model.SpeechLLM`` documents each (they are its ``model.*`` options)."""
         self.encoder, self.decoder = encoder, decoder
         self.projector_stack, self.projector_hidden = projector_stack, projector_hidden
+        self.projector_bias = projector_bias
         self.system_prompt, self.prompt, self.max_new_tokens = system_prompt, prompt, max_new_tokens
         self.whisper_full_window, self.frozen_dtype = whisper_full_window, frozen_dtype
         self.trust_remote_code = trust_remote_code
@@ -108,10 +111,13 @@ class TinyAudioModel(PreTrainedModel):
         self.encoder = AudioEncoder(config.encoder, config.whisper_full_window, dtype, remote)
         with explained_loading(config.decoder, "decoder"):
             self.decoder = AutoModelForCausalLM.from_pretrained(config.decoder, dtype=dtype, trust_remote_code=remote)
-        embeddings = self.decoder.get_input_embeddings().weight
+        embeddings = self.decoder.get_input_embeddings().weight.detach().float()  # [V, D_dec]
+        mean = embeddings.mean(0) if config.projector_bias else None
+        spread = embeddings if mean is None else embeddings - mean
         self.projector = Projector(self.encoder.dim, embeddings.shape[1], config.projector_stack,
-                                   config.projector_hidden,
-                                   output_scale=embeddings.detach().float().pow(2).mean().sqrt().item())
+                                   config.projector_hidden, output_scale=spread.pow(2).mean().sqrt().item(),
+                                   output_mean=mean)
+        del embeddings, spread
         for frozen in (self.encoder, self.decoder):
             frozen.requires_grad_(False)
             frozen.eval()

@@ -39,7 +39,7 @@ class Projector(nn.Module):
     """Frame stacking, then a SwiGLU MLP, with RMS norms on the way in and out."""
 
     def __init__(self, encoder_dim: int, decoder_dim: int, stack: int = 2, hidden: int = 5120,
-                 output_scale: float = 1.0) -> None:
+                 output_scale: float = 1.0, output_mean: torch.Tensor | None = None) -> None:
         """Build the projector.
 
         Args:
@@ -47,7 +47,10 @@ class Projector(nn.Module):
             decoder_dim: width of the decoder's token embeddings (2048 for SmolLM3-3B).
             stack: number of consecutive encoder frames concatenated into one audio token.
             hidden: SwiGLU hidden width.
-            output_scale: initial RMS of the output, normally the RMS of the decoder's embeddings.
+            output_scale: initial RMS of the output, normally the RMS of the decoder's embeddings (about
+                their mean, when ``output_mean`` is given).
+            output_mean: ``[decoder_dim]``: when given, a trained output bias starting at this vector,
+                normally the decoder's mean token embedding.
         """
         super().__init__()
         if stack < 1 or hidden < 1:
@@ -61,6 +64,7 @@ class Projector(nn.Module):
         self.norm_out = nn.RMSNorm(decoder_dim)
         with torch.no_grad():
             self.norm_out.weight.fill_(output_scale)
+        self.bias = None if output_mean is None else nn.Parameter(output_mean.detach().float().clone())
 
     def output_lengths(self, frame_lengths: torch.Tensor) -> torch.Tensor:
         """Audio tokens produced from ``frame_lengths`` valid encoder frames: ``ceil(frames / k)``."""
@@ -72,4 +76,5 @@ class Projector(nn.Module):
         x = F.silu(self.gate(x)) * self.up(x)  # [B, T/k, hidden]
         # The norm in float32, like its weight: under bf16 autocast the matmuls come out in bf16, and a
         # mixed-dtype rms_norm falls back to an unfused kernel.
-        return self.norm_out(self.down(x).float())  # [B, T/k, D_dec]
+        x = self.norm_out(self.down(x).float())  # [B, T/k, D_dec]
+        return x if self.bias is None else x + self.bias
