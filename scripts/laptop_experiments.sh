@@ -24,10 +24,13 @@ declare -A RUNS=(
   [fast-data-800]="--data.max_train_samples 800"              # a quarter of the training clips
   [fast-hidden-1024]="--model.projector_hidden 1024"          # idea: a 5x smaller projector
   [fast-bias]="--model.projector_bias true"                   # idea: start the audio among the token embeddings
-  [fast-lr-3e-3]="--model.learning_rate 3e-3"
+  [bias-lr-3e-3]="--model.projector_bias true --model.learning_rate 3e-3"
+  [bias-stack-4]="--model.projector_bias true --model.projector_stack 4"
+  [bias-warmup-0]="--model.projector_bias true --model.warmup_steps 0"
+  [bias-data-800]="--model.projector_bias true --data.max_train_samples 800"
 )
-ORDER=(baseline lr-1e-3 fast fast-ctc fast-full-window fast-bias fast-lr-3e-3 fast-warmup-0 fast-stack-4 fast-data-800
-       fast-task-prompt fast-hidden-1024)
+ORDER=(baseline lr-1e-3 fast fast-ctc fast-full-window fast-bias bias-lr-3e-3 bias-stack-4 bias-warmup-0 bias-data-800
+       fast-stack-4 fast-task-prompt fast-warmup-0 fast-data-800 fast-hidden-1024)
 mkdir -p "$OUT"
 for name in "${@:-${ORDER[@]}}"; do
   [ -e "$OUT/$name/done" ] && continue
