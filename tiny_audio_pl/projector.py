@@ -12,7 +12,7 @@ stalls training. Its gain starts at the decoder's embedding RMS and is trained w
 
 An LLM's token embeddings are not centred: they share a common direction (SmolLM2-135M's have a
 median cosine of 0.70 with their mean). A zero-mean output starts, and after 600 laptop steps still
-stays, almost orthogonal to it (median cosine 0.06), far from every token. With ``output_mean`` a
+stays, almost orthogonal to it (median cosine 0.07), far from every token. With ``output_mean`` a
 trained bias starts the output at the mean embedding and the norm's gain at the spread about it, so
 the audio vectors begin among the tokens (docs/experiments.md).
 """
