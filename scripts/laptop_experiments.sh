@@ -28,10 +28,10 @@ declare -A RUNS=(
   [bias-data-800]="--data.max_train_samples 800"              # a quarter of the training clips
   [bias-task-prompt]="--model.system_prompt 'Transcribe the audio exactly.'"  # idea: say the task
   [bias-hidden-1024]="--model.projector_hidden 1024"          # idea: a 5x smaller projector
-  [bias-1500]="--trainer.max_steps 1500"                      # the default, run long enough to meet the bar
+  [stack4-1500]="--model.projector_stack 4 --trainer.max_steps 1500"  # the best, run long enough to meet the bar
 )
 ORDER=(baseline lr-1e-3 fast fast-ctc fast-full-window fast-bias bias-lr-3e-3 bias-stack-4 bias-warmup-0 bias-data-800
-       bias-task-prompt bias-hidden-1024 bias-1500)
+       bias-task-prompt bias-hidden-1024 stack4-1500)
 mkdir -p "$OUT"
 for name in "${@:-${ORDER[@]}}"; do
   [ -e "$OUT/$name/done" ] && continue
