@@ -195,7 +195,8 @@ installed: `tiny-audio transcribe clip.wav --ckpt THIS_FOLDER`.
 
 ## Training recipe
 
-- projector: stack {config.projector_stack} frames, SwiGLU hidden {config.projector_hidden}, RMSNorm in and out
+- projector: stack {config.projector_stack} frames, SwiGLU hidden {config.projector_hidden}, RMSNorm in and out\
+{', output bias' if config.projector_bias else ''}
 - decoder LoRA: {lora}
 - prompt: system `{config.system_prompt}`, user `{config.prompt}`
 - AdamW, learning rate {training['learning_rate']}, {training['warmup_steps']} warmup steps then cosine;

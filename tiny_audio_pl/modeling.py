@@ -117,7 +117,6 @@ class TinyAudioModel(PreTrainedModel):
         self.projector = Projector(self.encoder.dim, embeddings.shape[1], config.projector_stack,
                                    config.projector_hidden, output_scale=spread.pow(2).mean().sqrt().item(),
                                    output_mean=mean)
-        del embeddings, spread
         for frozen in (self.encoder, self.decoder):
             frozen.requires_grad_(False)
             frozen.eval()
