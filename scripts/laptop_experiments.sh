@@ -10,9 +10,10 @@
 set -euo pipefail
 MODELS=$1 SPEECH=$2 OUT=$3
 shift 3
-# Each run is configs/laptop.yaml plus its change; the runs before projector_bias turn it off.
-FAST="--model.projector_bias false"                               # lr 1e-3, warmup 100
-OLD="$FAST --model.learning_rate 1e-4 --model.warmup_steps 500"   # the defaults before these experiments
+# Each run is configs/laptop.yaml plus its change; the runs before a default changed undo it.
+BIAS="--model.projector_stack 2"                                # before stack 4
+FAST="$BIAS --model.projector_bias false"                       # before the output bias: lr 1e-3, warmup 100
+OLD="$FAST --model.learning_rate 1e-4 --model.warmup_steps 500" # the defaults before these experiments
 declare -A RUNS=(
   [baseline]="$OLD"
   [lr-1e-3]="$OLD --model.learning_rate 1e-3"
@@ -20,18 +21,17 @@ declare -A RUNS=(
   [fast]="$FAST"
   [fast-ctc]="$FAST --model.ctc_weight 0.3"                   # idea: an alignment loss on the projector's output
   [fast-full-window]="$FAST --model.whisper_full_window true" # Whisper as pretrained: 30 s windows
-  [fast-bias]=""                                              # idea: start the audio among the token embeddings;
-                                                              # configs/laptop.yaml as it is
-  [bias-lr-3e-3]="--model.learning_rate 3e-3"
-  [bias-stack-4]="--model.projector_stack 4"                  # idea: half the audio tokens to attend over
-  [bias-warmup-0]="--model.warmup_steps 0"
-  [bias-data-800]="--data.max_train_samples 800"              # a quarter of the training clips
-  [bias-task-prompt]="--model.system_prompt 'Transcribe the audio exactly.'"  # idea: say the task
-  [bias-hidden-1024]="--model.projector_hidden 1024"          # idea: a 5x smaller projector
-  [stack4-1500]="--model.projector_stack 4 --trainer.max_steps 1500"  # the best, run long enough to meet the bar
+  [fast-bias]="$BIAS"                                         # idea: start the audio among the token embeddings
+  [bias-lr-3e-3]="$BIAS --model.learning_rate 3e-3"
+  [bias-stack-4]=""                                           # idea: half the audio tokens; laptop.yaml as it is
+  [bias-warmup-0]="$BIAS --model.warmup_steps 0"
+  [bias-data-800]="$BIAS --data.max_train_samples 800"        # a quarter of the training clips
+  [stack4-task-prompt]="--model.system_prompt 'Transcribe the audio exactly.'"  # idea: say the task
+  [stack4-hidden-1024]="--model.projector_hidden 1024"          # idea: a 5x smaller projector
+  [stack4-1500]="--trainer.max_steps 1500"                    # the best, run long enough to meet the bar
 )
 ORDER=(baseline lr-1e-3 fast fast-ctc fast-full-window fast-bias bias-lr-3e-3 bias-stack-4 bias-warmup-0 bias-data-800
-       bias-task-prompt bias-hidden-1024 stack4-1500)
+       stack4-task-prompt stack4-hidden-1024 stack4-1500)
 mkdir -p "$OUT"
 for name in "${@:-${ORDER[@]}}"; do
   [ -e "$OUT/$name/done" ] && continue
