@@ -58,9 +58,9 @@ class RankRecorder(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Runs before the module's own hook merges the ranks' tallies: they are still this rank's own.
         tallies = pl_module._tallies  # per evaluation set: token-summed losses and word errors of this rank's clips
-        rows = [row for t in tallies.values() for row in t.rows]
+        counts = [t.word_counts() for t in tallies.values()]
         self._write(trainer, {"event": "val_local", "step": trainer.global_step, "sanity": trainer.sanity_checking,
-                              "errors": sum(row[3] for row in rows), "words": sum(row[4] for row in rows),
+                              "errors": sum(e for e, _ in counts), "words": sum(w for _, w in counts),
                               "loss_sum": sum(t.loss_sum for t in tallies.values()),
                               "loss_count": sum(t.tokens for t in tallies.values()),
                               "wer_metrics": sum(1 for t in tallies.values() if t.rows), "loss_metrics": len(tallies)})

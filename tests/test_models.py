@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from conftest import DECODER, HUBERT, SPEECH, WHISPER
 from tiny_audio_pl.encoder import AudioEncoder
 from tiny_audio_pl.errors import UsageError
-from tiny_audio_pl.modeling import IGNORE, TinyAudioModel
+from tiny_audio_pl.modeling import IGNORE, TinyAudioConfig, TinyAudioModel
 from tiny_audio_pl.processing import ChatPrompt, end_of_turn
 
 
@@ -221,9 +221,7 @@ def test_ctc_alignment_loss_is_low_when_the_audio_spells_the_transcript(tiny_mod
 
 
 def test_projector_bias_starts_at_the_mean_token_embedding_and_is_saved(tmp_path):
-    from tiny_audio_pl.model import SpeechLLM
-
-    model = SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=16, projector_bias=True).model
+    model = TinyAudioModel(TinyAudioConfig(encoder=WHISPER, decoder=DECODER, projector_hidden=16, projector_bias=True))
     embeddings = model.decoder.get_input_embeddings().weight
     assert torch.allclose(model.projector.bias, embeddings.mean(0))
     with torch.no_grad():

@@ -71,13 +71,16 @@ class SetTally:
             errors = round(word_error_rate(hyp, ref).item() * words) if words else len(hyp.split())
             self.rows.append((i, reference, hypothesis, errors, words))
 
+    def word_counts(self) -> tuple[int, int]:
+        """Word errors and reference words summed over the scored utterances."""
+        return sum(row[3] for row in self.rows), sum(row[4] for row in self.rows)
+
     def metrics(self) -> dict[str, float]:
         """Corpus WER, per-token losses and the audio gain (NaN where there was nothing to average)."""
         def mean(total: float, count: int) -> float:
             return total / count if count else math.nan
 
-        errors, words = sum(row[3] for row in self.rows), sum(row[4] for row in self.rows)
-        return {"wer": mean(errors, words), "loss": mean(self.loss_sum, self.tokens),
+        return {"wer": mean(*self.word_counts()), "loss": mean(self.loss_sum, self.tokens),
                 "loss_no_audio": mean(self.no_audio_sum, self.tokens),
                 "loss_wrong_audio": mean(self.wrong_audio_sum, self.paired_tokens),
                 "audio_gain": mean(self.wrong_audio_sum - self.paired_loss_sum, self.paired_tokens),
