@@ -32,6 +32,7 @@ def test_notebook_runs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("TINY_AUDIO_WORKDIR", str(work))
+    monkeypatch.setenv("TINY_AUDIO_FIGURE", str(tmp_path / "curves.png"))  # read by the experiments notebook
     monkeypatch.delenv("TINY_AUDIO_CKPT", raising=False)  # the transcribe notebook trains its own
     monkeypatch.delenv("TINY_AUDIO_ROOT", raising=False)
 
@@ -43,3 +44,5 @@ def test_notebook_runs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert list(work.glob("**/lightning_logs/version_*/checkpoints/last.ckpt")), "no run under TINY_AUDIO_WORKDIR"
     errors = [out for cell in notebook.cells for out in cell.get("outputs", []) if out.output_type == "error"]
     assert not errors
+    if name == "experiments":
+        assert (tmp_path / "curves.png").stat().st_size > 0, "the figure was not saved"
