@@ -130,9 +130,10 @@ class SpeechLLM(LightningModule):
         trainable = sum(p.numel() for p in self.model.trainable_parameters().values())
         frozen = sum(p.numel() for p in self.parameters()) - trainable
         p, dim = self.model.projector, self.model.encoder.dim
+        lora = f"; LoRA rank {self.hparams.lora_rank} adapters trainable" if self.hparams.lora_rank else ""
         rank_zero_info(
             f"encoder  {self.hparams.encoder} (frozen)\n"
-            f"decoder  {self.hparams.decoder} (frozen)\n"
+            f"decoder  {self.hparams.decoder} (frozen{lora})\n"
             f"projector stack {p.stack} x {dim} -> {p.gate.in_features} -> SwiGLU {p.gate.out_features}"
             f" -> {p.down.out_features} (trainable)\n"
             f"parameters: {frozen:,} frozen, {trainable:,} trainable")
