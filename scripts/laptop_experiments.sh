@@ -11,7 +11,8 @@ set -euo pipefail
 MODELS=$1 SPEECH=$2 OUT=$3
 shift 3
 # Each run is configs/laptop.yaml plus its change; the runs before a default changed undo it.
-BIAS="--model.projector_stack 2"                                # before stack 4
+STACK4="--model.lora_rank 0"                                    # before LoRA
+BIAS="$STACK4 --model.projector_stack 2"                        # before stack 4
 FAST="$BIAS --model.projector_bias false"                       # before the output bias: lr 1e-3, warmup 100
 OLD="$FAST --model.learning_rate 1e-4 --model.warmup_steps 500" # the defaults before these experiments
 declare -A RUNS=(
@@ -23,17 +24,18 @@ declare -A RUNS=(
   [fast-full-window]="$FAST --model.whisper_full_window true" # Whisper as pretrained: 30 s windows
   [fast-bias]="$BIAS"                                         # idea: start the audio among the token embeddings
   [bias-lr-3e-3]="$BIAS --model.learning_rate 3e-3"
-  [bias-stack-4]=""                                           # idea: half the audio tokens; laptop.yaml as it is
+  [bias-stack-4]="$STACK4"                                    # idea: half the audio tokens
   [bias-warmup-0]="$BIAS --model.warmup_steps 0"
   [bias-data-800]="$BIAS --data.max_train_samples 800"        # a quarter of the training clips
-  [stack4-task-prompt]="--model.system_prompt 'Transcribe the audio exactly.'"  # idea: say the task
-  [stack4-hidden-1024]="--model.projector_hidden 1024"          # idea: a 5x smaller projector
-  [stack4-lora-16]="--model.lora_rank 16"                     # idea: let the decoder adapt too (LoRA)
-  [stack4-1500]="--trainer.max_steps 1500"                    # the best, run long enough to meet the bar
-  [stack4-1500-16k]="--trainer.max_steps 1500"  # the same, with SPEECH = 16,000 train clips (docs/experiments.md)
+  [stack4-task-prompt]="$STACK4 --model.system_prompt 'Transcribe the audio exactly.'"  # idea: say the task
+  [stack4-hidden-1024]="$STACK4 --model.projector_hidden 1024"          # idea: a 5x smaller projector
+  [stack4-1500]="$STACK4 --trainer.max_steps 1500"           # the best then, run long enough to meet the bar
+  [stack4-1500-16k]="$STACK4 --trainer.max_steps 1500"       # the same, with SPEECH = 16,000 train clips
+  [stack4-lora-16]=""                      # idea: let the decoder adapt too (LoRA); configs/laptop.yaml as it is
+  [lora-1500-16k]="--trainer.max_steps 1500"                 # the best, long, with SPEECH = 16,000 train clips
 )
 ORDER=(baseline lr-1e-3 fast fast-ctc fast-full-window fast-bias bias-lr-3e-3 bias-stack-4 bias-warmup-0 bias-data-800
-       stack4-task-prompt stack4-hidden-1024 stack4-lora-16 stack4-1500)  # stack4-1500-16k: its own SPEECH
+       stack4-task-prompt stack4-hidden-1024 stack4-1500 stack4-lora-16)  # *-16k: their own SPEECH
 mkdir -p "$OUT"
 for name in "${@:-${ORDER[@]}}"; do
   [ -e "$OUT/$name/done" ] && continue
