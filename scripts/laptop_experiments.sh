@@ -27,15 +27,13 @@ declare -A RUNS=(
   [bias-stack-4]="$STACK4"                                    # idea: half the audio tokens
   [bias-warmup-0]="$BIAS --model.warmup_steps 0"
   [bias-data-800]="$BIAS --data.max_train_samples 800"        # a quarter of the training clips
-  [stack4-task-prompt]="$STACK4 --model.system_prompt 'Transcribe the audio exactly.'"  # idea: say the task
-  [stack4-hidden-1024]="$STACK4 --model.projector_hidden 1024"          # idea: a 5x smaller projector
   [stack4-1500]="$STACK4 --trainer.max_steps 1500"           # the best then, run long enough to meet the bar
   [stack4-1500-16k]="$STACK4 --trainer.max_steps 1500"       # the same, with SPEECH = 16,000 train clips
   [stack4-lora-16]=""                      # idea: let the decoder adapt too (LoRA); configs/laptop.yaml as it is
   [lora-1500-16k]="--trainer.max_steps 1500"                 # the best, long, with SPEECH = 16,000 train clips
 )
 ORDER=(baseline lr-1e-3 fast fast-ctc fast-full-window fast-bias bias-lr-3e-3 bias-stack-4 bias-warmup-0 bias-data-800
-       stack4-task-prompt stack4-hidden-1024 stack4-1500 stack4-lora-16)  # *-16k: their own SPEECH
+       stack4-1500 stack4-lora-16)  # *-16k: their own SPEECH
 mkdir -p "$OUT"
 for name in "${@:-${ORDER[@]}}"; do
   [ -e "$OUT/$name/done" ] && continue
