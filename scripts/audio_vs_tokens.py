@@ -29,7 +29,7 @@ def main() -> None:
     mean = tokens.mean(0)
     rows = pq.read_table(sorted((args.speech / "dev").glob("*.parquet"))[0]).slice(0, args.clips).to_pylist()
     processor = model.processor
-    features, lengths = processor.pad([processor.features(decode_audio(r["wav"], 16000)) for r in rows])
+    features, lengths = processor.pad([processor.features(decode_audio(r["wav"], processor.sample_rate)) for r in rows])
     with torch.no_grad():
         audio, counts = model.embed_audio(features, lengths)  # [B, N, D]
     vectors = torch.cat([audio[i, :n] for i, n in enumerate(counts)])  # [sum N, D]
