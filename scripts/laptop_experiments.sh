@@ -5,13 +5,15 @@
 #
 # usage: scripts/laptop_experiments.sh MODELS SPEECH OUT [RUN...]
 #   MODELS  folder with whisper-tiny.en and smollm2-135m (../shared/realmodels/build.sh MODELS)
-#   SPEECH  a LoquaciousSet-schema folder (scripts/make_speech_set.py SPEECH)
+#   SPEECH  a LoquaciousSet-schema folder (scripts/make_speech_set.py SPEECH); the *-16k runs read
+#           SPEECH-16k, the same dev folder with 16,000 train clips (docs/experiments.md)
 #   OUT     where the runs go: OUT/RUN/lightning_logs/version_0, OUT/RUN.log
 set -euo pipefail
 MODELS=$1 SPEECH=$2 OUT=$3
 shift 3
 # Each run is configs/laptop.yaml plus its change; the runs before a default changed undo it.
 STACK4="--model.lora_rank 0"                                    # before LoRA
+MORE="--data.dataset '$SPEECH-16k'"                              # 16,000 train clips, none repeated
 BIAS="$STACK4 --model.projector_stack 2"                        # before stack 4
 FAST="$BIAS --model.projector_bias false"                       # before the output bias: lr 1e-3, warmup 100
 OLD="$FAST --model.learning_rate 1e-4 --model.warmup_steps 500" # the defaults before these experiments
@@ -28,12 +30,12 @@ declare -A RUNS=(
   [bias-warmup-0]="$BIAS --model.warmup_steps 0"
   [bias-data-800]="$BIAS --data.max_train_samples 800"        # a quarter of the training clips
   [stack4-1500]="$STACK4 --trainer.max_steps 1500"           # the best then, run long enough to meet the bar
-  [stack4-1500-16k]="$STACK4 --trainer.max_steps 1500"       # the same, with SPEECH = 16,000 train clips
+  [stack4-1500-16k]="$STACK4 --trainer.max_steps 1500 $MORE" # the same, with five times the data
   [stack4-lora-16]=""                      # idea: let the decoder adapt too (LoRA); configs/laptop.yaml as it is
-  [lora-1500-16k]="--trainer.max_steps 1500"                 # the best, long, with SPEECH = 16,000 train clips
+  [lora-1500-16k]="--trainer.max_steps 1500 $MORE"           # the best, long, with five times the data
 )
 ORDER=(baseline lr-1e-3 fast fast-ctc fast-full-window fast-bias bias-lr-3e-3 bias-stack-4 bias-warmup-0 bias-data-800
-       stack4-1500 stack4-lora-16)  # *-16k: their own SPEECH
+       stack4-1500 stack4-lora-16 stack4-1500-16k lora-1500-16k)
 mkdir -p "$OUT"
 for name in "${@:-${ORDER[@]}}"; do
   [ -e "$OUT/$name/done" ] && continue
