@@ -33,9 +33,11 @@ declare -A RUNS=(
   [stack4-1500-16k]="$STACK4 --trainer.max_steps 1500 $MORE" # the same, with five times the data
   [stack4-lora-16]=""                      # idea: let the decoder adapt too (LoRA); configs/laptop.yaml as it is
   [lora-1500-16k]="--trainer.max_steps 1500 $MORE"           # the best, long, with five times the data
+  [lora-mlp]="--model.lora_targets '[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]'"  # adapters in the MLPs too
+  [lora-lr-2e-3]="--model.learning_rate 2e-3"                 # the adapters may want a faster rate than the projector did
 )
 ORDER=(baseline lr-1e-3 fast fast-ctc fast-full-window fast-bias bias-lr-3e-3 bias-stack-4 bias-warmup-0 bias-data-800
-       stack4-1500 stack4-lora-16 stack4-1500-16k lora-1500-16k)
+       stack4-1500 stack4-lora-16 stack4-1500-16k lora-1500-16k lora-mlp lora-lr-2e-3)
 mkdir -p "$OUT"
 for name in "${@:-${ORDER[@]}}"; do
   [ -e "$OUT/$name/done" ] && continue
