@@ -35,9 +35,10 @@ declare -A RUNS=(
   [lora-1500-16k]="--trainer.max_steps 1500 $MORE"           # the best, long, with five times the data
   [lora-mlp]="--model.lora_targets '[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]'"  # adapters in the MLPs too
   [lora-lr-2e-3]="--model.learning_rate 2e-3"                 # the adapters may want a faster rate than the projector did
+  [lora-16k]="$MORE"                                          # the default on five times the data, 600 steps
 )
 ORDER=(baseline lr-1e-3 fast fast-ctc fast-full-window fast-bias bias-lr-3e-3 bias-stack-4 bias-warmup-0 bias-data-800
-       stack4-1500 stack4-lora-16 stack4-1500-16k lora-1500-16k lora-mlp lora-lr-2e-3)
+       stack4-1500 stack4-lora-16 stack4-1500-16k lora-1500-16k lora-mlp lora-lr-2e-3 lora-16k)
 mkdir -p "$OUT"
 for name in "${@:-${ORDER[@]}}"; do
   [ -e "$OUT/$name/done" ] && continue
