@@ -36,9 +36,11 @@ declare -A RUNS=(
   [lora-mlp]="--model.lora_targets '[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]'"  # adapters in the MLPs too
   [lora-lr-2e-3]="--model.learning_rate 2e-3"                 # the adapters may want a faster rate than the projector did
   [lora-16k]="$MORE"                                          # the default on five times the data, 600 steps
+  # a check, not an idea: can the loop learn to transcribe 64 clips it sees 37 times? (validates on those clips)
+  [lora-overfit-64]="--data.max_train_samples 64 --data.val_split train --trainer.max_steps 300"
 )
 ORDER=(baseline lr-1e-3 fast fast-ctc fast-full-window fast-bias bias-lr-3e-3 bias-stack-4 bias-warmup-0 bias-data-800
-       stack4-1500 stack4-lora-16 stack4-1500-16k lora-1500-16k lora-mlp lora-lr-2e-3 lora-16k)
+       stack4-1500 stack4-lora-16 stack4-1500-16k lora-1500-16k lora-mlp lora-lr-2e-3 lora-16k lora-overfit-64)
 mkdir -p "$OUT"
 for name in "${@:-${ORDER[@]}}"; do
   [ -e "$OUT/$name/done" ] && continue
