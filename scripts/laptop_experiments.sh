@@ -13,10 +13,10 @@ MODELS=$1 SPEECH=$2 OUT=$3
 shift 3
 # Each run is configs/laptop.yaml plus its change; the runs before a default changed undo it.
 STACK4="--model.lora_rank 0"                                    # before LoRA
-MORE="--data.dataset '$SPEECH-16k'"                              # 16,000 train clips, none repeated
 BIAS="$STACK4 --model.projector_stack 2"                        # before stack 4
 FAST="$BIAS --model.projector_bias false"                       # before the output bias: lr 1e-3, warmup 100
 OLD="$FAST --model.learning_rate 1e-4 --model.warmup_steps 500" # the defaults before these experiments
+MORE="--data.dataset '$SPEECH-16k'"                             # 16,000 train clips, none repeated
 declare -A RUNS=(
   [baseline]="$OLD"
   [lr-1e-3]="$OLD --model.learning_rate 1e-3"
@@ -31,12 +31,12 @@ declare -A RUNS=(
   [bias-data-800]="$BIAS --data.max_train_samples 800"        # a quarter of the training clips
   [stack4-1500]="$STACK4 --trainer.max_steps 1500"           # the best then, run long enough to meet the bar
   [stack4-1500-16k]="$STACK4 --trainer.max_steps 1500 $MORE" # the same, with five times the data
-  [stack4-lora-16]=""                      # idea: let the decoder adapt too (LoRA); configs/laptop.yaml as it is
+  [stack4-lora-16]=""                                         # idea: let the decoder adapt too (LoRA); laptop.yaml as it is
   [lora-1500-16k]="--trainer.max_steps 1500 $MORE"           # the best, long, with five times the data
   [lora-mlp]="--model.lora_targets '[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]'"  # adapters in the MLPs too
   [lora-lr-2e-3]="--model.learning_rate 2e-3"                 # the adapters may want a faster rate than the projector did
   [lora-16k]="$MORE"                                          # the default on five times the data, 600 steps
-  # a check, not an idea: can the loop learn to transcribe 64 clips it sees 37 times? (validates on those clips)
+  # a check, not an idea: can the loop learn 64 clips it sees 37 times in 300 steps? (validated on themselves)
   [lora-overfit-64]="--data.max_train_samples 64 --data.val_split train --trainer.max_steps 300"
 )
 ORDER=(baseline lr-1e-3 fast fast-ctc fast-full-window fast-bias bias-lr-3e-3 bias-stack-4 bias-warmup-0 bias-data-800
