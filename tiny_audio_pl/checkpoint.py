@@ -9,7 +9,9 @@
   batch; :class:`Checkpoint` holds that stop back to the end of the optimizer step when gradients
   are being accumulated (a checkpoint between micro-batches would drop the gradients gathered so
   far, and the resumed run would differ), saves that step (and ``last``) and the process exits 0.
-  It saves only on SIGTERM: a crash from bad numerics must not overwrite the last good checkpoint.
+  It saves only on SIGTERM and when the data host stops answering (``network.DataUnavailable``:
+  the loader stops between two optimizer steps, so the step saved is complete); a crash from bad
+  numerics must not overwrite the last good checkpoint.
 - Checkpoints are read with ``weights_only=True`` (no pickled code runs), and a truncated or
   corrupt file, a folder, or a torch file that is not a Lightning checkpoint gives one line saying
   which file and what to do, before anything is written.
@@ -30,6 +32,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tiny_audio_pl.errors import UsageError
+from tiny_audio_pl.network import DataUnavailable
 
 _UMASK = os.umask(0)  # read the process umask (there is no getter) ...
 os.umask(_UMASK)  # ... and put it back
@@ -158,4 +161,7 @@ class Checkpoint(ModelCheckpoint):
         if isinstance(exception, SIGTERMException):
             self._save_current_step(trainer)
             print(f"SIGTERM: saved step {trainer.global_step}; continue with --ckpt_path last")
+        elif isinstance(exception, DataUnavailable) and trainer.state.fn == TrainerFn.FITTING:
+            self._save_current_step(trainer)
+            print(f"data unavailable: saved step {trainer.global_step}")
 

@@ -51,7 +51,10 @@ from tiny_audio_pl.checkpoint import Checkpoint, read_training_checkpoint
 from tiny_audio_pl.data import SpeechDataModule
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.export import export, load_model, push_to_hub
+from tiny_audio_pl.hub import download
 from tiny_audio_pl.model import SpeechLLM
+from tiny_audio_pl.modeling import TinyAudioConfig
+from tiny_audio_pl.network import DataUnavailable
 from tiny_audio_pl.transcribe import file_list, pick_device, transcribe_files
 
 # save_dir "." (the default) means trainer.default_root_dir when that is set, as for Lightning's own logger.
@@ -66,6 +69,7 @@ commands:
   validate     WER and loss of a checkpoint:  tiny-audio validate -c CONFIG --ckpt_path PATH
   transcribe   audio files to text:  tiny-audio transcribe AUDIO... --ckpt CHECKPOINT_OR_EXPORT
   export       the shareable model folder:  tiny-audio export --ckpt CHECKPOINT --out DIR
+  download     models and data into the hub cache, for nodes without internet:  tiny-audio download -c CONFIG
 
 A mistake in a command or config is one line; {TRACEBACK}=1 shows its traceback."""
 
@@ -235,7 +239,7 @@ def positive_int(text: str) -> int:
 
 
 def use_model(args: list[str]) -> None:
-    """``tiny-audio transcribe`` and ``tiny-audio export``: plain argparse, no Trainer involved."""
+    """``tiny-audio transcribe``, ``export`` and ``download``: plain argparse, no Trainer involved."""
     parser = OneLineParser(prog="tiny-audio")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     run = commands.add_parser("transcribe", help="transcribe audio files (wav, flac, ogg, mp3; any rate/channels)")
@@ -255,7 +259,16 @@ def use_model(args: list[str]) -> None:
     out.add_argument("--overwrite", action="store_true",
                      help="replace the export's files in a non-empty folder that is not an earlier export")
     out.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this hub repository")
-    options = parser.parse_args(args)
+    fetch = commands.add_parser("download", help="fetch a config's models and data into the hub cache, for nodes "
+                                "without internet (then run with HF_HUB_OFFLINE=1)")
+    fetch.add_argument("-c", "--config", action="append", required=True, help="config file(s), as for fit")
+    fetch.add_argument("--max-files", type=positive_int, help="only the first N files of each split (a smaller "
+                       "copy: training then sees only those)")
+    options, overrides = parser.parse_known_args(args)
+    if options.command == "download":
+        return download_config(options.config, overrides, options.max_files)
+    if overrides:
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if options.command == "export":
         folder = export(options.ckpt, options.out, overwrite=options.overwrite)
         print(f"wrote {folder}")
@@ -281,6 +294,42 @@ def use_model(args: list[str]) -> None:
                 print(f"{result.file}\t{result.text}", flush=True)
     if failed:
         raise SystemExit(f"{failed} of {len(files) + len(missing)} file(s) could not be transcribed")
+
+
+def download_config(files: list[str], overrides: list[str], max_files: int | None) -> None:
+    """``tiny-audio download``: the models and every split a config (``-c`` files, then ``--section.key value``
+    overrides, as ``fit`` reads them) names, into the hub cache."""
+    config: dict[str, Any] = {}
+    for path in files:
+        _merge(config, yaml.safe_load(Path(path).read_text()) or {})
+    pairs = iter(overrides)
+    for option in pairs:
+        key, _, value = option.partition("=")
+        value = value if "=" in option else next(pairs, None)
+        if not key.startswith("--") or "." not in key or value is None:
+            raise UsageError(f"download: unrecognized argument {option} (options are --section.key value)")
+        *sections, name = key[2:].split(".")
+        target = config
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[name] = yaml.safe_load(value)
+    model = {"encoder": TinyAudioConfig().encoder, "decoder": TinyAudioConfig().decoder, **(config.get("model") or {})}
+    try:
+        data = SpeechDataModule(**(config.get("data") or {}))
+    except TypeError as error:
+        raise UsageError(f"download: the data section: {error}") from error
+    splits = [(s.dataset, s.config_name, s.split) for s in data.train_streams() + data.evaluation_sets()]
+    for line in download([model["encoder"], model["decoder"]], splits, max_files):
+        print(line, flush=True)
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    """``new`` into ``into``, section by section (a later config file overrides an earlier one's keys)."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def check_config_files(args: Sequence[str]) -> None:
@@ -318,6 +367,15 @@ def quiet() -> None:
     transformers_logging.disable_progress_bar()  # "Loading weights" bars of models read from disk
 
 
+def one_line(error: BaseException) -> str:
+    """The message of a one-line error, also when a dataloader worker raised it (torch then puts the worker's
+    traceback in the message, ending with ``module.Class: message``)."""
+    text = str(error)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())  # one line, even for jsonargparse's indented messages
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``tiny-audio``."""
     argv = sys.argv[1:] if args is None else args
@@ -326,7 +384,7 @@ def main(args: list[str] | None = None) -> None:
         return
     try:
         quiet()
-        if argv[0] in ("transcribe", "export"):
+        if argv[0] in ("transcribe", "export", "download"):
             use_model(argv)
             return
         check_config_files(argv)
@@ -339,9 +397,9 @@ def main(args: list[str] | None = None) -> None:
     except (UsageError, ArgumentError) as error:
         if os.environ.get(TRACEBACK):
             raise
-        message = " ".join(str(error).split())  # one line, even for jsonargparse's indented messages
-        print(f"tiny-audio {argv[0]}: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+        print(f"tiny-audio {argv[0]}: error: {one_line(error)}", file=sys.stderr)
+        # 75 (EX_TEMPFAIL): try again later, for restart loops around `--ckpt_path auto`
+        raise SystemExit(75 if isinstance(error, DataUnavailable) else 2) from None
 
 
 if __name__ == "__main__":

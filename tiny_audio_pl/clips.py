@@ -15,6 +15,7 @@ import numpy as np
 import soundfile as sf
 
 from tiny_audio_pl.errors import UsageError
+from tiny_audio_pl.network import NETWORK
 from tiny_audio_pl.processing import TinyAudioProcessor, decode_audio
 
 
@@ -94,7 +95,7 @@ def collate(examples: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
         ``feature_lengths``: ``[B]`` valid frames/samples; ``text``, ``targets`` (token ids), ``id``,
         ``duration`` (seconds), ``prompt`` (a source's own prompt, or None) and, when kept, ``audio``
         (waveforms): lists of length B; ``set``: ``name``; ``skipped``: ``{reason: [ids]}`` for the
-        clips dropped from this batch.
+        clips dropped from this batch; ``retries``: network retries in this process since its last batch.
     """
     kept = [e for e in examples if not e["skip"]]
     skipped: dict[str, list[str]] = defaultdict(list)
@@ -105,7 +106,7 @@ def collate(examples: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
     batch = {"features": features, "feature_lengths": lengths, "text": [e["text"] for e in kept],
              "targets": [e["targets"] for e in kept], "id": [e["id"] for e in kept],
              "duration": [e.get("duration", 0.0) for e in kept], "prompt": [e.get("prompt") for e in kept],
-             "set": name, "skipped": dict(skipped)}
+             "set": name, "skipped": dict(skipped), "retries": NETWORK.drain()}
     if any("audio" in e for e in kept):
         batch["audio"] = [e.get("audio") for e in kept]
         batch["sample_rate"] = kept[0]["sample_rate"]

@@ -29,26 +29,21 @@ from datasets.distributed import split_dataset_by_node
 from huggingface_hub import constants as hub_constants
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import IterableDataset as TorchIterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tiny_audio_pl.clips import ClipPreparer, SkipLedger, collate
 from tiny_audio_pl.errors import UsageError
+from tiny_audio_pl.hub import FETCH_HINT, cached_dataset, find_parquet_files, hub_parquet_files
+from tiny_audio_pl.network import NETWORK, network_trouble
 from tiny_audio_pl.processing import WHISPER_WINDOW_S, TinyAudioProcessor, stored_duration
-from tiny_audio_pl.stream import TrainLoader, WindowShuffled, budget_batches, count_batches, ignore_sigterm
-
-
-def find_parquet_files(root: Path, config_name: str | None, split: str) -> list[str]:
-    """Parquet files of ``split`` in a local folder laid out as ``[config/]split/*.parquet`` or ``split-*.parquet``."""
-    bases = [root / config_name, root] if config_name else [root]
-    patterns = [f"{split}/**/*.parquet", f"**/{split}-*.parquet", f"**/{split}/**/*.parquet"]
-    for base in bases:
-        for pattern in patterns:
-            files = sorted(str(p) for p in base.glob(pattern))
-            if files:
-                return files
-    raise UsageError(f"no parquet files for split '{split}' under {root} (looked for {patterns} "
-                     f"in {[str(b) for b in bases]})")
+from tiny_audio_pl.stream import (
+    PreparedRows,
+    TrainLoader,
+    WindowShuffled,
+    budget_batches,
+    count_batches,
+    ignore_sigterm,
+)
 
 
 @dataclass
@@ -140,6 +135,7 @@ class SpeechDataModule(LightningDataModule):
         min_duration: NonNegativeFloat = 0.1,
         max_target_tokens: PositiveInt = 256,
         max_bad_share: ClosedUnitInterval = 0.05,
+        network_patience: PositiveFloat = 300.0,
         text_normalization: Literal["lower", "none"] = "lower",
         seed: int = 0,
         train_sources: list[Source] | None = None,
@@ -180,6 +176,9 @@ class SpeechDataModule(LightningDataModule):
             max_target_tokens: transcripts longer than this many decoder tokens are skipped and counted.
             max_bad_share: stop the run when more than this share of the last 1000 clips was skipped
                 (judged once 100 clips were seen): a run that is mostly bad data is a config mistake.
+            network_patience: how many seconds a stream keeps retrying a data host that does not answer
+                (connection refused or dropped, 5xx, stalled reads) before the run stops, saving its last
+                complete optimizer step; shorter faults cost a wait, counted in ``data/retries``.
             text_normalization: how transcripts become training targets: ``lower`` lower-cases
                 (LoquaciousSet is upper case), ``none`` keeps them as they are.
             seed: seed of the shuffle (each epoch, worker and window gets its own permutation).
@@ -207,8 +206,9 @@ class SpeechDataModule(LightningDataModule):
             raise UsageError("data.train_sources: weights must be positive, got "
                              f"{[s.weight for s in self.train_sources]}")
         self.train_dataset: WindowShuffled | None = None
-        self.val_datasets: dict[str, IterableDataset] = {}  # "" when there is only val_split
+        self.val_datasets: dict[str, PreparedRows] = {}  # "" when there is only val_split
         self.skips = SkipLedger(max_bad_share, window=1000)
+        self.retries = 0  # network retries so far, all processes together
 
     def _defaults(self, split: str, max_samples: int | None) -> dict[str, Any]:
         hp = self.hparams
@@ -232,21 +232,21 @@ class SpeechDataModule(LightningDataModule):
             self.open_source(source)
 
     def open_source(self, source: Source) -> IterableDataset:
-        """Stream a source's split as rows of ``id``, ``audio`` (undecoded), ``text`` and ``prompt``."""
-        root = Path(source.dataset)
-        if root.is_dir():
-            files = find_parquet_files(root, source.config_name, source.split)
-            stream = load_dataset("parquet", data_files={source.split: files}, split=source.split, streaming=True)
+        """Stream a source's split as rows of ``id``, ``audio`` (undecoded), ``text`` and ``prompt``.
+
+        From a local folder, from the hub, or, on a node without internet (``HF_HUB_OFFLINE=1`` or the
+        hub unreachable), from what ``tiny-audio download`` put in the hub cache (``hub.py``).
+        """
+        if Path(source.dataset).is_dir():
+            stream = self._open_folder(Path(source.dataset), source)
+        elif hub_constants.HF_HUB_OFFLINE:
+            cached = cached_dataset(source.dataset)
+            if cached is None:
+                raise UsageError(f"the dataset '{source.dataset}' is neither a local folder nor in the hub cache, and "
+                                 f"HF_HUB_OFFLINE is set: {FETCH_HINT}")
+            stream = self._open_folder(cached, source)
         else:
-            try:
-                stream = load_dataset(source.dataset, source.config_name, split=source.split, streaming=True)
-            except Exception as error:  # datasets raises many kinds for a dataset it cannot reach
-                why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                offline = (" (HF_HUB_OFFLINE is set: only local folders and cached datasets)"
-                           if hub_constants.HF_HUB_OFFLINE else "")
-                raise UsageError(f"cannot open the dataset '{source.dataset}' (config {source.config_name}, split "
-                                 f"'{source.split}'): it is not a local folder, and the hub said: {why}{offline}. "
-                                 "Pass a local folder of parquet files or a reachable dataset id.") from error
+            stream = self._open_hub(source)
         columns = list(stream.features or {})
         missing = [c for c in (source.audio_column, source.text_column) if columns and c not in columns]
         if missing:
@@ -259,6 +259,34 @@ class SpeechDataModule(LightningDataModule):
         if source.max_samples is not None:
             stream = stream.take(source.max_samples)
         return stream.map(partial(_canonical_row, source=source), remove_columns=columns or None)
+
+    @staticmethod
+    def _open_folder(folder: Path, source: Source) -> IterableDataset:
+        try:
+            files = find_parquet_files(folder, source.config_name, source.split)
+        except UsageError as error:
+            if Path(source.dataset).is_dir():
+                raise
+            raise UsageError(f"the hub cache's copy of '{source.dataset}' ({folder}) has no files for config "
+                             f"{source.config_name}, split '{source.split}': {FETCH_HINT}") from error
+        return load_dataset("parquet", data_files={source.split: files}, split=source.split, streaming=True)
+
+    @staticmethod
+    def _open_hub(source: Source) -> IterableDataset:
+        try:
+            return load_dataset(source.dataset, source.config_name, split=source.split, streaming=True)
+        except Exception as error:  # datasets raises many kinds for a dataset it cannot reach
+            why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if "scripts are no longer supported" in why:  # read its parquet files by their layout instead
+                files = hub_parquet_files(source.dataset, source.config_name, source.split)
+                return load_dataset("parquet", data_files={source.split: files}, split=source.split, streaming=True)
+            cached = cached_dataset(source.dataset)
+            if cached is not None and network_trouble(error):
+                print(f"data: the hub did not answer ({why}): reading the hub cache's copy of '{source.dataset}'")
+                return SpeechDataModule._open_folder(cached, source)
+            raise UsageError(f"cannot open the dataset '{source.dataset}' (config {source.config_name}, split "
+                             f"'{source.split}'): it is not a local folder, and the hub said: {why}. Pass a local "
+                             "folder of parquet files or a reachable dataset id.") from error
 
     def setup(self, stage: str) -> None:
         """Open the streams for this rank, mix, shuffle and truncate them, and attach the clip preparation."""
@@ -285,19 +313,24 @@ class SpeechDataModule(LightningDataModule):
                 batches = partial(count_batches, batch_size=hp.batch_size, grouped=hp.group_by_length)
                 window = -(-max(1, hp.shuffle_buffer) // hp.batch_size) * hp.batch_size
             self.train_dataset = WindowShuffled(train, prepare(), window=window, seed=hp.seed, batches=batches,
-                                                duration=_row_duration)
+                                                duration=_row_duration, patience=hp.network_patience)
         if stage in ("fit", "validate"):
             self.val_datasets = {}
             for source in self.evaluation_sets():
                 val = split_dataset_by_node(self.open_source(source), rank, world)
-                self.val_datasets[source.name] = val.map(prepare(keep_audio=True))
+                self.val_datasets[source.name] = PreparedRows(val, prepare(keep_audio=True), hp.network_patience)
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Count the clips the collate dropped (main process), log the totals, stop if too many."""
+        """Count the clips the collate dropped and the network retries (main process), log the totals,
+        stop if too many clips were bad."""
         skipped = batch.pop("skipped")
         self.skips.record(skipped, len(batch["text"]))
-        if skipped and self.trainer is not None and self.trainer.logger is not None:
-            totals = {f"data/skipped/{reason}": float(count) for reason, count in self.skips.counts.items()}
+        retries = batch.pop("retries") + NETWORK.drain()  # the worker's, and this process's own
+        self.retries += retries
+        totals = {f"data/skipped/{reason}": float(count) for reason, count in self.skips.counts.items()
+                  } if skipped else {}
+        totals |= {"data/retries": float(self.retries)} if retries else {}
+        if totals and self.trainer is not None and self.trainer.logger is not None:
             self.trainer.logger.log_metrics(totals, step=self.trainer.global_step)
         return batch
 
@@ -305,17 +338,19 @@ class SpeechDataModule(LightningDataModule):
         if self.skips.counts:
             print(f"skipped clips: {self.skips.summary()}")
 
-    def _loader(self, dataset: TorchIterableDataset | IterableDataset, kind: type[StatefulDataLoader],
-                name: str = "") -> StatefulDataLoader:
+    def _loader(self, dataset: WindowShuffled | PreparedRows, kind: type[StatefulDataLoader], name: str = "",
+                **kwargs: Any) -> StatefulDataLoader:
         # A stream is split among workers by its shards (files): more workers than shards would idle.
         shards = (dataset.source if isinstance(dataset, WindowShuffled) else dataset).num_shards
         batch_size = None if kind is TrainLoader else self.hparams.batch_size  # training batches come whole
         return kind(dataset, batch_size=batch_size, collate_fn=partial(collate, name=name),
                     num_workers=min(self.hparams.num_workers, shards), pin_memory=torch.cuda.is_available(),
-                    worker_init_fn=ignore_sigterm)
+                    worker_init_fn=ignore_sigterm, **kwargs)
 
     def train_dataloader(self) -> TrainLoader:
-        return self._loader(self.train_dataset, TrainLoader)
+        """The training batches, fetched a whole optimizer step at a time (see :class:`TrainLoader`)."""
+        step_batches = self.trainer.accumulate_grad_batches if self.trainer else 1
+        return self._loader(self.train_dataset, TrainLoader, step_batches=step_batches)
 
     def val_dataloader(self) -> list[StatefulDataLoader]:
         """One loader per evaluation set; batches carry the set's name (``""`` for ``val_split`` alone)."""

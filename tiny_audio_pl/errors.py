@@ -28,7 +28,8 @@ def explained_loading(name: str, what: str) -> Iterator[None]:
         if Path(name).is_dir():
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UsageError(f"cannot load the {what} from the folder {name}: {first}") from error
-        why = ("HF_HUB_OFFLINE is set, so only local directories and already-cached models can be used"
+        why = ("HF_HUB_OFFLINE is set, so only local directories and models in the hub cache can be used "
+               "(`tiny-audio download -c CONFIG` fetches a config's models where there is internet)"
                if hub_constants.HF_HUB_OFFLINE else
                "the hub could not be reached or has no such repository (gated models also need HF_TOKEN)")
         raise UsageError(f"cannot load the {what} '{name}': it is not a local directory, and {why}. "

@@ -7,6 +7,8 @@
   happened to arrive with them, and no batch exceeds what the budget allows.
 - :class:`TrainLoader` streams pass after pass itself (Lightning sees one endless epoch) and saves
   the position of the batch being trained on, on every rank.
+- Rows are read through :class:`~tiny_audio_pl.network.ResilientRows`, so a network fault costs a
+  wait, not the run or the exact position; validation sets are read the same way (:class:`PreparedRows`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch.utils.data import get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tiny_audio_pl.errors import UsageError
+from tiny_audio_pl.network import DataUnavailable, ResilientRows
 
 
 def length_grouped(durations: list[float], batch_size: int, rng: np.random.Generator) -> list[int]:
@@ -91,8 +94,8 @@ class WindowShuffled(TorchIterableDataset):
 
     def __init__(self, source: IterableDataset, prepare: Callable[[dict], dict], window: int, seed: int,
                  batches: Callable[[list[float], np.random.Generator], list[list[int]]],
-                 duration: Callable[[dict], float]) -> None:
-        self.source, self.prepare, self.seed = source, prepare, seed
+                 duration: Callable[[dict], float], patience: float) -> None:
+        self.source, self.prepare, self.seed, self.patience = source, prepare, seed, patience
         self.batches, self.duration, self.window = batches, duration, max(1, window)
         self.epoch = 0
         self._state: dict[str, Any] = {"epoch": 0, "source": None, "window": 0, "yielded": 0}
@@ -120,7 +123,8 @@ class WindowShuffled(TorchIterableDataset):
         if window_start is not None:
             source.load_state_dict(window_start)
         worker = get_worker_info()
-        rows = iter(source)
+        reader = ResilientRows(source, self.patience)
+        rows = iter(reader)
         while window := list(itertools.islice(rows, self.window)):
             rng = np.random.default_rng([self.seed, self.epoch, worker.id if worker else 0, index])
             batches = self.batches([self.duration(row) for row in window], rng)
@@ -129,7 +133,18 @@ class WindowShuffled(TorchIterableDataset):
                     continue
                 self._state = {"epoch": self.epoch, "source": window_start, "window": index, "yielded": position + 1}
                 yield [self.prepare(window[row]) for row in batch]
-            window_start, index, skip = source.state_dict(), index + 1, 0
+            window_start, index, skip = reader.state_dict(), index + 1, 0
+
+
+class PreparedRows(TorchIterableDataset):
+    """A validation set: the rows of a stream, read through network faults, each prepared by ``prepare``."""
+
+    def __init__(self, source: IterableDataset, prepare: Callable[[dict], dict], patience: float) -> None:
+        self.source, self.prepare, self.patience = source, prepare, patience
+        self.num_shards = source.num_shards  # what the dataloader's workers split
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return map(self.prepare, ResilientRows(self.source, self.patience))
 
 
 class TrainLoader(StatefulDataLoader):
@@ -146,6 +161,12 @@ class TrainLoader(StatefulDataLoader):
     checkpoint time already counts a batch that was never trained on, and a resumed run would skip
     it. This loader reports the state from before the latest fetch: that of the batch being trained on.
 
+    Batches are fetched a whole optimizer step (``step_batches`` micro-batches) at a time, so that
+    when the data host stops answering (:class:`~tiny_audio_pl.network.DataUnavailable`) the run
+    stops between two optimizer steps, never inside one: the loader first hands Lightning a
+    placeholder (``None``, never trained on, since Lightning asks for the next batch before training
+    it), so the step in progress completes, then raises. The position saved then is that step's end.
+
     Lightning writes the checkpoint from rank 0 alone, so under DDP every rank would resume from rank
     0's position in rank 0's part of the stream. The state therefore gathers every rank's position
     (the checkpoint is built on all ranks), and each rank restores its own.
@@ -153,29 +174,46 @@ class TrainLoader(StatefulDataLoader):
 
     dataset: WindowShuffled
 
-    def __init__(self, dataset: WindowShuffled, **kwargs: Any) -> None:
+    def __init__(self, dataset: WindowShuffled, step_batches: int = 1, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
+        self.step_batches = step_batches
         self.passes = 0  # passes over the stream started so far, minus one
         self._trained_position: dict[str, Any] | None = None
+        self._fetching: dict[str, Any] | None = None  # the position before the batch being fetched
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def _positioned_batches(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """``(position before the batch, batch)``, pass after pass."""
         while True:
             self.dataset.set_epoch(self.passes)
             iterator = super().__iter__()  # restores a loaded position once, else starts the pass afresh
             fetched = 0
             while True:
-                before = {"pass": self.passes, "loader": super().state_dict()}
+                before = self._fetching = {"pass": self.passes, "loader": super().state_dict()}
                 try:
                     batch = next(iterator)
                 except StopIteration:
                     break
-                self._trained_position = before
                 fetched += 1
-                yield batch
+                yield before, batch
             if not fetched:  # an endless loop otherwise
                 raise UsageError("the training stream yielded no clips in a whole pass: check data.dataset, "
                                  "data.train_split / data.train_sources and data.max_train_samples")
             self.passes += 1
+
+    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+        batches = self._positioned_batches()
+        while True:
+            step: list[tuple[dict[str, Any], dict[str, Any]]] = []
+            try:
+                while len(step) < self.step_batches:
+                    step.append(next(batches))
+            except DataUnavailable:
+                self._trained_position = step[0][0] if step else self._fetching  # the end of the last full step
+                yield None  # Lightning asks for it before training the step's last batch, and trains it never
+                raise
+            for before, batch in step:
+                self._trained_position = before
+                yield batch
 
     def state_dict(self) -> dict[str, Any]:
         own = self._trained_position or {"pass": self.passes, "loader": super().state_dict()}
