@@ -128,10 +128,13 @@ class _Quiet(BaseHTTPRequestHandler):
         pass
 
     def send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        """Answer with ``body``; a HEAD answer says the length of the body a GET would get."""
+        headers = dict(headers or {})
+        length = headers.pop("Content-Length", None) if self.command == "HEAD" else None
         self.send_response(status)
-        for key, value in (headers or {}).items():
+        for key, value in headers.items():
             self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", length or str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -218,6 +221,8 @@ def _hub_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             data = repo.files[path].read_bytes()
             headers = {"ETag": f'"{repo.sha256[path]}"', "X-Repo-Commit": repo.sha, "Accept-Ranges": "bytes",
                        "Content-Type": "application/octet-stream"}
+            if self.command == "HEAD":
+                return self.send(200, b"", {**headers, "Content-Length": str(len(data))})
             wanted = self.headers.get("Range")
             if not wanted:
                 return self.send(200, data, headers)
@@ -304,8 +309,8 @@ def _proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             response = connection.getresponse()
             data = response.read()
             connection.close()
-            passed = {k: v for k, v in response.getheaders() if k.lower() not in ("content-length", "connection",
-                                                                                  "transfer-encoding")}
+            dropped = ("connection", "transfer-encoding") + (() if self.command == "HEAD" else ("content-length",))
+            passed = {k: v for k, v in response.getheaders() if k.lower() not in dropped}
             if fault != "reset" or self.command == "HEAD" or len(data) < 2:
                 return self.send(response.status, data, passed)
             self.send_response(response.status)

@@ -9,8 +9,8 @@ import torch
 from conftest import DECODER, HUBERT, SPEECH, WHISPER
 from tiny_audio_pl.clips import collate, normalize_target
 from tiny_audio_pl.data import SpeechDataModule
-from tiny_audio_pl.hub import find_parquet_files
 from tiny_audio_pl.errors import UsageError
+from tiny_audio_pl.hub import find_parquet_files
 from tiny_audio_pl.processing import decode_audio
 from tiny_audio_pl.stream import budget_batches
 

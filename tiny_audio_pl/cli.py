@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import multiprocessing
 import os
 import shlex
 import sys
@@ -400,6 +401,11 @@ def main(args: list[str] | None = None) -> None:
         print(f"tiny-audio {argv[0]}: error: {one_line(error)}", file=sys.stderr)
         # 75 (EX_TEMPFAIL): try again later, for restart loops around `--ckpt_path auto`
         raise SystemExit(75 if isinstance(error, DataUnavailable) else 2) from None
+    finally:
+        # Dataloader workers ignore SIGTERM (stream.ignore_sigterm), so a run that stops on an error
+        # while they wait on the network would hang in multiprocessing's exit, which only terminates them.
+        for worker in multiprocessing.active_children():
+            worker.kill()
 
 
 if __name__ == "__main__":

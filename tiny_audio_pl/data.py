@@ -34,7 +34,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from tiny_audio_pl.clips import ClipPreparer, SkipLedger, collate
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.hub import FETCH_HINT, cached_dataset, find_parquet_files, hub_parquet_files
-from tiny_audio_pl.network import NETWORK, network_trouble
+from tiny_audio_pl.network import NETWORK, DataUnavailable, with_retries
 from tiny_audio_pl.processing import WHISPER_WINDOW_S, TinyAudioProcessor, stored_duration
 from tiny_audio_pl.stream import (
     PreparedRows,
@@ -271,19 +271,20 @@ class SpeechDataModule(LightningDataModule):
                              f"{source.config_name}, split '{source.split}': {FETCH_HINT}") from error
         return load_dataset("parquet", data_files={source.split: files}, split=source.split, streaming=True)
 
-    @staticmethod
-    def _open_hub(source: Source) -> IterableDataset:
-        try:
+    def _open_hub(self, source: Source) -> IterableDataset:
+        """A hub dataset's split, as its card's configs say; retried while the hub does not answer."""
+        def open_split() -> IterableDataset:
             return load_dataset(source.dataset, source.config_name, split=source.split, streaming=True)
+
+        try:
+            return with_retries(open_split, self.hparams.network_patience)
+        except DataUnavailable:
+            raise
         except Exception as error:  # datasets raises many kinds for a dataset it cannot reach
             why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             if "scripts are no longer supported" in why:  # read its parquet files by their layout instead
                 files = hub_parquet_files(source.dataset, source.config_name, source.split)
                 return load_dataset("parquet", data_files={source.split: files}, split=source.split, streaming=True)
-            cached = cached_dataset(source.dataset)
-            if cached is not None and network_trouble(error):
-                print(f"data: the hub did not answer ({why}): reading the hub cache's copy of '{source.dataset}'")
-                return SpeechDataModule._open_folder(cached, source)
             raise UsageError(f"cannot open the dataset '{source.dataset}' (config {source.config_name}, split "
                              f"'{source.split}'): it is not a local folder, and the hub said: {why}. Pass a local "
                              "folder of parquet files or a reachable dataset id.") from error

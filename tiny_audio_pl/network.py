@@ -27,9 +27,9 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from datasets import IterableDataset
@@ -39,6 +39,7 @@ from tiny_audio_pl.errors import UsageError
 QUIET_S = 60.0  # a retry this long after the previous one starts a new incident (and a new log line)
 MAX_WAIT_S = 30.0  # the longest wait between two of this module's retries
 _TRANSPORT_MODULES = ("httpx", "httpx2", "aiohttp", "urllib3", "requests")
+T = TypeVar("T")
 
 
 class DataUnavailable(UsageError):
@@ -56,13 +57,23 @@ class Trouble:
     def __str__(self) -> str:
         return f"{self.reason} from {self.host} ({self.file})" if self.host else self.reason
 
+    def stopped(self, waited: float, patience: float) -> str:
+        """The one line a run stops with."""
+        return (f"the data host {self.host or '(unknown)'} did not answer for {waited:.0f} s (data.network_patience "
+                f"{patience:g} s); last: {self.reason}, reading {self.file or 'the stream'}. When it is back, "
+                "continue with --ckpt_path last")
+
 
 def _hub_path(url: str) -> tuple[str, str]:
-    """``(host, file)`` of a URL; a hub ``.../{repo}/resolve/{revision}/{path}`` URL gives ``repo/path``."""
+    """``(host, file)`` of a URL: a hub file (``.../{repo}/resolve/{revision}/{path}``) as ``repo/path``, a hub
+    API call as ``repo (hub API: what)``."""
     parts = urlsplit(url)
     path = unquote(parts.path).lstrip("/")
     resolved = re.match(r"(?:datasets/)?(.+?)/resolve/[^/]+/(.+)", path)
-    return parts.netloc, "/".join(resolved.groups()) if resolved else path
+    api = re.match(r"api/(?:models|datasets)/([^/]+/[^/]+)/?([^/]*)", path)
+    if resolved:
+        return parts.netloc, "/".join(resolved.groups())
+    return parts.netloc, f"{api.group(1)} (hub API: {api.group(2) or 'info'})" if api else path
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
@@ -158,6 +169,26 @@ def take_over_retries() -> None:
             logger.addFilter(NETWORK.filter)
 
 
+def with_retries(call: Callable[[], T], patience: float) -> T:
+    """``call()``, retried with backoff while it fails for a network reason, for up to ``patience`` seconds."""
+    take_over_retries()
+    failing_since, wait = None, 1.0
+    while True:
+        try:
+            return call()
+        except Exception as error:
+            trouble = network_trouble(error)
+            if trouble is None:
+                raise
+            now = time.monotonic()
+            failing_since = failing_since or now
+            if now - failing_since >= patience:
+                raise DataUnavailable(trouble.stopped(now - failing_since, patience)) from error
+            NETWORK.retry(trouble)
+            time.sleep(min(wait, patience - (now - failing_since)))
+            wait = min(2 * wait, MAX_WAIT_S)
+
+
 class ResilientRows:
     """The rows of a ``datasets`` stream, read again from the last row yielded when the network fails.
 
@@ -189,10 +220,7 @@ class ResilientRows:
                 now = time.monotonic()
                 failing_since = failing_since or now
                 if now - failing_since >= self.patience:
-                    raise DataUnavailable(
-                        f"the data host {trouble.host or '(unknown)'} did not answer for {now - failing_since:.0f} s "
-                        f"(data.network_patience {self.patience:g} s); last: {trouble.reason}, reading "
-                        f"{trouble.file or 'the stream'}. When it is back, continue with --ckpt_path last") from error
+                    raise DataUnavailable(trouble.stopped(now - failing_since, self.patience)) from error
                 NETWORK.retry(trouble)
                 time.sleep(min(wait, self.patience - (now - failing_since)))
                 wait = min(2 * wait, MAX_WAIT_S)

@@ -1,0 +1,273 @@
+"""The commands users run, the way they run them: hub ids through a Hub server, a network that fails, nodes
+without internet.
+
+The shipped configs run unchanged but for CPU and size overrides, against :class:`hub_server.HubServer`
+(``HF_ENDPOINT``, loopback only) serving repositories laid out as the real ones (``hub_repos.py``).
+Faults come from :class:`hub_server.FaultProxy` between the clients and the server; a run through a
+faulty network must end with the same weights as a run through a sound one.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hub_repos import build_repos
+from hub_server import FaultProxy, HubServer
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_transcribe import HUB_LOAD
+
+from conftest import ROOT, cli, cli_env, make_workdir
+
+CONFIGS = ROOT / "configs"
+WHISPER_YAML = str(CONFIGS / "whisper.yaml")
+CLIP = str(ROOT / "assets" / "clips" / "dev-0000.wav")
+# Only what a CPU and a test need changed: the rest is the shipped config.
+CPU = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.frozen_dtype", "float32",
+       "--trainer.enable_progress_bar", "false"]
+SMALL = [*CPU, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.max_eval_samples", "2",
+         "--model.max_new_tokens", "2", "--model.projector_hidden", "32"]
+# The fault runs: 12 steps of ~27 clips (4 passes over the 80 train clips, so shards are read again and again).
+FAULT_RUN = [*CPU, "--trainer.max_steps", "12", "--trainer.val_check_interval", "12", "--data.max_eval_samples", "2",
+             "--model.max_new_tokens", "2", "--model.projector_hidden", "32", "--data.batch_seconds", "60",
+             "--data.shuffle_buffer", "16", "--data.num_workers", "2", "--checkpoint.every_n_train_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    with HubServer(build_repos(tmp_path_factory.mktemp("hub"))) as server:
+        yield server
+
+
+def hub_env(endpoint: str, home: Path, **extra: str) -> dict[str, str]:
+    """Online through ``endpoint``, with its own hub cache; a read that stalls 2 s is retried."""
+    return cli_env(HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
+                   HF_HUB_DOWNLOAD_TIMEOUT="2", **extra)
+
+
+def run(workdir: Path, env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cli(*args), cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def last_checkpoint(workdir: Path, version: int = 0) -> dict:
+    return torch.load(workdir / f"lightning_logs/version_{version}/checkpoints/last.ckpt", weights_only=True)
+
+
+def assert_same_weights(resumed: dict, expected: dict) -> None:
+    assert resumed["global_step"] == expected["global_step"]
+    for key, value in expected["state_dict"].items():
+        assert (resumed["state_dict"][key] - value).abs().max() <= 1e-6, key
+
+
+@pytest.fixture(scope="module")
+def recipe(hub, tmp_path_factory) -> Path:
+    """``tiny-audio fit --config configs/whisper.yaml``, as shipped but for CPU and size, through the server."""
+    workdir = make_workdir(tmp_path_factory.mktemp("recipe"))
+    result = run(workdir, hub_env(hub.url, workdir / "hf"), "fit", "--config", WHISPER_YAML, *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "encoder  openai/whisper-large-v3-turbo (frozen)" in result.stdout + result.stderr
+    assert "decoder  HuggingFaceTB/SmolLM3-3B (frozen)" in result.stdout + result.stderr
+    assert re.search(r"validation   WER [\d.]+ %", result.stdout), result.stdout
+    return workdir
+
+
+@pytest.mark.parametrize("configs", [["hubert.yaml"], ["multi_task.yaml"], ["laptop"]],
+                         ids=["whisper+hubert", "whisper+multi_task", "laptop"])
+def test_the_shipped_configs_train_from_hub_ids(hub, tmp_path, configs):
+    files = ["-c", str(CONFIGS / "laptop.yaml")] if configs == ["laptop"] else [
+        "-c", WHISPER_YAML, *[arg for name in configs for arg in ("-c", str(CONFIGS / name))]]
+    workdir = make_workdir(tmp_path / "run")
+    result = run(workdir, hub_env(hub.url, tmp_path / "hf"), "fit", *files, *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    encoder = {"hubert.yaml": "facebook/hubert-xlarge-ls960-ft", "laptop": "openai/whisper-tiny.en"}.get(
+        configs[0], "openai/whisper-large-v3-turbo")
+    assert f"encoder  {encoder} (frozen)" in result.stdout + result.stderr
+    assert "validation   " in result.stdout
+    if configs == ["multi_task.yaml"]:
+        assert "speaker_sex_dev: WER" in result.stdout and "transcribe_dev: WER" in result.stdout
+
+
+def test_validate_scores_the_evaluation_sets_of_eval_yaml(hub, recipe):
+    """LoquaciousSet test and LibriSpeech test.clean / test.other, by the hub ids and splits eval.yaml names."""
+    result = run(recipe, hub_env(hub.url, recipe / "hf"), "validate", "-c", WHISPER_YAML, "-c",
+                 str(CONFIGS / "eval.yaml"), *CPU, "--ckpt_path", "lightning_logs/version_0/checkpoints/last.ckpt")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, clips in (("loquacious_test", 10), ("librispeech_test.clean", 20), ("librispeech_test.other", 20)):
+        assert re.search(rf"^{re.escape(name)}\s+{clips}\s", result.stdout, re.M), result.stdout
+
+
+def test_a_dataset_with_a_loading_script_is_read_from_its_parquet_files(tmp_path, recipe):
+    """Older revisions of openslr/librispeech_asr hold librispeech_asr.py, which datasets 5 refuses."""
+    with HubServer(build_repos(tmp_path / "hub", librispeech_script=True)) as scripted:
+        result = run(recipe, hub_env(scripted.url, tmp_path / "hf"), "validate", "-c", WHISPER_YAML, "-c",
+                     str(CONFIGS / "eval.yaml"), *CPU, "--ckpt_path", "lightning_logs/version_0/checkpoints/last.ckpt")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^librispeech_test\.clean\s+20\s", result.stdout, re.M), result.stdout
+
+
+def test_transcribe_and_the_pipeline_on_a_model_folder_that_names_hub_ids(hub, recipe, tmp_path):
+    env = hub_env(hub.url, recipe / "hf")
+    folder = tmp_path / "model"
+    assert run(tmp_path, env, "export", "--ckpt", str(recipe / "lightning_logs/version_0/checkpoints/last.ckpt"),
+               "--out", str(folder)).returncode == 0
+    assert '"encoder": "openai/whisper-large-v3-turbo"' in (folder / "config.json").read_text()
+    ours = run(tmp_path, env, "transcribe", CLIP, "--ckpt", str(folder))
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    text = ours.stdout.strip().split("\t", 1)[1]
+    (tmp_path / "load.py").write_text(HUB_LOAD)
+    theirs = subprocess.run([sys.executable, "load.py", str(folder), CLIP], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    assert f'"texts": ["{text}"]' in theirs.stdout
+
+
+def test_a_node_without_internet_runs_the_same_config_from_what_download_fetched(hub, tmp_path):
+    """Fetch once where the hub is reachable; then, with the hub gone and HF_HUB_OFFLINE=1, the same command."""
+    home, workdir = tmp_path / "hf", make_workdir(tmp_path / "node")
+    fetched = run(workdir, hub_env(hub.url, home), "download", "-c", WHISPER_YAML)
+    assert fetched.returncode == 0, fetched.stderr[-3000:]
+    assert "model    openai/whisper-large-v3-turbo" in fetched.stdout
+    assert re.search(r"dataset  speechbrain/LoquaciousSet large train: 2 file\(s\)", fetched.stdout), fetched.stdout
+    offline = cli_env(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="1", HF_HOME=str(home))  # nothing listens
+    result = run(workdir, offline, "fit", "--config", WHISPER_YAML, *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "validation   WER" in result.stdout
+    for extra, named in ((["-c", str(CONFIGS / "hubert.yaml")], "facebook/hubert-xlarge-ls960-ft"),
+                         (["--data.config_name", "small"], "config small, split 'train'")):
+        missing = run(workdir, offline, "fit", "-c", WHISPER_YAML, *extra, *SMALL)
+        errors = [line for line in missing.stderr.splitlines() if line.startswith("tiny-audio fit: error:")]
+        assert missing.returncode == 2 and len(errors) == 1 and "Traceback" not in missing.stderr, missing.stderr
+        assert named in errors[0] and "tiny-audio download -c CONFIG" in errors[0]
+
+
+# ----------------------------------------------------------------------------------------- faults
+def fault_run(hub: HubServer, workdir: Path, plan=None, *args: str) -> tuple[subprocess.CompletedProcess, FaultProxy]:
+    with FaultProxy(hub.url, plan, stall_s=6) as proxy:
+        result = run(workdir, hub_env(proxy.url, workdir / "hf"), "fit", "-c", WHISPER_YAML, *FAULT_RUN, *args)
+    return result, proxy
+
+
+@pytest.fixture(scope="module")
+def sound(hub, tmp_path_factory) -> dict:
+    """The fault runs' reference: the same command through a proxy that breaks nothing."""
+    workdir = make_workdir(tmp_path_factory.mktemp("sound"))
+    result, _ = fault_run(hub, workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return last_checkpoint(workdir)
+
+
+def shard_reads(fault: str, every: int):
+    """Break every ``every``-th read of a parquet shard (a ranged GET, mid-stream)."""
+    reads = iter(range(1, 1_000_000))
+
+    def plan(method: str, path: str, n: int) -> str | None:
+        return fault if method == "GET" and ".parquet" in path and next(reads) % every == 0 else None
+    return plan
+
+
+@pytest.mark.parametrize("fault,plan", [("reset", shard_reads("reset", 3)), ("error", shard_reads("error", 4)),
+                                        ("stall", shard_reads("stall", 9))], ids=["reset", "5xx", "stall"])
+def test_transient_faults_cost_retries_not_the_run_nor_its_weights(hub, sound, tmp_path, fault, plan):
+    workdir = make_workdir(tmp_path / "faulty")
+    result, proxy = fault_run(hub, workdir, plan)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert proxy.faults and all(kind == fault for kind, _ in proxy.faults)
+    assert_same_weights(last_checkpoint(workdir), sound)
+    events = EventAccumulator(str(workdir / "lightning_logs/version_0"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert events.Scalars("data/retries")[-1].value >= 1
+    incidents = [line for line in output.splitlines() if "retrying with backoff" in line]
+    assert 1 <= len(incidents) <= len(proxy.faults), output[-3000:]  # one line per incident, not per retry
+    assert "Retrying in" not in output and "Got disconnected" not in output and "Traceback" not in output
+
+
+def test_a_lasting_outage_stops_with_the_last_step_saved_and_resumes_exactly(hub, sound, tmp_path):
+    """The proxy stops answering after step 2's checkpoint: the run stops within its patience plus the hub
+    client's own retries, in one line naming the host and the file, exit status 75, its last complete step
+    saved; when the host is back, --ckpt_path last ends with the weights of a run that never saw a fault."""
+    workdir = make_workdir(tmp_path / "outage")
+    proxy = FaultProxy(hub.url).start()
+    env = hub_env(proxy.url, workdir / "hf")
+    command = cli("fit", "-c", WHISPER_YAML, *FAULT_RUN, "--data.network_patience", "3")
+    process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = workdir / "lightning_logs/version_0/checkpoints"
+    deadline = time.time() + 120
+    while not (checkpoints / "step=2.ckpt").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proxy.stop()
+    stopped_at = time.time()
+    try:
+        stdout, stderr = process.communicate(timeout=150)
+    finally:
+        process.kill()
+    assert time.time() - stopped_at < 150
+    assert process.returncode == 75, stderr[-3000:]
+    assert "Traceback" not in stderr and "Retrying in" not in stderr, stderr[-3000:]
+    error = stderr.strip().splitlines()[-1]
+    assert error.startswith(f"tiny-audio fit: error: the data host 127.0.0.1:{proxy.port} did not answer"), error
+    assert "speechbrain/LoquaciousSet" in error, error
+    saved = int(re.search(r"data unavailable: saved step (\d+)", stdout).group(1))
+    assert 2 <= saved < 12 and last_checkpoint(workdir)["global_step"] == saved
+
+    back = FaultProxy(hub.url, port=proxy.port).start()  # the host is back
+    try:
+        result = subprocess.run([*command, "--ckpt_path", "last"], cwd=workdir, env=env, capture_output=True,
+                                text=True, timeout=300)
+    finally:
+        back.stop()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(last_checkpoint(workdir), sound)
+
+
+def test_network_trouble_tells_faults_from_mistakes():
+    import httpx2
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from tiny_audio_pl.network import network_trouble
+
+    request = httpx2.Request("GET", "http://127.0.0.1:5/datasets/org/set/resolve/abc123/large/train-0.parquet")
+    try:
+        raise ConnectionError("Server Disconnected") from httpx2.ConnectError("refused", request=request)
+    except ConnectionError as error:
+        trouble = network_trouble(error)
+    assert (trouble.host, trouble.file) == ("127.0.0.1:5", "org/set/large/train-0.parquet")
+    assert network_trouble(EntryNotFoundError("404 missing")) is None
+    assert network_trouble(ValueError("Parquet magic bytes not found")) is None
+
+
+def test_resilient_rows_resume_at_the_row_after_the_last_one_yielded(tmp_path):
+    """A stream that drops once mid-shard yields every row once, in order, as one that never dropped."""
+    from datasets import IterableDataset
+
+    from tiny_audio_pl.network import ResilientRows
+
+    dropped = tmp_path / "dropped"
+
+    def rows(shards: list[int]):
+        for shard in shards:
+            for i in range(10):
+                if shard == 1 and i == 4 and not dropped.exists():
+                    dropped.touch()
+                    raise ConnectionResetError("connection reset by peer")
+                yield {"shard": shard, "i": i}
+
+    stream = IterableDataset.from_generator(rows, gen_kwargs={"shards": [0, 1, 2]})
+    expected = [(s, i) for s in range(3) for i in range(10)]
+    assert [(r["shard"], r["i"]) for r in ResilientRows(stream, patience=30)] == expected
+    assert dropped.exists()
+
+
+def test_a_worker_error_is_one_line():
+    from tiny_audio_pl.cli import one_line
+
+    wrapped = ("Caught DataUnavailable in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "x.py", line 1, in f\ntiny_audio_pl.network.DataUnavailable: the data host h did not answer\n')
+    assert one_line(Exception(wrapped)) == "the data host h did not answer"
+    assert one_line(Exception("plain\n   message")) == "plain message"
+
