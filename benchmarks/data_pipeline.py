@@ -5,9 +5,14 @@ with the project's own code (``ClipPreparer`` and ``collate``), on clips whose d
 LoquaciousSet-like distribution: log-normal with a median of 6 s, clipped to 1-30 s (most clips a
 few seconds to ~20 s). Clips are real speech (the tiny set's, tiled to length), stored as 16 kHz
 FLAC bytes as in LoquaciousSet; ``--rate 48000`` stores them at 48 kHz to include resampling.
-Usage::
+
+``--stream`` measures the real streaming path instead (``SpeechDataModule.open_source``: parquet
+shards read by ``datasets`` row group by row group, then prepared and collated), from a folder on
+disk and through the tests' Hub server on 127.0.0.1 (``HF_ENDPOINT``), with ``--latency-ms`` added
+to every request as a round trip to a distant host would. Usage::
 
     python benchmarks/data_pipeline.py [--clips 200] [--batch 8] [--rate 16000] [--json PATH]
+    python benchmarks/data_pipeline.py --stream [--clips 400] [--latency-ms 0 50] [--json PATH]
 """
 
 from __future__ import annotations
@@ -15,7 +20,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -78,14 +87,86 @@ def measure(encoder: str, clips: list[dict], batch: int) -> dict:
     return {"samples_per_s": round(len(clips) / seconds, 1), "audio_s_per_s": round(audio / seconds, 1)}
 
 
+def write_repo(clips: list[dict], root: Path, shards: int = 2, row_group: int = 100) -> Path:
+    """The clips as a LoquaciousSet-shaped dataset repository (``large/train-*``), under ``root/datasets/``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = root / "datasets/speechbrain/LoquaciousSet"
+    (folder / "large").mkdir(parents=True)
+    table = pa.table({"ID": [c["id"] for c in clips], "duration": [0.0] * len(clips),
+                      "wav": [c["audio"] for c in clips], "text": [c["text"] for c in clips]})
+    size = -(-len(clips) // shards)
+    for i in range(shards):
+        pq.write_table(table.slice(i * size, size), folder / "large" / f"train-{i:05d}-of-{shards:05d}.parquet",
+                       row_group_size=row_group)
+    return folder
+
+
+def stream_rate(dataset: str, clips: int, batch: int) -> dict:
+    """Clips per second of the streaming path, one process: open the split, read, prepare, collate."""
+    from tiny_audio_pl.data import SpeechDataModule
+
+    data = SpeechDataModule(dataset=dataset, config_name="large", num_workers=0, batch_size=batch,
+                            encoder=str(ROOT / "assets/tiny-whisper"), decoder=str(ROOT / "assets/tiny-smollm3"))
+    preparer = ClipPreparer(TinyAudioProcessor.from_models(data.hparams.encoder, data.hparams.decoder),
+                            min_duration=0.1, max_duration=30.0, max_target_tokens=256, text_normalization="lower")
+    start = time.perf_counter()
+    rows = iter(data.open_source(data.train_streams()[0]))
+    done, megabytes = 0, 0.0
+    while done < clips:
+        chunk = [row for _, row in zip(range(batch), rows)]
+        if not chunk:
+            break
+        megabytes += sum(len(r["audio"]["bytes"]) for r in chunk) / 1e6
+        collate([preparer(row) for row in chunk])
+        done += len(chunk)
+    seconds = time.perf_counter() - start
+    return {"samples_per_s": round(done / seconds, 1), "mb_per_s": round(megabytes / seconds, 2), "clips": done}
+
+
+def measure_streams(args: argparse.Namespace) -> dict:
+    """The streaming path from disk, then through the Hub server (each in a fresh process, as a worker is)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hub_server import FaultProxy, HubServer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_repo(make_clips(args.clips, args.rate), Path(tmp))
+        results = {"disk": _in_a_process(str(folder), {}, args)}
+        with HubServer(Path(tmp)) as hub:
+            for latency in args.latency_ms:
+                with FaultProxy(hub.url, latency_s=latency / 1000) as proxy:
+                    env = {"HF_ENDPOINT": proxy.url, "HF_HUB_OFFLINE": "0", "HF_HOME": f"{tmp}/hf-{latency:g}"}
+                    results[f"http_{latency:g}ms"] = _in_a_process("speechbrain/LoquaciousSet", env, args)
+    return results
+
+
+def _in_a_process(dataset: str, env: dict[str, str], args: argparse.Namespace) -> dict:
+    code = (f"import json, torch; torch.set_num_threads(1); import data_pipeline as d; "
+            f"print(json.dumps(d.stream_rate({dataset!r}, {args.clips}, {args.batch})))")
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "benchmarks"), **env}).stdout
+    return json.loads(output.splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rate", type=int, default=16_000, help="sample rate the clips are stored at")
+    parser.add_argument("--stream", action="store_true", help="the streaming path, from disk and over HTTP")
+    parser.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 50.0],
+                        help="with --stream: delays added to every HTTP request")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)  # one dataloader worker = one core
+    if args.stream:
+        result = {"machine": f"{platform.processor() or platform.machine()}, 1 thread", "clips": args.clips,
+                  "whisper_stream_per_worker": measure_streams(args)}
+        print(json.dumps(result, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return
     clips = make_clips(args.clips, args.rate)
     durations = [sf.info(io.BytesIO(c["audio"]["bytes"])).duration for c in clips]
     result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread",

@@ -245,12 +245,14 @@ class FaultProxy:
     """Forwards HTTP requests to ``upstream`` and breaks those ``plan(method, path, n)`` names.
 
     ``n`` counts the requests the proxy has seen (from 0). :meth:`stop` refuses every connection
-    (an outage); :meth:`start` on the same port ends it.
+    (an outage); :meth:`start` on the same port ends it. ``latency_s`` delays every answer.
     """
 
-    def __init__(self, upstream: str, plan: FaultPlan | None = None, stall_s: float = 30.0, port: int = 0) -> None:
+    def __init__(self, upstream: str, plan: FaultPlan | None = None, stall_s: float = 30.0, port: int = 0,
+                 latency_s: float = 0.0) -> None:
         self.upstream = urlsplit(upstream).netloc
         self.plan, self.stall_s, self.port = plan or (lambda method, path, n: None), stall_s, port
+        self.latency_s = latency_s  # added to every request, as a round trip to a distant host
         self.seen = 0
         self.faults: list[tuple[str, str]] = []  # (fault, path) injected so far
         self._lock = threading.Lock()
@@ -299,6 +301,7 @@ def _proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
 
         def forward(self, body: bytes | None = None) -> None:
             fault = proxy.decide(self.command, self.path)
+            time.sleep(proxy.latency_s)
             if fault == "error":
                 return self.send(503, b"Service Unavailable", {"Content-Type": "text/plain"})
             if fault == "stall":

@@ -31,8 +31,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tiny_audio_pl.errors import UsageError
-from tiny_audio_pl.network import DataUnavailable
+from tiny_audio_pl.errors import DataUnavailable, UsageError
 
 _UMASK = os.umask(0)  # read the process umask (there is no getter) ...
 os.umask(_UMASK)  # ... and put it back

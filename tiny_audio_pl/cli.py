@@ -50,12 +50,11 @@ from tqdm import tqdm
 
 from tiny_audio_pl.checkpoint import Checkpoint, read_training_checkpoint
 from tiny_audio_pl.data import SpeechDataModule
-from tiny_audio_pl.errors import UsageError
+from tiny_audio_pl.errors import DataUnavailable, UsageError
 from tiny_audio_pl.export import export, load_model, push_to_hub
 from tiny_audio_pl.hub import download
 from tiny_audio_pl.model import SpeechLLM
 from tiny_audio_pl.modeling import TinyAudioConfig
-from tiny_audio_pl.network import DataUnavailable
 from tiny_audio_pl.transcribe import file_list, pick_device, transcribe_files
 
 # save_dir "." (the default) means trainer.default_root_dir when that is set, as for Lightning's own logger.

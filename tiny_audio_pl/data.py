@@ -32,9 +32,9 @@ from lightning.pytorch import LightningDataModule
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tiny_audio_pl.clips import ClipPreparer, SkipLedger, collate
-from tiny_audio_pl.errors import UsageError
+from tiny_audio_pl.errors import DataUnavailable, UsageError
 from tiny_audio_pl.hub import FETCH_HINT, cached_dataset, find_parquet_files, hub_parquet_files
-from tiny_audio_pl.network import NETWORK, DataUnavailable, with_retries
+from tiny_audio_pl.network import NETWORK, with_retries
 from tiny_audio_pl.processing import WHISPER_WINDOW_S, TinyAudioProcessor, stored_duration
 from tiny_audio_pl.stream import (
     PreparedRows,

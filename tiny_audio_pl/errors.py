@@ -3,7 +3,8 @@
 A wrong setting, an unreachable model, an empty dataset folder: each is raised as a
 :class:`UsageError` whose message names the setting and the fix. ``tiny-audio`` prints such an
 error as one line and exits with status 2 (``TINY_AUDIO_TRACEBACK=1`` shows the traceback, for
-bug reports); any other exception is a bug and keeps its traceback.
+bug reports); any other exception is a bug and keeps its traceback. A data host that stopped
+answering (:class:`DataUnavailable`) is told the same way, with status 75: try again later.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from huggingface_hub import constants as hub_constants
 
 class UsageError(Exception):
     """A mistake in the command, config or data that the message tells how to fix."""
+
+
+class DataUnavailable(UsageError):
+    """The data host stopped answering for longer than ``data.network_patience``: one line, not a traceback."""
 
 
 @contextmanager

@@ -34,16 +34,12 @@ from urllib.parse import unquote, urlsplit
 
 from datasets import IterableDataset
 
-from tiny_audio_pl.errors import UsageError
+from tiny_audio_pl.errors import DataUnavailable
 
 QUIET_S = 60.0  # a retry this long after the previous one starts a new incident (and a new log line)
 MAX_WAIT_S = 30.0  # the longest wait between two of this module's retries
 _TRANSPORT_MODULES = ("httpx", "httpx2", "aiohttp", "urllib3", "requests")
 T = TypeVar("T")
-
-
-class DataUnavailable(UsageError):
-    """The data host stopped answering for longer than ``data.network_patience``: one line, not a traceback."""
 
 
 @dataclass
@@ -169,24 +165,42 @@ def take_over_retries() -> None:
             logger.addFilter(NETWORK.filter)
 
 
+class Backoff:
+    """Waits 1, 2, 4 ... 30 s between the tries of a read that fails for a network reason, for ``patience`` s."""
+
+    def __init__(self, patience: float) -> None:
+        self.patience = patience
+        self.reset()
+
+    def reset(self) -> None:
+        """A read succeeded: the next failure starts a new wait."""
+        self.since: float | None = None
+        self.wait = 1.0
+
+    def after(self, error: Exception) -> None:
+        """Count ``error`` and wait before the next try; raise it if it is not a network failure, or
+        :class:`DataUnavailable` once the failures have lasted ``patience`` seconds."""
+        trouble = network_trouble(error)
+        if trouble is None:
+            raise error
+        now = time.monotonic()
+        self.since = self.since or now
+        if now - self.since >= self.patience:
+            raise DataUnavailable(trouble.stopped(now - self.since, self.patience)) from error
+        NETWORK.retry(trouble)
+        time.sleep(min(self.wait, self.patience - (now - self.since)))
+        self.wait = min(2 * self.wait, MAX_WAIT_S)
+
+
 def with_retries(call: Callable[[], T], patience: float) -> T:
-    """``call()``, retried with backoff while it fails for a network reason, for up to ``patience`` seconds."""
+    """``call()``, tried again with backoff while it fails for a network reason, for up to ``patience`` seconds."""
     take_over_retries()
-    failing_since, wait = None, 1.0
+    backoff = Backoff(patience)
     while True:
         try:
             return call()
         except Exception as error:
-            trouble = network_trouble(error)
-            if trouble is None:
-                raise
-            now = time.monotonic()
-            failing_since = failing_since or now
-            if now - failing_since >= patience:
-                raise DataUnavailable(trouble.stopped(now - failing_since, patience)) from error
-            NETWORK.retry(trouble)
-            time.sleep(min(wait, patience - (now - failing_since)))
-            wait = min(2 * wait, MAX_WAIT_S)
+            backoff.after(error)
 
 
 class ResilientRows:
@@ -207,28 +221,19 @@ class ResilientRows:
         take_over_retries()
         start = copy.deepcopy(self.source)  # where a failure before the first row starts again
         stream, rows = self.source, iter(self.source)
-        failing_since, wait = None, 1.0
+        backoff = Backoff(self.patience)
         while True:
             try:
                 row = next(rows)
             except StopIteration:
                 return
             except Exception as error:
-                trouble = network_trouble(error)
-                if trouble is None:
-                    raise
-                now = time.monotonic()
-                failing_since = failing_since or now
-                if now - failing_since >= self.patience:
-                    raise DataUnavailable(trouble.stopped(now - failing_since, self.patience)) from error
-                NETWORK.retry(trouble)
-                time.sleep(min(wait, self.patience - (now - failing_since)))
-                wait = min(2 * wait, MAX_WAIT_S)
+                backoff.after(error)
                 stream = copy.deepcopy(start)
                 if self.position is not None:
                     stream.load_state_dict(self.position)
                 rows = iter(stream)
                 continue
-            failing_since, wait = None, 1.0
+            backoff.reset()
             self.position = stream.state_dict()
             yield row

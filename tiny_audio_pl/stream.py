@@ -26,8 +26,8 @@ from torch.utils.data import IterableDataset as TorchIterableDataset
 from torch.utils.data import get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from tiny_audio_pl.errors import UsageError
-from tiny_audio_pl.network import DataUnavailable, ResilientRows
+from tiny_audio_pl.errors import DataUnavailable, UsageError
+from tiny_audio_pl.network import ResilientRows
 
 
 def length_grouped(durations: list[float], batch_size: int, rng: np.random.Generator) -> list[int]:
