@@ -17,8 +17,8 @@ from datasets import Audio, load_dataset
 from torchmetrics.functional.text import word_error_rate
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-from tiny_audio_pl.hub import find_parquet_files
 from tiny_audio_pl.evaluation import normalize_for_wer
+from tiny_audio_pl.hub import find_parquet_files
 from tiny_audio_pl.processing import decode_audio
 
 

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file
 
 from conftest import ASSETS, DECODER, HUBERT, WHISPER
 
@@ -161,5 +163,7 @@ def build_repos(root: Path, librispeech_script: bool = False) -> Path:
                             ("facebook/hubert-xlarge-ls960-ft", HUBERT),
                             ("HuggingFaceTB/SmolLM2-135M-Instruct", DECODER)):
         _link_model(source, root / "models" / repo_id, repo_id)
+    hubert = root / "models/facebook/hubert-xlarge-ls960-ft"
+    torch.save(load_file(hubert / "model.safetensors"), hubert / "pytorch_model.bin")  # both formats, as the real one
     smollm3(root / "models/HuggingFaceTB/SmolLM3-3B")
     return root

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_repos import build_repos
-from hub_server import FaultProxy, HubServer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_transcribe import HUB_LOAD
 
 from conftest import ROOT, cli, cli_env, make_workdir
+from hub_repos import build_repos
+from hub_server import FaultProxy, HubServer
+from test_transcribe import HUB_LOAD
 
 CONFIGS = ROOT / "configs"
 WHISPER_YAML = str(CONFIGS / "whisper.yaml")
@@ -150,17 +150,20 @@ def test_transcribe_and_the_pipeline_on_a_model_folder_that_names_hub_ids(hub, r
 def test_a_node_without_internet_runs_the_same_config_from_what_download_fetched(hub, tmp_path):
     """Fetch once where the hub is reachable; then, with the hub gone and HF_HUB_OFFLINE=1, the same command."""
     home, workdir = tmp_path / "hf", make_workdir(tmp_path / "node")
-    fetched = run(workdir, hub_env(hub.url, home), "download", "-c", WHISPER_YAML)
+    hubert = ["-c", WHISPER_YAML, "-c", str(CONFIGS / "hubert.yaml")]
+    fetched = run(workdir, hub_env(hub.url, home), "download", *hubert)
     assert fetched.returncode == 0, fetched.stderr[-3000:]
-    assert "model    openai/whisper-large-v3-turbo" in fetched.stdout
+    assert "model    facebook/hubert-xlarge-ls960-ft" in fetched.stdout
     assert re.search(r"dataset  speechbrain/LoquaciousSet large train: 2 file\(s\)", fetched.stdout), fetched.stdout
+    snapshot = next((home / "hub/models--facebook--hubert-xlarge-ls960-ft/snapshots").iterdir())
+    assert (snapshot / "model.safetensors").exists() and not (snapshot / "pytorch_model.bin").exists()
     offline = cli_env(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="1", HF_HOME=str(home))  # nothing listens
-    result = run(workdir, offline, "fit", "--config", WHISPER_YAML, *SMALL)
+    result = run(workdir, offline, "fit", *hubert, *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "validation   WER" in result.stdout
-    for extra, named in ((["-c", str(CONFIGS / "hubert.yaml")], "facebook/hubert-xlarge-ls960-ft"),
+    for extra, named in ((["--model.decoder", "HuggingFaceTB/SmolLM2-135M-Instruct"], "SmolLM2-135M-Instruct"),
                          (["--data.config_name", "small"], "config small, split 'train'")):
-        missing = run(workdir, offline, "fit", "-c", WHISPER_YAML, *extra, *SMALL)
+        missing = run(workdir, offline, "fit", *hubert, *extra, *SMALL)
         errors = [line for line in missing.stderr.splitlines() if line.startswith("tiny-audio fit: error:")]
         assert missing.returncode == 2 and len(errors) == 1 and "Traceback" not in missing.stderr, missing.stderr
         assert named in errors[0] and "tiny-audio download -c CONFIG" in errors[0]
