@@ -160,3 +160,35 @@ def test_training_stream_resumes_exactly_in_any_pass_with_workers(batching):
         resumed = loader()
         resumed.load_state_dict(states[fetched - 1])
         assert _ids(itertools.islice(resumed, 10)) == _ids(batches[fetched - 1:fetched + 9]), fetched
+
+
+def test_an_outage_inside_an_optimizer_step_stops_the_loader_at_the_steps_start():
+    """With 2 micro-batches a step, the host fails while batch 5 (the second of step 3) is fetched: the loader hands
+    Lightning batches 0-3 (two full steps), a placeholder in place of batch 4, then the error; its saved position
+    is the end of step 2, so a resumed run starts step 3 again at batch 4, with nothing half-trained."""
+    from torch.utils.data import IterableDataset as TorchIterableDataset
+
+    from tiny_audio_pl.errors import DataUnavailable
+    from tiny_audio_pl.stream import TrainLoader
+
+    class Batches(TorchIterableDataset):
+        def __init__(self, fail_at: int | None) -> None:
+            self.fail_at = fail_at
+
+        def set_epoch(self, epoch: int) -> None:
+            pass
+
+        def __iter__(self):
+            for i in range(8):
+                if i == self.fail_at:
+                    raise DataUnavailable("the data host h did not answer")
+                yield {"i": i}
+
+    loader = TrainLoader(Batches(fail_at=5), step_batches=2, batch_size=None, collate_fn=lambda batch: batch)
+    batches = iter(loader)
+    assert [next(batches) for _ in range(5)] == [{"i": 0}, {"i": 1}, {"i": 2}, {"i": 3}, None]
+    with pytest.raises(DataUnavailable):
+        next(batches)
+    resumed = TrainLoader(Batches(fail_at=None), step_batches=2, batch_size=None, collate_fn=lambda batch: batch)
+    resumed.load_state_dict(loader.state_dict())
+    assert [b["i"] for b in itertools.islice(resumed, 4)] == [4, 5, 6, 7]

@@ -32,9 +32,11 @@ CPU = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--mode
        "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0"]
 SMALL = [*CPU, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.max_eval_samples", "2",
          "--model.max_new_tokens", "2", "--model.projector_hidden", "32"]
-# The fault runs: 6 steps of ~27 clips (2 passes over the 80 train clips, so shards are read again).
-FAULT_RUN = [*CPU, "--trainer.max_steps", "6", "--trainer.val_check_interval", "6", "--data.max_eval_samples", "2",
-             "--model.max_new_tokens", "2", "--model.projector_hidden", "32", "--data.batch_seconds", "60",
+# The fault runs: 6 steps of two batches of ~13 clips (2 passes over the 80 train clips, so shards are read
+# again); with two micro-batches a step, an outage can fall inside an optimizer step.
+FAULT_RUN = [*CPU, "--trainer.max_steps", "6", "--trainer.val_check_interval", "12", "--data.max_eval_samples", "2",
+             "--model.max_new_tokens", "2", "--model.projector_hidden", "32", "--data.batch_seconds", "30",
+             "--trainer.accumulate_grad_batches", "2",
              "--data.shuffle_buffer", "16", "--data.num_workers", "2", "--checkpoint.every_n_train_steps", "2"]
 
 
