@@ -2,7 +2,8 @@
 
 ``tiny-audio fit|validate -c configs/X.yaml [--section.key value ...]`` train and score; ``tiny-audio
 transcribe AUDIO... --ckpt PATH`` and ``tiny-audio export --ckpt PATH --out DIR`` use a trained
-model (plain argparse: no Trainer). Beyond the stock LightningCLI it adds:
+model, and ``tiny-audio download -c configs/X.yaml`` fetches what a config needs for a node without
+internet (plain argparse: no Trainer). Beyond the stock LightningCLI it adds:
 
 - ``train/lr`` logged by Lightning's ``LearningRateMonitor`` (always present), and a progress bar
   in optimizer steps out of ``trainer.max_steps`` with the loss and the learning rate;
@@ -21,7 +22,8 @@ model (plain argparse: no Trainer). Beyond the stock LightningCLI it adds:
   a dataset folder without the split or the columns, a run folder that cannot be written;
 - no more compute threads than cores: the main process gets the cores the dataloader workers do not;
 - at the end of ``fit`` and ``validate``, a summary: the run folder, the last checkpoint, the last
-  validation's scores, and the TensorBoard command.
+  validation's scores, and the TensorBoard command;
+- a data host that stops answering ends the run in one line with status 75 (try again later).
 """
 
 from __future__ import annotations
@@ -261,7 +263,8 @@ def use_model(args: list[str]) -> None:
     out.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this hub repository")
     fetch = commands.add_parser("download", help="fetch a config's models and data into the hub cache, for nodes "
                                 "without internet (then run with HF_HUB_OFFLINE=1)")
-    fetch.add_argument("-c", "--config", action="append", required=True, help="config file(s), as for fit")
+    fetch.add_argument("-c", "--config", action="append", required=True,
+                       help="config file(s), as for fit; --section.key value overrides too (--data.config_name small)")
     fetch.add_argument("--max-files", type=positive_int, help="only the first N files of each split (a smaller "
                        "copy: training then sees only those)")
     options, overrides = parser.parse_known_args(args)

@@ -14,6 +14,8 @@ Why it looks like this:
   batches, and resumes exactly, pass after pass.
 - A clip that cannot be used is never fatal and never silent (``clips.py``): it is skipped with a
   reason, counted in the main process, logged, and a run that is mostly bad data stops.
+- A network fault costs a wait, not the run (``network.py``); on a node without internet, hub ids
+  read what ``tiny-audio download`` fetched (``hub.py``).
 """
 
 from __future__ import annotations
@@ -234,8 +236,8 @@ class SpeechDataModule(LightningDataModule):
     def open_source(self, source: Source) -> IterableDataset:
         """Stream a source's split as rows of ``id``, ``audio`` (undecoded), ``text`` and ``prompt``.
 
-        From a local folder, from the hub, or, on a node without internet (``HF_HUB_OFFLINE=1`` or the
-        hub unreachable), from what ``tiny-audio download`` put in the hub cache (``hub.py``).
+        From a local folder, from the hub, or, on a node without internet (``HF_HUB_OFFLINE=1``), from
+        what ``tiny-audio download`` put in the hub cache (``hub.py``).
         """
         if Path(source.dataset).is_dir():
             stream = self._open_folder(Path(source.dataset), source)

@@ -4,8 +4,8 @@
   a mirror the same way.
 - Clusters often train on nodes that cannot reach the hub. ``tiny-audio download -c CONFIG`` (run
   where there is internet) fetches the models a config names into the hub cache, and the parquet
-  files of every split it reads, laid out as on the hub; on the node, with ``HF_HUB_OFFLINE=1`` (or
-  the hub unreachable), the same config then reads models and data from that cache
+  files of every split it reads, laid out as on the hub; on the node, with ``HF_HUB_OFFLINE=1``, the
+  same config then reads models and data from that cache
   (:func:`cached_dataset`). A split that was not fetched is one line naming what to fetch.
 - A folder is read by its layout, ``[config/]split/*.parquet`` or ``split-*.parquet``
   (:func:`find_parquet_files`): LoquaciousSet's ``large/train-*.parquet`` and ``dev/dev-*.parquet``,
