@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from conftest import DECODER, ROOT, SMOKE, WHISPER
 from tiny_audio_pl.errors import UsageError
@@ -71,6 +72,7 @@ def here(workdir: Path, monkeypatch) -> Path:
     (workdir / "empty").mkdir()
     (workdir / "a-file").write_text("not a folder")
     torch.save({"weights": torch.ones(3)}, workdir / "plain.pt")
+    save_file({"weights": torch.ones(3)}, workdir / "model.safetensors")
     (workdir / "broken.yaml").write_text("trainer:\n  max_steps: [1\n")
     return workdir
 
@@ -82,6 +84,7 @@ MISTAKES = {
     "YAML syntax error": (["-c", "broken.yaml"], "broken.yaml is not valid YAML at line 3"),
     "not a Lightning checkpoint": (["--ckpt_path", "plain.pt"], "plain.pt is a torch file but not a checkpoint"),
     "checkpoint is a folder": (["--ckpt_path", "empty"], "checkpoint empty is a folder"),
+    "exported weights": (["--ckpt_path", "model.safetensors"], "model.safetensors holds a model's weights"),
     "run folder under a file": (["--trainer.default_root_dir", "a-file/runs"], "cannot write a-file/runs"),
     "unreachable decoder offline": (["--model.decoder", "HuggingFaceTB/SmolLM3-3B"], "cannot load the decoder"),
 }

@@ -188,14 +188,17 @@ def test_many_files_are_read_in_bounded_chunks_with_the_same_result(trained, cli
     assert [bool(r.error) for r in all_at_once] == [False, True, False, False, False] * 2
 
 
-def test_paths_that_do_not_exist_are_reported_before_any_model_loads(tmp_path, capfd, monkeypatch):
+def test_paths_that_give_no_audio_are_reported_before_any_model_loads(tmp_path, capfd, monkeypatch):
     from tiny_audio_pl.cli import main
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="2 of 2 file"):
-        main(["transcribe", "gone.wav", "nowhere/", "--ckpt", "no-such.ckpt"])  # the checkpoint is never opened
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty/notes.txt").write_text("no audio here")
+    with pytest.raises(SystemExit, match="3 of 3 file"):  # the checkpoint is never opened
+        main(["transcribe", "gone.wav", "nowhere/", "empty", "--ckpt", "no-such.ckpt"])
     assert capfd.readouterr().err.splitlines() == ["gone.wav: no such file or folder",
-                                                   "nowhere: no such file or folder"]
+                                                   "nowhere: no such file or folder",
+                                                   "empty: no audio files (.flac, .mp3, .ogg, .wav) in this folder"]
 
 
 def _export(capfd, *args: str) -> tuple[int, str]:

@@ -64,6 +64,10 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
 
 def read_training_checkpoint(path: str | Path, mmap: bool = False, what: str = "checkpoint") -> dict[str, Any]:
     """A checkpoint written by ``tiny-audio fit``, or one line saying that ``path`` is not one."""
+    if Path(path).suffix == ".safetensors":
+        raise UsageError(f"{what}: {path} holds a model's weights (as `tiny-audio export` writes them), not a training "
+                         "checkpoint: pass a lightning_logs/version_N/checkpoints/*.ckpt file (an exported folder "
+                         "is used with `tiny-audio transcribe --ckpt FOLDER`)")
     checkpoint = read_checkpoint(path, mmap=mmap)
     if not isinstance(checkpoint, dict) or not {"pytorch-lightning_version", "hyper_parameters",
                                                  "state_dict"} <= checkpoint.keys():

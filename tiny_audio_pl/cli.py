@@ -279,10 +279,10 @@ def use_model(args: list[str]) -> None:
             print(f"uploaded: {push_to_hub(folder, options.push_to_hub)}")
         return
     device = pick_device(options.device)  # before anything loads
-    files, missing = file_list(options.audio)
-    for path in missing:
-        print(f"{path}: no such file or folder", file=sys.stderr)
-    failed = len(missing)
+    files, problems = file_list(options.audio)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    failed = len(problems)
     if files:
         model = load_model(options.ckpt, options.dtype or ("float32" if device.type == "cpu" else None)).to(device)
         if options.max_new_tokens:
@@ -296,7 +296,7 @@ def use_model(args: list[str]) -> None:
             else:
                 print(f"{result.file}\t{result.text}", flush=True)
     if failed:
-        raise SystemExit(f"{failed} of {len(files) + len(missing)} file(s) could not be transcribed")
+        raise SystemExit(f"{failed} of {len(files) + len(problems)} file(s) could not be transcribed")
 
 
 def download_config(files: list[str], overrides: list[str], max_files: int | None) -> None:

@@ -126,14 +126,18 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
 
 
 def file_list(paths: list[str]) -> tuple[list[str], list[str]]:
-    """Folders expanded into the audio files they hold (sorted), files kept as given; and the missing paths."""
+    """Folders expanded into the audio files they hold (sorted), files kept as given; and, for each path that
+    gives no file (missing, or a folder without audio), a line saying so."""
     files: list[str] = []
-    missing: list[str] = []
+    problems: list[str] = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+            files += found
+            if not found:
+                problems.append(f"{path}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in this folder")
         elif path.exists():
             files.append(str(path))
         else:
-            missing.append(str(path))
-    return files, missing
+            problems.append(f"{path}: no such file or folder")
+    return files, problems
