@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 import soxr
 from datasets import Audio, Features, Value
+from tqdm import tqdm
 
 SAMPLE_RATE = 16_000
 WORDNET = Path("/usr/share/wordnet")
@@ -138,7 +139,8 @@ def main() -> None:
             jobs[split].append((f"{split}-{i:05d}", sentence, voice, rng.uniform(0.85, 1.2)))
     with ProcessPoolExecutor(args.workers) as executor:
         for split, shards in (("train", args.shards), ("dev", 1)):
-            rows = list(executor.map(make_row, jobs[split], chunksize=16))
+            rows = list(tqdm(executor.map(make_row, jobs[split], chunksize=16), total=len(jobs[split]),
+                             desc=f"speaking {split}", unit="utterance"))
             write_split(rows, args.out, split, shards)
             hours = sum(r["duration"] for r in rows) / 3600
             print(f"{split}: {len(rows)} utterances, {len({r['text'] for r in rows})} sentences, "
