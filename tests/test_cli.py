@@ -146,3 +146,28 @@ def test_the_readme_smoke_fit_prints_exactly_what_the_readme_shows(workdir):
     assert result.returncode == 0, result.stdout[-3000:]
     assert not [line for line in result.stdout.splitlines() if "warn" in line.lower()]
     assert _masked(result.stdout) == _masked(shown)
+
+
+NO_TORCH = """
+import sys
+from tiny_audio_pl.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+heavy = sorted(m for m in ("torch", "lightning", "transformers", "datasets") if m in sys.modules)
+print("imported:", heavy)
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["transcribe", "gone.wav", "--ckpt", "x.ckpt"], ["export", "--bogus"],
+                                  ["transcribe", "--help"], ["download", "-c", "missing.yaml"],
+                                  ["fit", "-c", "missing.yaml"]],
+                         ids=["help", "missing-audio", "bad-option", "transcribe-help", "download-no-config",
+                              "fit-no-config"])
+def test_usage_and_usage_errors_are_answered_without_torch(tmp_path, args):
+    """What a user gets at once: the command list, a command's usage, a one-line mistake; torch is never imported."""
+    result = subprocess.run([sys.executable, "-c", NO_TORCH, *args], cwd=tmp_path, capture_output=True, text=True,
+                            env=cli_env(), timeout=60)
+    assert result.stdout.strip().splitlines()[-1] == "imported: []", result.stdout + result.stderr
+    assert "Traceback" not in result.stderr

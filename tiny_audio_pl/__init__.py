@@ -1,10 +1,20 @@
-"""tiny-audio (Lightning): train a projector between a frozen speech encoder and a frozen LLM."""
+"""tiny-audio (Lightning): train a projector between a frozen speech encoder and a frozen LLM.
 
-from tiny_audio_pl.data import Source, SpeechDataModule
-from tiny_audio_pl.model import SpeechLLM
-from tiny_audio_pl.modeling import TinyAudioConfig, TinyAudioModel
-from tiny_audio_pl.processing import TinyAudioProcessor
-from tiny_audio_pl.projector import Projector
+The names below are imported when first used, so that ``tiny-audio --help`` and the command line's
+usage errors need neither torch nor transformers.
+"""
 
-__all__ = ["Projector", "Source", "SpeechDataModule", "SpeechLLM", "TinyAudioConfig", "TinyAudioModel",
-           "TinyAudioProcessor"]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_WHERE = {"Projector": "projector", "Source": "data", "SpeechDataModule": "data", "SpeechLLM": "model",
+          "TinyAudioConfig": "modeling", "TinyAudioModel": "modeling", "TinyAudioProcessor": "processing"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'tiny_audio_pl' has no attribute {name!r}")
+    return getattr(import_module(f"tiny_audio_pl.{_WHERE[name]}"), name)

@@ -1,29 +1,15 @@
-"""The ``tiny-audio`` command: LightningCLI over :class:`SpeechLLM` and :class:`SpeechDataModule`.
+"""The ``tiny-audio`` command: ``fit | validate | transcribe | export | download``.
 
-``tiny-audio fit|validate -c configs/X.yaml [--section.key value ...]`` train and score; ``tiny-audio
-transcribe AUDIO... --ckpt PATH`` and ``tiny-audio export --ckpt PATH --out DIR`` use a trained
-model, and ``tiny-audio download -c configs/X.yaml`` fetches what a config needs for a node without
-internet (plain argparse: no Trainer). Beyond the stock LightningCLI it adds:
+``tiny-audio fit|validate -c configs/X.yaml [--section.key value ...]`` train and score (LightningCLI,
+``lightning_cli.py``); ``tiny-audio transcribe AUDIO... --ckpt PATH`` and ``tiny-audio export --ckpt PATH
+--out DIR`` use a trained model, and ``tiny-audio download -c configs/X.yaml`` fetches what a config
+needs for a node without internet (plain argparse: no Trainer).
 
-- ``train/lr`` logged by Lightning's ``LearningRateMonitor`` (always present), and a progress bar
-  in optimizer steps out of ``trainer.max_steps`` with the loss and the learning rate;
-- a ``checkpoint.*`` section: the checkpoint callback is always there (every 1000 steps plus
-  ``last``, named ``step=N.ckpt``, written atomically, and also on SIGTERM: see ``checkpoint.py``);
-- ``model.encoder``, ``model.decoder`` and ``model.trust_remote_code`` feed the same ``data.*``
-  settings, so the data is prepared by the model's own processor (feature extractor, tokenizer);
-- runs go under ``trainer.default_root_dir`` (the TensorBoard logger's folder unless set apart);
-- ``--ckpt_path last`` means the newest ``last.ckpt`` of any earlier run, and ``fit`` then keeps
-  logging into that run's folder. Stock Lightning would look only in the new run's (empty) folder
-  and silently start from scratch; here a missing checkpoint is an error, unless ``--ckpt_path
-  auto`` asked to start afresh in that case (for restart loops on preemptible machines);
-- checks that fail in the first second, before any weights load or any folder is written, with one
-  line that names the setting and the fix (:class:`UsageError`): a YAML syntax error, a value out
-  of range, ``trainer.max_steps`` unset, a checkpoint that is a folder or not a Lightning checkpoint,
-  a dataset folder without the split or the columns, a run folder that cannot be written;
-- no more compute threads than cores: the main process gets the cores the dataloader workers do not;
-- at the end of ``fit`` and ``validate``, a summary: the run folder, the last checkpoint, the last
-  validation's scores, and the TensorBoard command;
-- a data host that stops answering ends the run in one line with status 75 (try again later).
+This module imports neither torch nor Lightning nor transformers: each command imports what it
+uses once its arguments are read, so ``tiny-audio --help``, a usage error, a config file that does
+not parse or an audio path that does not exist is answered at once, in one line. A mistake is a
+:class:`UsageError` printed as ``tiny-audio COMMAND: error: ...`` with exit status 2 (75 when a data
+host stopped answering: try again later).
 """
 
 from __future__ import annotations
@@ -34,35 +20,18 @@ import json
 import logging
 import multiprocessing
 import os
-import shlex
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
 import yaml
-from jsonargparse import ArgumentError, Namespace
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from tqdm import tqdm
 
-from tiny_audio_pl.checkpoint import Checkpoint, read_training_checkpoint
-from tiny_audio_pl.data import SpeechDataModule
 from tiny_audio_pl.errors import DataUnavailable, UsageError
-from tiny_audio_pl.export import export, load_model, push_to_hub
-from tiny_audio_pl.hub import download
-from tiny_audio_pl.model import SpeechLLM
-from tiny_audio_pl.modeling import TinyAudioConfig
-from tiny_audio_pl.transcribe import file_list, pick_device, transcribe_files
 
-# save_dir "." (the default) means trainer.default_root_dir when that is set, as for Lightning's own logger.
-LOGGER = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-          "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False}}
 TRACEBACK = "TINY_AUDIO_TRACEBACK"  # set to 1 to see the traceback behind a one-line error
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
 
 COMMANDS = f"""usage: tiny-audio COMMAND [options]      (tiny-audio COMMAND --help: every option, documented)
 
@@ -74,156 +43,6 @@ commands:
   download     models and data into the hub cache, for nodes without internet:  tiny-audio download -c CONFIG
 
 A mistake in a command or config is one line; {TRACEBACK}=1 shows its traceback."""
-
-
-def find_last_checkpoint(checkpoint_dir: str | None, log_root: Path) -> Path | None:
-    """The newest ``last.ckpt``: in ``checkpoint_dir`` if set, else in any run folder under ``log_root``."""
-    candidates = ([Path(checkpoint_dir) / "last.ckpt"] if checkpoint_dir
-                  else list(log_root.glob("*/checkpoints/last.ckpt")))
-    existing = [c for c in candidates if c.is_file()]
-    return max(existing, key=lambda c: c.stat().st_mtime) if existing else None
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """One line if ``folder`` cannot be created or written; writes nothing that stays."""
-    existing = folder.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is a file")
-        tempfile.TemporaryFile(dir=existing).close()  # the real test: root ignores permission bits
-    except OSError as error:
-        raise UsageError(f"cannot write {folder}: {error.strerror or error}; {what}") from error
-
-
-class StepProgressBar(RichProgressBar):
-    """Progress in optimizer steps out of ``trainer.max_steps`` (a stream has no epochs), with loss and LR."""
-
-    @property
-    def total_train_batches(self) -> int | float:
-        return self.trainer.max_steps
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        return "step"
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if self.is_enabled and self.train_progress_bar_id is None:  # a restart inside the (single) epoch
-            self._initialize_train_progress_bar_id()
-        self._update(self.train_progress_bar_id, trainer.global_step)
-        self._update_metrics(trainer, pl_module)
-        self.refresh()
-
-    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        if "train/loss" in metrics:
-            metrics["loss"] = metrics.pop("train/loss")
-        if trainer.optimizers:
-            metrics["lr"] = f"{trainer.optimizers[0].param_groups[0]['lr']:.2g}"
-        return metrics
-
-
-class TinyAudioCLI(LightningCLI):
-    """LightningCLI with early checks, an always-present checkpoint callback and run-aware ``--ckpt_path last``."""
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        """Only ``fit`` and ``validate``: the model defines no test or predict step."""
-        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(Checkpoint, "checkpoint")
-        # A stream has no epochs to count: checkpoints are named by optimizer step.
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1000,
-                             "checkpoint.save_top_k": -1, "checkpoint.filename": "{step}"})
-        parser.link_arguments("model.encoder", "data.encoder")
-        parser.link_arguments("model.decoder", "data.decoder")
-        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Resolve the run folder and ``--ckpt_path last``; check the checkpoint, the data and the run folder.
-
-        All of it before the seed is set or anything loads, so that a mistake is one line in the first second.
-        """
-        super().parse_arguments(parser, args)
-        subcommand = self.config.get("subcommand")
-        config = self.config[subcommand] if subcommand else None
-        if config is None:
-            return
-        if subcommand == "fit" and (config.trainer.max_steps is None or config.trainer.max_steps <= 0):
-            raise UsageError("set --trainer.max_steps (e.g. 10000): the data is a stream with no length, so the "
-                             "run and its learning-rate schedule are measured in optimizer steps")
-        logger = config.trainer.logger
-        tensorboard = isinstance(logger, Namespace) and "init_args" in logger
-        if tensorboard and config.trainer.default_root_dir and logger.init_args.get("save_dir") in (None, "."):
-            logger.init_args.save_dir = config.trainer.default_root_dir
-        self.log_root = (Path(logger.init_args.save_dir) / (logger.init_args.get("name") or "") if tensorboard
-                         else Path(config.trainer.default_root_dir or ".") / "lightning_logs")
-        self._resolve_ckpt_path(subcommand, config, logger if tensorboard else None)
-        path = config.get("ckpt_path")
-        if path and path not in ("best", "hpc") and not path.startswith("registry"):
-            read_training_checkpoint(path, mmap=True, what="--ckpt_path")  # Lightning reads it in full later
-        SpeechDataModule(**config.data.as_dict()).check(subcommand)  # opens no audio, loads no model
-        check_writable(self.log_root, "the run folder (set --trainer.default_root_dir to a folder you can write)")
-        if "OMP_NUM_THREADS" not in os.environ:  # the user's own setting wins
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            torch.set_num_threads(max(1, cores - config.data.num_workers))  # workers run one thread each
-
-    def _resolve_ckpt_path(self, subcommand: str, config: Namespace, logger: Namespace | None) -> None:
-        """``last``: the newest ``last.ckpt`` (``fit`` then logs into its run folder); ``auto``: that or none."""
-        if config.get("ckpt_path") not in ("last", "auto"):
-            return
-        found = find_last_checkpoint(config.checkpoint.dirpath, self.log_root)
-        if found is None and config.ckpt_path == "auto":
-            print("--ckpt_path auto: no checkpoint yet, starting a new run")
-            config.ckpt_path = None
-            return
-        if found is None:
-            where = config.checkpoint.dirpath or self.log_root / "*/checkpoints"
-            raise UsageError(f"--ckpt_path last: no last.ckpt under {where}. Drop --ckpt_path to start a new "
-                             "run, pass the path of a checkpoint, or use --ckpt_path auto to resume when there "
-                             "is one and start afresh when there is not.")
-        print(f"resuming from {found}")
-        config.ckpt_path = str(found)
-        if subcommand == "fit" and logger is not None and found.parent.name == "checkpoints":
-            logger.init_args.version = found.parent.parent.name  # keep logging into the same run folder
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The trainer, with the step progress bar unless the bar is off or the config brings its own."""
-        trainer = self._get(self.config_init, "trainer", default={})
-        callbacks = trainer.get("callbacks") or []
-        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
-        return super().instantiate_trainer(**kwargs)
-
-    def after_fit(self) -> None:
-        self._summary()
-
-    def after_validate(self) -> None:
-        self._summary()
-
-    def _summary(self) -> None:
-        """Where the run went and how it did, in four lines."""
-        trainer = self.trainer
-        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
-        if not trainer.is_global_zero:
-            return
-        lines = [f"run folder   {os.path.normpath(log_dir)}"]
-        checkpoint = next((c for c in trainer.checkpoint_callbacks if c.last_model_path), None)
-        if self.subcommand == "fit" and checkpoint:
-            lines.append(f"checkpoint   {os.path.normpath(checkpoint.last_model_path)} (step {trainer.global_step})")
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        for prefix in sorted(k.removesuffix("wer") for k in metrics if k.endswith("/wer")):  # val/ or val/<set>/
-            name = prefix.removeprefix("val/").removesuffix("/")
-            scores = [f"WER {100 * metrics[prefix + 'wer']:.2f} %"] + [
-                f"{key.replace('_', ' ')} {metrics[prefix + key]:.4f}" for key in ("loss", "audio_gain")
-                if prefix + key in metrics]
-            lines.append(f"validation   {name + ': ' if name else ''}{', '.join(scores)}")
-        lines.append(f"tensorboard  tensorboard --logdir {shlex.quote(str(self.log_root))}")
-        print("\n".join(lines))
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -273,17 +92,26 @@ def use_model(args: list[str]) -> None:
     if overrides:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if options.command == "export":
+        quiet()
+        from tiny_audio_pl.export import export, push_to_hub
+
         folder = export(options.ckpt, options.out, overwrite=options.overwrite)
         print(f"wrote {folder}")
         if options.push_to_hub:
             print(f"uploaded: {push_to_hub(folder, options.push_to_hub)}")
         return
-    device = pick_device(options.device)  # before anything loads
     files, problems = file_list(options.audio)
     for problem in problems:
         print(problem, file=sys.stderr)
     failed = len(problems)
     if files:
+        quiet()
+        from tqdm import tqdm
+
+        from tiny_audio_pl.export import load_model
+        from tiny_audio_pl.transcribe import pick_device, transcribe_files
+
+        device = pick_device(options.device)  # before anything loads
         model = load_model(options.ckpt, options.dtype or ("float32" if device.type == "cpu" else None)).to(device)
         if options.max_new_tokens:
             model.config.max_new_tokens = options.max_new_tokens
@@ -297,6 +125,24 @@ def use_model(args: list[str]) -> None:
                 print(f"{result.file}\t{result.text}", flush=True)
     if failed:
         raise SystemExit(f"{failed} of {len(files) + len(problems)} file(s) could not be transcribed")
+
+
+def file_list(paths: list[str]) -> tuple[list[str], list[str]]:
+    """Folders expanded into the audio files they hold (sorted), files kept as given; and, for each path that
+    gives no file (missing, or a folder without audio), a line saying so."""
+    files: list[str] = []
+    problems: list[str] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+            files += found
+            if not found:
+                problems.append(f"{path}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in this folder")
+        elif path.exists():
+            files.append(str(path))
+        else:
+            problems.append(f"{path}: no such file or folder")
+    return files, problems
 
 
 def download_config(files: list[str], overrides: list[str], max_files: int | None) -> None:
@@ -316,6 +162,10 @@ def download_config(files: list[str], overrides: list[str], max_files: int | Non
         for section in sections:
             target = target.setdefault(section, {})
         target[name] = yaml.safe_load(value)
+    from tiny_audio_pl.data import SpeechDataModule
+    from tiny_audio_pl.hub import download
+    from tiny_audio_pl.modeling import TinyAudioConfig
+
     model = {"encoder": TinyAudioConfig().encoder, "decoder": TinyAudioConfig().decoder, **(config.get("model") or {})}
     try:
         data = SpeechDataModule(**(config.get("data") or {}))
@@ -356,7 +206,7 @@ def check_config_files(args: Sequence[str]) -> None:
 
 
 def quiet() -> None:
-    """Silence what a user cannot act on (each filter names its source)."""
+    """Silence what a user cannot act on (each filter names its source); called by the commands that load models."""
     # The frozen encoder and decoder are in eval mode on purpose (no dropout).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
     warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated")  # torchdata 0.11 on torch >= 2.9
@@ -386,19 +236,18 @@ def main(args: list[str] | None = None) -> None:
         print(COMMANDS)
         return
     try:
-        quiet()
+        check_config_files(argv)
         if argv[0] in ("transcribe", "export", "download"):
             use_model(argv)
             return
-        check_config_files(argv)
-        # The model builds its own optimizer over the trained weights alone, so no --optimizer / --lr_scheduler.
-        TinyAudioCLI(SpeechLLM, SpeechDataModule, args=args,
-                     trainer_defaults={"logger": LOGGER, "callbacks": [LearningRateMonitor("step")],
-                                       "enable_model_summary": False},  # SpeechLLM.setup prints its own
-                     save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                     parser_kwargs={"exit_on_error": False, "description": COMMANDS})
-    except (UsageError, ArgumentError) as error:
-        if os.environ.get(TRACEBACK):
+        quiet()
+        from tiny_audio_pl.lightning_cli import run
+
+        run(args, description=COMMANDS)
+    except Exception as error:
+        jsonargparse = sys.modules.get("jsonargparse")  # its errors exist only once fit / validate imported it
+        mistake = isinstance(error, UsageError) or (jsonargparse and isinstance(error, jsonargparse.ArgumentError))
+        if not mistake or os.environ.get(TRACEBACK):
             raise
         print(f"tiny-audio {argv[0]}: error: {one_line(error)}", file=sys.stderr)
         # 75 (EX_TEMPFAIL): try again later, for restart loops around `--ckpt_path auto`

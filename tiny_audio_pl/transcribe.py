@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import soundfile as sf
@@ -120,24 +119,3 @@ def pick_device(name: str | None) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name}: MPS is not available here; use --device cpu or leave --device out")
     return device
-
-
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
-
-
-def file_list(paths: list[str]) -> tuple[list[str], list[str]]:
-    """Folders expanded into the audio files they hold (sorted), files kept as given; and, for each path that
-    gives no file (missing, or a folder without audio), a line saying so."""
-    files: list[str] = []
-    problems: list[str] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
-            files += found
-            if not found:
-                problems.append(f"{path}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in this folder")
-        elif path.exists():
-            files.append(str(path))
-        else:
-            problems.append(f"{path}: no such file or folder")
-    return files, problems
