@@ -86,7 +86,8 @@ MISTAKES = {
     "checkpoint is a folder": (["--ckpt_path", "empty"], "checkpoint empty is a folder"),
     "exported weights": (["--ckpt_path", "model.safetensors"], "model.safetensors holds a model's weights"),
     "run folder under a file": (["--trainer.default_root_dir", "a-file/runs"], "cannot write a-file/runs"),
-    "unreachable decoder offline": (["--model.decoder", "HuggingFaceTB/SmolLM3-3B"], "cannot load the decoder"),
+    "unreachable decoder offline": (["--model.decoder", "HuggingFaceTB/SmolLM3-3B"],
+                                    "cannot load the decoder 'HuggingFaceTB/SmolLM3-3B'"),
 }
 
 
@@ -98,7 +99,7 @@ def test_a_config_mistake_is_one_line_and_writes_nothing(mistake, here, capfd):
 
 def test_the_production_config_offline_is_one_line(here, capfd):
     err = _one_line_error(capfd, here, "fit", "-c", str(ROOT / "configs" / "whisper.yaml"))
-    assert "speechbrain/LoquaciousSet" in err and "HF_HUB_OFFLINE" in err
+    assert "speechbrain/LoquaciousSet" in err and "HF_HUB_OFFLINE" in err and "tiny-audio download -c CONFIG" in err
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

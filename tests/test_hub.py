@@ -163,12 +163,10 @@ def test_a_node_without_internet_runs_the_same_config_from_what_download_fetched
     result = run(workdir, offline, "fit", *hubert, *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "validation   WER" in result.stdout
-    for extra, named in ((["--model.decoder", "HuggingFaceTB/SmolLM2-135M-Instruct"], "SmolLM2-135M-Instruct"),
-                         (["--data.config_name", "small"], "config small, split 'train'")):
-        missing = run(workdir, offline, "fit", *hubert, *extra, *SMALL)
-        errors = [line for line in missing.stderr.splitlines() if line.startswith("tiny-audio fit: error:")]
-        assert missing.returncode == 2 and len(errors) == 1 and "Traceback" not in missing.stderr, missing.stderr
-        assert named in errors[0] and "tiny-audio download -c CONFIG" in errors[0]
+    missing = run(workdir, offline, "fit", *hubert, "--data.config_name", "small", *SMALL)  # a split not fetched
+    errors = [line for line in missing.stderr.splitlines() if line.startswith("tiny-audio fit: error:")]
+    assert missing.returncode == 2 and len(errors) == 1 and "Traceback" not in missing.stderr, missing.stderr
+    assert "config small, split 'train'" in errors[0] and "tiny-audio download -c CONFIG" in errors[0]
 
 
 # ----------------------------------------------------------------------------------------- faults
@@ -187,24 +185,37 @@ def sound(hub, tmp_path_factory) -> dict:
     return last_checkpoint(workdir)
 
 
-def shard_reads(fault: str, every: int):
-    """Break every ``every``-th read of a parquet shard (a ranged GET, mid-stream)."""
-    reads = iter(range(1, 1_000_000))
+def every_third_shard_read():
+    """A plan that breaks every third read of a parquet shard (a ranged GET, mid-stream): a reset, a 503, a stall,
+    in turn."""
+    reads = 0
 
     def plan(method: str, path: str, n: int) -> str | None:
-        return fault if method == "GET" and ".parquet" in path and next(reads) % every == 0 else None
+        nonlocal reads
+        if method != "GET" or ".parquet" not in path:
+            return None
+        reads += 1
+        return ("reset", "error", "stall")[reads // 3 % 3] if reads % 3 == 0 else None
     return plan
 
 
+@pytest.fixture(scope="module")
+def faulty(hub, tmp_path_factory) -> tuple[subprocess.CompletedProcess, FaultProxy, Path]:
+    """The sound run's command through a network that resets, answers 503 and stalls, in turn."""
+    workdir = make_workdir(tmp_path_factory.mktemp("faulty"))
+    result, proxy = fault_run(hub, workdir, every_third_shard_read())
+    return result, proxy, workdir
+
+
 @FAULTS
-@pytest.mark.parametrize("fault,plan", [("reset", shard_reads("reset", 3)), ("error", shard_reads("error", 4)),
-                                        ("stall", shard_reads("stall", 9))], ids=["reset", "5xx", "stall"])
-def test_transient_faults_cost_retries_not_the_run_nor_its_weights(hub, sound, tmp_path, fault, plan):
-    workdir = make_workdir(tmp_path / "faulty")
-    result, proxy = fault_run(hub, workdir, plan)
+@pytest.mark.parametrize("fault", ["reset", "error", "stall"], ids=["reset", "5xx", "stall"])
+def test_transient_faults_cost_retries_not_the_run_nor_its_weights(sound, faulty, fault):
+    """Each fault class, met mid-shard, is retried: the run ends with a sound run's weights, every retry counted in
+    data/retries, one log line per incident (none of the clients' own retry lines, no traceback)."""
+    result, proxy, workdir = faulty
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert proxy.faults and all(kind == fault for kind, _ in proxy.faults)
+    assert fault in [kind for kind, _ in proxy.faults]
     assert_same_weights(last_checkpoint(workdir), sound)
     events = EventAccumulator(str(workdir / "lightning_logs/version_0"), size_guidance={"scalars": 0})
     events.Reload()

@@ -100,6 +100,10 @@ def use_model(args: list[str]) -> None:
         if options.push_to_hub:
             print(f"uploaded: {push_to_hub(folder, options.push_to_hub)}")
         return
+    if options.device:  # a device this machine does not have is told first (checking it needs torch)
+        from tiny_audio_pl.transcribe import pick_device
+
+        pick_device(options.device)
     files, problems = file_list(options.audio)
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -111,7 +115,7 @@ def use_model(args: list[str]) -> None:
         from tiny_audio_pl.export import load_model
         from tiny_audio_pl.transcribe import pick_device, transcribe_files
 
-        device = pick_device(options.device)  # before anything loads
+        device = pick_device(options.device)
         model = load_model(options.ckpt, options.dtype or ("float32" if device.type == "cpu" else None)).to(device)
         if options.max_new_tokens:
             model.config.max_new_tokens = options.max_new_tokens
