@@ -94,11 +94,6 @@ def test_the_shipped_configs_train_from_hub_ids(hub, tmp_path, configs):
         assert "speaker_sex_dev: WER" in result.stdout and "transcribe_dev: WER" in result.stdout
 
 
-RECIPE = pytest.mark.xdist_group("hub-recipe")  # the tests that share the recipe run, on one worker
-FAULTS = pytest.mark.xdist_group("hub-faults")  # the tests that share the sound run, on one worker
-
-
-@RECIPE
 def test_validate_scores_the_evaluation_sets_of_eval_yaml(hub, recipe):
     """LoquaciousSet test and LibriSpeech test.clean / test.other, by the hub ids and splits eval.yaml names."""
     result = run(recipe, hub_env(hub.url, recipe / "hf"), "validate", "-c", WHISPER_YAML, "-c",
@@ -132,7 +127,6 @@ def test_a_dataset_with_a_loading_script_is_read_from_its_parquet_files(tmp_path
     assert result.stdout.strip().splitlines()[-1] == "['dev-0000', 'dev-0001', 'dev-0002']", result.stdout
 
 
-@RECIPE
 def test_transcribe_and_the_pipeline_on_a_model_folder_that_names_hub_ids(hub, recipe, tmp_path):
     env = hub_env(hub.url, recipe / "hf")
     folder = tmp_path / "model"
@@ -207,7 +201,6 @@ def faulty(hub, tmp_path_factory) -> tuple[subprocess.CompletedProcess, FaultPro
     return result, proxy, workdir
 
 
-@FAULTS
 @pytest.mark.parametrize("fault", ["reset", "error", "stall"], ids=["reset", "5xx", "stall"])
 def test_transient_faults_cost_retries_not_the_run_nor_its_weights(sound, faulty, fault):
     """Each fault class, met mid-shard, is retried: the run ends with a sound run's weights, every retry counted in
@@ -225,7 +218,6 @@ def test_transient_faults_cost_retries_not_the_run_nor_its_weights(sound, faulty
     assert "Retrying in" not in output and "Got disconnected" not in output and "Traceback" not in output
 
 
-@FAULTS
 def test_a_lasting_outage_stops_with_the_last_step_saved_and_resumes_exactly(hub, sound, tmp_path):
     """The proxy stops answering after step 2's checkpoint: the run stops within its patience plus the hub
     client's own retries, in one line naming the host and the file, exit status 75, its last complete step
