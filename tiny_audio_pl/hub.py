@@ -79,8 +79,8 @@ def split_files(repo_id: str, config_name: str | None, split: str) -> list[str]:
         urls = load_dataset_builder(repo_id, config_name).config.data_files[split]
     except (RuntimeError, KeyError, ValueError):  # a loading script datasets refuses, or no such split in the card
         urls = hub_parquet_files(repo_id, config_name, split)
-    return [str(url).split("@", 1)[-1].split("/", 1)[1] if "@" in str(url) else
-            str(url).removeprefix(f"hf://datasets/{repo_id}/") for url in urls]
+    # hf://datasets/{repo_id}[@revision]/large/train-0.parquet -> large/train-0.parquet
+    return [str(url).removeprefix(f"hf://datasets/{repo_id}").split("/", 1)[1] for url in urls]
 
 
 def download_model(name: str) -> Path:
