@@ -91,26 +91,49 @@ asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=T
 print(json.dumps({"class": f"{type(model).__module__}.{type(model).__name__}",
                   "pipeline": type(asr).__name__, "texts": [asr(f)["text"] for f in files]}))
 """
+# What the stock ASR pipeline accepts, on the same files (mono.wav, long.ogg, stereo44k.flac): a list in batches,
+# datasets' {"array", "sampling_rate"}, a 2-D stereo {"raw", "sampling_rate"}, generate_kwargs; the rest refused.
+PIPELINE_FORMS = HUB_LOAD + """
+import soundfile as sf
+mono, rate = sf.read(files[0], dtype="float32")
+stereo, stereo_rate = sf.read(files[2], dtype="float32")  # [T, 2] at 44.1 kHz
+refused = []
+for options in ({"return_timestamps": True}, {"generate_kwargs": {"num_beams": 4}}):
+    try:
+        asr(files[0], **options)
+    except ValueError as error:
+        refused.append(str(error))
+print(json.dumps({"batched": [r["text"] for r in asr(files, batch_size=2)],
+                  "array": asr({"array": mono, "sampling_rate": rate})["text"],
+                  "stereo": asr({"raw": stereo, "sampling_rate": stereo_rate})["text"],
+                  "two_tokens": asr(files[0], generate_kwargs={"max_new_tokens": 2})["text"], "refused": refused}))
+"""
 
 
 def test_the_exported_folder_loads_in_transformers_alone_and_transcribes_as_tiny_audio_does(trained, clips,
                                                                                             tmp_path):
     """AutoModel and pipeline(trust_remote_code=True) on the folder, in a Python that cannot import tiny_audio_pl,
-    give the transcripts `tiny-audio transcribe` prints (a 40 s file cut into windows, a 44.1 kHz stereo one)."""
+    give the transcripts `tiny-audio transcribe` prints (a 40 s file cut into windows, a 44.1 kHz stereo one),
+    also for a list in batches, datasets' array dicts and 2-D stereo; options it cannot honour are refused."""
     out = tmp_path / "model"
     assert run_cli(tmp_path, "export", "--ckpt", str(trained), "--out", str(out)).returncode == 0
     files = [str(clips[name]) for name in ("mono.wav", "long.ogg", "stereo44k.flac")]
     ours = run_cli(tmp_path, "transcribe", *files, "--ckpt", str(out), "--json")
     assert ours.returncode == 0, ours.stderr
     expected = [json.loads(line)["text"] for line in ours.stdout.splitlines()]
-    (tmp_path / "load.py").write_text(HUB_LOAD)
+    (tmp_path / "load.py").write_text(PIPELINE_FORMS)
     theirs = subprocess.run([sys.executable, "load.py", str(out), *files], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300, env=cli_env(HF_HOME=str(tmp_path / "hf-home")))
     assert theirs.returncode == 0, theirs.stderr[-3000:]
-    loaded = json.loads(theirs.stdout.splitlines()[-1])
+    loaded, forms = (json.loads(line) for line in theirs.stdout.splitlines()[-2:])
     assert loaded["class"].startswith("transformers_modules.") and loaded["class"].endswith(".TinyAudioModel")
     assert loaded["pipeline"] == "TinyAudioPipeline"
     assert loaded["texts"] == expected and all(expected)
+    assert forms["batched"] == expected  # a list in batches of 2 (3 files, one of 40 s in windows)
+    assert forms["array"] == expected[0] and forms["stereo"] == expected[2]
+    assert len(forms["two_tokens"].split()) <= 2 and expected[0].startswith(forms["two_tokens"])  # greedy: a prefix
+    assert len(forms["refused"]) == 2 and "return_timestamps" in forms["refused"][0]
+    assert "num_beams" in forms["refused"][1]
 
 
 def test_an_export_of_an_older_tiny_audio_says_to_export_again(tmp_path, capfd):
