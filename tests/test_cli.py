@@ -40,14 +40,15 @@ def test_whisper_config_is_the_production_recipe(capsys):
     assert (c["model"]["learning_rate"], c["model"]["warmup_steps"]) == (1e-4, 500)
     assert (c["data"]["dataset"], c["data"]["config_name"]) == ("speechbrain/LoquaciousSet", "large")
     assert (c["data"]["train_split"], c["data"]["val_split"]) == ("train", "dev")
-    assert (c["data"]["batch_seconds"], c["data"]["max_batch_clips"], c["data"]["batch_size"]) == (260, 64, 8)
+    assert (c["data"]["batch_seconds"], c["data"]["max_batch_clips"], c["data"]["batch_size"]) == (65, 16, 8)
     t = c["trainer"]
-    assert (t["precision"], t["accumulate_grad_batches"], t["max_steps"]) == ("bf16-mixed", 1, 10_000)
+    assert (t["precision"], t["accumulate_grad_batches"], t["max_steps"]) == ("bf16-mixed", 4, 10_000)
+    assert t["val_check_interval"] == 4000  # batches: every 1000 optimizer steps
     assert c["checkpoint"]["every_n_train_steps"] == 1000 and c["checkpoint"]["save_last"] is True
     assert t["logger"]["init_args"]["name"] == "lightning_logs"
 
 
-def test_hubert_and_mac_configs_compose(capsys):
+def test_hubert_mac_and_big_gpu_configs_compose(capsys):
     whisper = _print_config(capsys, ROOT / "configs" / "whisper.yaml")
     hubert = _print_config(capsys, ROOT / "configs" / "whisper.yaml", ROOT / "configs" / "hubert.yaml")
     assert hubert["model"].pop("encoder") == "facebook/hubert-xlarge-ls960-ft"
@@ -55,6 +56,11 @@ def test_hubert_and_mac_configs_compose(capsys):
     assert hubert == whisper  # the same recipe otherwise
     mac = _print_config(capsys, ROOT / "configs" / "whisper.yaml", ROOT / "configs" / "mac.yaml")
     assert mac["trainer"]["accelerator"] == "mps" and mac["model"]["decoder"] == "HuggingFaceTB/SmolLM3-3B"
+    big = _print_config(capsys, ROOT / "configs" / "whisper.yaml", ROOT / "configs" / "big_gpu.yaml")
+    # the same audio per optimizer step as the recipe's 4 x 65 s, in one batch
+    assert (big["trainer"]["accumulate_grad_batches"], big["data"]["batch_seconds"]) == (1, 260)
+    assert big["data"]["max_batch_clips"] == 4 * whisper["data"]["max_batch_clips"]
+    assert big["trainer"]["val_check_interval"] * 4 == whisper["trainer"]["val_check_interval"]
 
 
 def _run(workdir: Path, *args: str) -> str:
