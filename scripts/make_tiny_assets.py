@@ -106,7 +106,7 @@ def make_speech(num_train: int = 80, num_dev: int = 20) -> None:
 
 
 def make_clips(count: int = 2) -> None:
-    """The first dev clips as plain 16 kHz WAV files, to try ``tiny-audio transcribe`` on (README)."""
+    """The first dev clips as plain 16 kHz WAV files, to try ``tiny-audio transcribe`` on (docs/using-a-model.md)."""
     import pyarrow.parquet as pq
 
     out = ASSETS / "clips"

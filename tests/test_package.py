@@ -1,4 +1,4 @@
-"""The package's parts import only what the README's map says they may."""
+"""The package's parts import only what the code map of docs/how-it-works.md says they may."""
 
 import ast
 
