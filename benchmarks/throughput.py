@@ -12,11 +12,11 @@ the optimisations switched on, one more per mode, so each one's effect is measur
   which plans anew for every new shape), the decoder run without a padding mask (its rows are
   right-padded and causal, so none is needed), which lets it use the flash kernel;
 - ``head``: and the LM head only at the labelled positions;
-- ``ours``: and length-grouped batches (:func:`tiny_audio_pl.data.length_grouped` over windows of
+- ``ours``: and length-grouped batches (:func:`tiny_audio_pl.stream.length_grouped` over windows of
   ``data.shuffle_buffer`` clips) of ``data.batch_size`` clips, ``trainer.accumulate_grad_batches``
   of them per optimizer step;
 - ``budget``: batches filled to ``--batch-seconds`` of padded audio instead
-  (:func:`tiny_audio_pl.data.budget_batches`), ``--budget-accumulate`` per optimizer step;
+  (:func:`tiny_audio_pl.stream.budget_batches`), ``--budget-accumulate`` per optimizer step;
 - ``norms``: budget batches with the decoder's RMSNorms and MLPs compiled (fused kernels for what the
   profile shows as many small element-wise ones); ``compiled``: each whole layer of the frozen encoder
   and decoder compiled instead. Both with dynamic shapes, after untimed steps on budget batches and on

@@ -1,7 +1,6 @@
 import pytest
-from torchmetrics.text import WordErrorRate
 
-from tiny_audio_pl.evaluation import normalize_for_wer
+from tiny_audio_pl.evaluation import SetTally, normalize_for_wer
 
 
 @pytest.mark.parametrize("raw, normalized", [
@@ -14,10 +13,12 @@ def test_whisper_english_normaliser(raw, normalized):
     assert normalize_for_wer(raw) == normalized
 
 
-def test_wer_on_known_cases():
-    wer = WordErrorRate()
-    # one substitution, one deletion over 6 reference words; case and punctuation are normalised away
-    hyp = [normalize_for_wer("The cat sat on mat."), normalize_for_wer("HELLO THERE")]
-    ref = [normalize_for_wer("the dog sat on the mat"), normalize_for_wer("hello there")]
-    wer.update(hyp, ref)
-    assert wer.compute().item() == pytest.approx(2 / 8)
+def test_corpus_wer_counts_each_utterances_errors_over_all_reference_words():
+    """The package's own scoring (SetTally): errors and words per utterance after normalisation, the corpus WER
+    their sums' ratio (not a mean of utterance WERs), and an empty reference counts every hypothesis word."""
+    tally = SetTally()
+    tally.add_scores(["a", "b", "c"], ["the dog sat on the mat", "HELLO THERE", ""],
+                     ["The cat sat on mat.", "hello there", "yes"])
+    assert [(row[0], row[3], row[4]) for row in tally.rows] == [("a", 2, 6), ("b", 0, 2), ("c", 1, 0)]
+    assert tally.word_counts() == (3, 8)
+    assert tally.metrics()["wer"] == pytest.approx(3 / 8)  # not a mean of utterance WERs

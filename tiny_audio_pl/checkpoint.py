@@ -5,7 +5,7 @@
   folder, flushes it to disk and renames it over the target: the old file stays whole until the
   new one is complete.
 - Cloud GPU providers, Slurm, systemd and ``docker stop`` send SIGTERM (to the whole process
-  group: the dataloader workers ignore it, see ``data.py``). Lightning then stops after the current
+  group: the dataloader workers ignore it, see ``stream.ignore_sigterm``). Lightning then stops after the current
   batch; :class:`Checkpoint` holds that stop back to the end of the optimizer step when gradients
   are being accumulated (a checkpoint between micro-batches would drop the gradients gathered so
   far, and the resumed run would differ), saves that step (and ``last``) and the process exits 0.

@@ -5,8 +5,8 @@
     DIR/config.json                the TinyAudioConfig (encoder and decoder names, projector, prompt, LoRA),
                                    the code to load (auto_map, custom pipeline) and the run's training facts
     DIR/model.safetensors          the trained weights only: projector (and LoRA adapters)
-    DIR/preprocessor_config.json,  the processor: the encoder's feature extractor, the decoder's
-      tokenizer files, ...           tokenizer and chat template, the prompts
+    DIR/processor/                 the processor: the encoder's feature extractor, the decoder's
+                                   tokenizer and chat template, the prompts
     DIR/modeling.py, ...           the model's own code (it does not import tiny_audio_pl)
     DIR/README.md                  a model card built from the same facts
 
