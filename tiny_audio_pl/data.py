@@ -207,6 +207,13 @@ class SpeechDataModule(LightningDataModule):
         if any(s.weight <= 0 for s in self.train_sources):
             raise UsageError("data.train_sources: weights must be positive, got "
                              f"{[s.weight for s in self.train_sources]}")
+        weighted = [s.name for s in self.eval_sets if s.weight != 1.0]
+        if weighted:  # a setting that would do nothing is a mistake, not a silent no-op
+            raise UsageError(f"data.eval_sets {weighted}: weight mixes data.train_sources only; each evaluation "
+                             "set is scored on its own (drop the weight)")
+        if batch_seconds is not None and not group_by_length:
+            raise UsageError("data.group_by_length false has no effect with data.batch_seconds: budget batches are "
+                             "always formed from clips of similar length. Drop one of the two settings")
         self.train_dataset: WindowShuffled | None = None
         self.val_datasets: dict[str, PreparedRows] = {}  # "" when there is only val_split
         self.skips = SkipLedger(max_bad_share, window=1000)
