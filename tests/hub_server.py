@@ -18,7 +18,8 @@ Not covered: uploads, authentication (any token is accepted), pagination (listin
 repositories of one path part (``gpt2``), Xet storage, and the dataset viewer's ``datasets-server``.
 
 Repositories are folders: ``ROOT/models/ORG/NAME/...`` and ``ROOT/datasets/ORG/NAME/...`` (files may
-be symlinks); revision ``main`` and the repository's sha (a hash of its files) both resolve.
+be symlinks), read once at their first request; revision ``main`` and the repository's sha (a hash of
+its files) both resolve.
 
 :class:`FaultProxy` sits between a client and the server and breaks chosen requests: a connection
 reset mid-body, a 5xx answer, a stall, or (stopped) a refused connection.
@@ -48,7 +49,12 @@ class Repo:
     def __init__(self, kind: str, repo_id: str, folder: Path) -> None:
         self.kind, self.repo_id = kind, repo_id
         self.files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
-        self.sha256 = {path: hashlib.sha256(file.read_bytes()).hexdigest() for path, file in self.files.items()}
+        self.sha256: dict[str, str] = {}  # the LFS oid and ETag
+        self.blob: dict[str, str] = {}  # git's blob oid
+        for path, file in self.files.items():
+            data = file.read_bytes()
+            self.sha256[path] = hashlib.sha256(data).hexdigest()
+            self.blob[path] = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
         self.sha = hashlib.sha1("".join(f"{p}:{h}\n" for p, h in self.sha256.items()).encode()).hexdigest()
 
     def folders(self) -> set[str]:
@@ -61,8 +67,7 @@ class Repo:
             return {"type": "directory", "oid": hashlib.sha1(path.encode()).hexdigest(), "size": 0, "path": path,
                     **commit}
         size = self.files[path].stat().st_size
-        blob = hashlib.sha1(b"blob %d\0" % size + self.files[path].read_bytes()).hexdigest()
-        return {"type": "file", "oid": blob, "size": size, "path": path,
+        return {"type": "file", "oid": self.blob[path], "size": size, "path": path,
                 "lfs": {"oid": self.sha256[path], "size": size, "pointerSize": 134}, **commit}
 
     def info(self) -> dict[str, Any]:
@@ -72,38 +77,59 @@ class Repo:
         return info | ({"modelId": self.repo_id} if self.kind == "models" else {})
 
 
-class HubServer:
-    """Serves the repositories under ``root`` on 127.0.0.1 until :meth:`stop` (also a context manager)."""
+class _LoopbackServer:
+    """A server on 127.0.0.1 (port 0: any free one) from :meth:`start` to :meth:`stop`; also a context manager."""
 
-    def __init__(self, root: Path, port: int = 0) -> None:
-        self.root, self.port = Path(root), port
-        self.requests: list[tuple[str, str, int]] = []  # (method, path, status), for the tests
+    def __init__(self, port: int = 0) -> None:
+        self.port = port
         self._httpd: ThreadingHTTPServer | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def repo(self, kind: str, repo_id: str) -> Repo | None:
-        folder = self.root / kind / repo_id
-        return Repo(kind, repo_id, folder) if repo_id.count("/") == 1 and folder.is_dir() else None
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        raise NotImplementedError
 
-    def start(self) -> HubServer:
-        self._httpd = serve(self.port, _hub_handler(self))
+    def start(self) -> _LoopbackServer:
+        self._httpd = serve(self.port, self._handler())
         self.port = self._httpd.server_address[1]
         return self
 
     def stop(self) -> None:
+        """Close the listening socket: new connections are refused."""
         if self._httpd:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
 
-    def __enter__(self) -> HubServer:
+    def __enter__(self) -> _LoopbackServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class HubServer(_LoopbackServer):
+    """Serves the repositories under ``root``; each is read once, at its first request (so it must be complete)."""
+
+    def __init__(self, root: Path, port: int = 0) -> None:
+        super().__init__(port)
+        self.root = Path(root)
+        self.requests: list[tuple[str, str, int]] = []  # (method, path, status), for the tests
+        self._repos: dict[tuple[str, str], Repo | None] = {}
+        self._lock = threading.Lock()
+
+    def repo(self, kind: str, repo_id: str) -> Repo | None:
+        with self._lock:
+            if (kind, repo_id) not in self._repos:
+                folder = self.root / kind / repo_id
+                found = repo_id.count("/") == 1 and folder.is_dir()
+                self._repos[kind, repo_id] = Repo(kind, repo_id, folder) if found else None
+            return self._repos[kind, repo_id]
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        return _hub_handler(self)
 
 
 class _Server(ThreadingHTTPServer):
@@ -241,38 +267,25 @@ def _hub_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
 FaultPlan = Callable[[str, str, int], str | None]
 
 
-class FaultProxy:
+class FaultProxy(_LoopbackServer):
     """Forwards HTTP requests to ``upstream`` and breaks those ``plan(method, path, n)`` names.
 
-    ``n`` counts the requests the proxy has seen (from 0). :meth:`stop` refuses every connection
+    ``n`` counts the requests the proxy has seen (from 0). :meth:`stop` refuses new connections
     (an outage); :meth:`start` on the same port ends it. ``latency_s`` delays every answer.
     """
 
     def __init__(self, upstream: str, plan: FaultPlan | None = None, stall_s: float = 30.0, port: int = 0,
                  latency_s: float = 0.0) -> None:
+        super().__init__(port)
         self.upstream = urlsplit(upstream).netloc
-        self.plan, self.stall_s, self.port = plan or (lambda method, path, n: None), stall_s, port
+        self.plan, self.stall_s = plan or (lambda method, path, n: None), stall_s
         self.latency_s = latency_s  # added to every request, as a round trip to a distant host
         self.seen = 0
         self.faults: list[tuple[str, str]] = []  # (fault, path) injected so far
         self._lock = threading.Lock()
-        self._httpd: ThreadingHTTPServer | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> FaultProxy:
-        self._httpd = serve(self.port, _proxy_handler(self))
-        self.port = self._httpd.server_address[1]
-        return self
-
-    def stop(self) -> None:
-        """Close the listening socket and every open connection: new connections are refused."""
-        if self._httpd:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        return _proxy_handler(self)
 
     def decide(self, method: str, path: str) -> str | None:
         with self._lock:
@@ -280,12 +293,6 @@ class FaultProxy:
             if fault:
                 self.faults.append((fault, path))
             return fault
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
