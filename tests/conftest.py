@@ -38,6 +38,22 @@ def run_cli(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProces
     return subprocess.run(cli(*args), cwd=workdir, env=cli_env(**env), capture_output=True, text=True, timeout=300)
 
 
+def last_checkpoint(workdir: Path) -> dict:
+    """The first run's ``last.ckpt`` under ``workdir``."""
+    return torch.load(workdir / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+
+
+def assert_same_training(resumed: dict, expected: dict) -> None:
+    """Same step, projector weights, Adam moments and LR schedule, to 1e-6."""
+    assert resumed["global_step"] == expected["global_step"]
+    for key, value in expected["state_dict"].items():
+        assert (resumed["state_dict"][key] - value).abs().max() <= 1e-6, key
+    for index, state in expected["optimizer_states"][0]["state"].items():
+        for name, value in state.items():
+            assert (resumed["optimizer_states"][0]["state"][index][name] - value).abs().max() <= 1e-6, (index, name)
+    assert resumed["lr_schedulers"] == expected["lr_schedulers"]
+
+
 def make_workdir(path: Path) -> Path:
     """A folder to run the CLI in, with the tiny assets where the smoke config expects them."""
     path.mkdir(exist_ok=True)

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, cli, cli_env, make_workdir
+from conftest import ROOT, assert_same_training, cli, cli_env, last_checkpoint, make_workdir, run_cli
 from hub_repos import build_repos
 from hub_server import FaultProxy, HubServer
 from test_transcribe import HUB_LOAD
@@ -47,24 +46,15 @@ def hub(tmp_path_factory):
         yield server
 
 
-def hub_env(endpoint: str, home: Path, **extra: str) -> dict[str, str]:
+def hub_env(endpoint: str, home: Path) -> dict[str, str]:
     """Online through ``endpoint``, with its own hub cache; a read that stalls 2 s is retried."""
     return cli_env(HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
-                   HF_HUB_DOWNLOAD_TIMEOUT="2", **extra)
+                   HF_HUB_DOWNLOAD_TIMEOUT="2")
 
 
-def run(workdir: Path, env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cli(*args), cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def last_checkpoint(workdir: Path, version: int = 0) -> dict:
-    return torch.load(workdir / f"lightning_logs/version_{version}/checkpoints/last.ckpt", weights_only=True)
-
-
-def assert_same_weights(resumed: dict, expected: dict) -> None:
-    assert resumed["global_step"] == expected["global_step"]
-    for key, value in expected["state_dict"].items():
-        assert (resumed["state_dict"][key] - value).abs().max() <= 1e-6, key
+def run(workdir: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """``tiny-audio ARGS`` in ``workdir`` with ``env`` in place of conftest's offline one."""
+    return run_cli(workdir, *args, **env)
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +201,7 @@ def test_transient_faults_cost_retries_not_the_run_nor_its_weights(sound, faulty
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert fault in [kind for kind, _ in proxy.faults]
-    assert_same_weights(last_checkpoint(workdir), sound)
+    assert_same_training(last_checkpoint(workdir), sound)
     events = EventAccumulator(str(workdir / "lightning_logs/version_0"), size_guidance={"scalars": 0})
     events.Reload()
     assert events.Scalars("data/retries")[-1].value >= 1
@@ -239,7 +229,9 @@ def test_a_lasting_outage_stops_with_the_last_step_saved_and_resumes_exactly(hub
         stdout, stderr = process.communicate(timeout=150)
     finally:
         process.kill()
-    assert time.time() - stopped_at < 150
+    waited = time.time() - stopped_at
+    print(f"stopped {waited:.1f} s after the outage began")
+    assert waited < 60  # patience 3 s, plus the hub client's own retries (~23 s a try) of at most two tries
     assert process.returncode == 75, stderr[-3000:]
     assert "Traceback" not in stderr and "Retrying in" not in stderr, stderr[-3000:]
     error = stderr.strip().splitlines()[-1]
@@ -255,7 +247,7 @@ def test_a_lasting_outage_stops_with_the_last_step_saved_and_resumes_exactly(hub
     finally:
         back.stop()
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_weights(last_checkpoint(workdir), sound)
+    assert_same_training(last_checkpoint(workdir), sound)
 
 
 def test_network_trouble_tells_faults_from_mistakes():
