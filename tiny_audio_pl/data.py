@@ -101,6 +101,24 @@ def _canonical_row(row: dict[str, Any], source: Source) -> dict[str, Any]:
             "text": row.get(source.text_column), "prompt": source.prompt}
 
 
+def _parquet_stream(files: list[str], split: str) -> IterableDataset:
+    """A stream of parquet files (local paths or ``hf://`` URLs) as one split."""
+    return load_dataset("parquet", data_files={split: files}, split=split, streaming=True)
+
+
+def _cached_files(source: Source) -> list[str]:
+    """A hub dataset's split's parquet files in the hub cache (``HF_HUB_OFFLINE``), or one line on what to fetch."""
+    cached = cached_dataset(source.dataset)
+    if cached is None:
+        raise UsageError(f"the dataset '{source.dataset}' is neither a local folder nor in the hub cache, and "
+                         f"HF_HUB_OFFLINE is set: {FETCH_HINT}")
+    try:
+        return find_parquet_files(cached, source.config_name, source.split)
+    except UsageError as error:
+        raise UsageError(f"the hub cache's copy of '{source.dataset}' ({cached}) has no files for config "
+                         f"{source.config_name}, split '{source.split}': {FETCH_HINT}") from error
+
+
 def _sources(value: list[Source | dict] | None, what: str) -> list[Source]:
     """Dataclasses, or the dicts a config file gives, checked."""
     try:
@@ -247,13 +265,10 @@ class SpeechDataModule(LightningDataModule):
         what ``tiny-audio download`` put in the hub cache (``hub.py``).
         """
         if Path(source.dataset).is_dir():
-            stream = self._open_folder(Path(source.dataset), source)
+            stream = _parquet_stream(find_parquet_files(Path(source.dataset), source.config_name, source.split),
+                                     source.split)
         elif hub_constants.HF_HUB_OFFLINE:
-            cached = cached_dataset(source.dataset)
-            if cached is None:
-                raise UsageError(f"the dataset '{source.dataset}' is neither a local folder nor in the hub cache, and "
-                                 f"HF_HUB_OFFLINE is set: {FETCH_HINT}")
-            stream = self._open_folder(cached, source)
+            stream = _parquet_stream(_cached_files(source), source.split)
         else:
             stream = self._open_hub(source)
         columns = list(stream.features or {})
@@ -269,17 +284,6 @@ class SpeechDataModule(LightningDataModule):
             stream = stream.take(source.max_samples)
         return stream.map(partial(_canonical_row, source=source), remove_columns=columns or None)
 
-    @staticmethod
-    def _open_folder(folder: Path, source: Source) -> IterableDataset:
-        try:
-            files = find_parquet_files(folder, source.config_name, source.split)
-        except UsageError as error:
-            if Path(source.dataset).is_dir():
-                raise
-            raise UsageError(f"the hub cache's copy of '{source.dataset}' ({folder}) has no files for config "
-                             f"{source.config_name}, split '{source.split}': {FETCH_HINT}") from error
-        return load_dataset("parquet", data_files={source.split: files}, split=source.split, streaming=True)
-
     def _open_hub(self, source: Source) -> IterableDataset:
         """A hub dataset's split, as its card's configs say; retried while the hub does not answer."""
         def open_split() -> IterableDataset:
@@ -292,8 +296,8 @@ class SpeechDataModule(LightningDataModule):
         except Exception as error:  # datasets raises many kinds for a dataset it cannot reach
             why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             if "scripts are no longer supported" in why:  # read its parquet files by their layout instead
-                files = hub_parquet_files(source.dataset, source.config_name, source.split)
-                return load_dataset("parquet", data_files={source.split: files}, split=source.split, streaming=True)
+                return _parquet_stream(hub_parquet_files(source.dataset, source.config_name, source.split),
+                                       source.split)
             raise UsageError(f"cannot open the dataset '{source.dataset}' (config {source.config_name}, split "
                              f"'{source.split}'): it is not a local folder, and the hub said: {why}. Pass a local "
                              "folder of parquet files or a reachable dataset id.") from error
