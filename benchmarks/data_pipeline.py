@@ -74,10 +74,15 @@ def make_clips(count: int, rate: int = 16_000, seed: int = 0, durations: list[fl
     return clips
 
 
-def measure(encoder: str, clips: list[dict], batch: int) -> dict:
+def make_preparer(encoder: str) -> ClipPreparer:
+    """The training data's clip preparation for ``encoder``'s features and the tiny decoder's tokens."""
     processor = TinyAudioProcessor.from_models(encoder, str(ROOT / "assets/tiny-smollm3"))
-    preparer = ClipPreparer(processor, min_duration=0.1, max_duration=30.0, max_target_tokens=256,
-                            text_normalization="lower")
+    return ClipPreparer(processor, min_duration=0.1, max_duration=30.0, max_target_tokens=256,
+                        text_normalization="lower")
+
+
+def measure(encoder: str, clips: list[dict], batch: int) -> dict:
+    preparer = make_preparer(encoder)
     preparer(clips[0])  # warm-up
     start = time.perf_counter()
     for i in range(0, len(clips), batch):
@@ -106,16 +111,16 @@ def write_repo(clips: list[dict], root: Path, shards: int = 2, row_group: int = 
 
 
 def stream_rate(dataset: str, batch: int) -> dict:
-    """The streaming path in one process over a whole split (open it, read, prepare, collate): the seconds to
-    the first batch, then clips per second and MB of stored audio per second over the rest."""
+    """The streaming path in one process over a whole split (open it, read its rows through the network retries
+    as training does, prepare, collate): the seconds to the first batch, then clips per second and MB of stored
+    audio per second over the rest."""
     from tiny_audio_pl.data import SpeechDataModule
+    from tiny_audio_pl.network import ResilientRows
 
-    data = SpeechDataModule(dataset=dataset, config_name="large", num_workers=0, batch_size=batch,
-                            encoder=str(ROOT / "assets/tiny-whisper"), decoder=str(ROOT / "assets/tiny-smollm3"))
-    preparer = ClipPreparer(TinyAudioProcessor.from_models(data.hparams.encoder, data.hparams.decoder),
-                            min_duration=0.1, max_duration=30.0, max_target_tokens=256, text_normalization="lower")
+    data = SpeechDataModule(dataset=dataset, config_name="large")
+    preparer = make_preparer(str(ROOT / "assets/tiny-whisper"))
     opened = time.perf_counter()
-    rows = iter(data.open_source(data.train_streams()[0]))
+    rows = iter(ResilientRows(data.open_source(data.train_streams()[0]), data.hparams.network_patience))
     done, megabytes, start = 0, 0.0, None
     while chunk := [row for _, row in zip(range(batch), rows)]:
         collate([preparer(row) for row in chunk])
