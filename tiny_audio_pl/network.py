@@ -123,7 +123,7 @@ class NetworkLedger:
         self.last_url: str | None = None  # the latest URL the hub client reported trouble with
         self.last_reason = "network error"  # and what went wrong
 
-    def retry(self, trouble: Trouble | str) -> None:
+    def retry(self, trouble: Trouble) -> None:
         now = time.monotonic()
         if now - self.last_retry > QUIET_S:
             print(f"data: {trouble}; retrying with backoff (each retry is counted in data/retries)",
