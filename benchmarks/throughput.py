@@ -54,9 +54,13 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partialmethod
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import numpy as np
 import torch
@@ -93,28 +97,26 @@ MODES = [Mode("naive", True, True, True, False), Mode("trim", False, True, True,
          Mode("compiled", False, False, False, True, budget=True, compiled="layers")]
 
 
-class NaiveCapableModel(TinyAudioModel):
-    """``TinyAudioModel`` with a switch back to the naive loss: ``transformers``' own, logits at every position."""
-
-    full_vocabulary_head = False
-
-    def loss(self, audio: torch.Tensor, audio_lengths: list[int], targets: list[list[int]],
-             prompts: list[str | None] | None = None, reduction: str = "mean") -> torch.Tensor:
-        if not self.full_vocabulary_head:
-            return super().loss(audio, audio_lengths, targets, prompts, reduction)
-        layout = self.assemble(audio, audio_lengths, self.chat_prompts(prompts, len(targets)), targets)
-        with self.attention():
-            mean = self.decoder(inputs_embeds=layout.embeds, labels=layout.labels, use_cache=False,  # [B, L, V] logits
-                                attention_mask=None if self.attention_backends else layout.mask).loss
-        return mean if reduction == "mean" else mean * sum(len(t) for t in targets)
+def naive_loss(net: TinyAudioModel, audio: torch.Tensor, audio_lengths: list[int], targets: list[list[int]],
+               prompts: list[str | None] | None = None, reduction: str = "mean", mask: bool = True) -> torch.Tensor:
+    """The seed's loss: ``transformers``' own, logits ``[B, L, V]`` at every position, a padding mask if ``mask``."""
+    layout = net.assemble(audio, audio_lengths, net.chat_prompts(prompts, len(targets)), targets)
+    with net.attention():
+        mean = net.decoder(inputs_embeds=layout.embeds, labels=layout.labels, use_cache=False,
+                           attention_mask=layout.mask if mask else None).loss
+    return mean if reduction == "mean" else mean * sum(len(t) for t in targets)
 
 
-class BenchmarkedSpeechLLM(SpeechLLM):
-    """``SpeechLLM`` whose network can take the naive loss (:class:`NaiveCapableModel`)."""
-
-    def __init__(self, **settings: Any) -> None:
-        super().__init__(**settings)
-        self.model.__class__ = NaiveCapableModel  # the same network and weights, with the switch
+@contextmanager
+def seed_ways(default_attention: bool, full_vocabulary_head: bool) -> Iterator[None]:
+    """``TinyAudioModel`` with the seed's ways patched in while the block runs: PyTorch's own choice of
+    attention kernel, and :func:`naive_loss` (with the padding mask under the default kernels)."""
+    with ExitStack() as stack:
+        if default_attention:
+            stack.enter_context(patch.object(TinyAudioModel, "attention", lambda self: nullcontext()))
+        if full_vocabulary_head:
+            stack.enter_context(patch.object(TinyAudioModel, "loss", partialmethod(naive_loss, mask=default_attention)))
+        yield
 
 
 class Stopwatch(Callback):
@@ -258,13 +260,11 @@ def load_config(size: str, models: Path) -> dict[str, Any]:
     return {"model": model, "trainer": config["trainer"], "data": config["data"]}
 
 
-def run_mode(model: BenchmarkedSpeechLLM, mode: Mode, prepared: list[dict], batches: list[list[int]],
+def run_mode(model: SpeechLLM, mode: Mode, prepared: list[dict], batches: list[list[int]],
              warmup: list[list[int]], trainer_config: dict[str, Any], accumulate: int, device: str,
              profiler: torch.profiler.profile | None = None) -> dict[str, Any]:
     """Train on ``warmup`` then ``batches`` (timed) with the mode's switches; return its figures."""
     model.model.encoder.full_window = mode.full_window
-    model.model.full_vocabulary_head = mode.full_vocabulary_head
-    model.model.attention_backends = None if mode.default_attention else TinyAudioModel.attention_backends
     loader = DataLoader(prepared, batch_sampler=warmup + batches, collate_fn=collate,
                         pin_memory=device == "cuda")
     stopwatch = Stopwatch(len(warmup), profiler)
@@ -275,7 +275,8 @@ def run_mode(model: BenchmarkedSpeechLLM, mode: Mode, prepared: list[dict], batc
                       logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[stopwatch])
     reset_peak_memory()
-    trainer.fit(model, train_dataloaders=loader)
+    with seed_ways(mode.default_attention, mode.full_vocabulary_head):
+        trainer.fit(model, train_dataloaders=loader)
     seconds = stopwatch.seconds
     clips = [prepared[i] for b in batches for i in b]
     positions = padded = labelled = 0
@@ -297,7 +298,7 @@ def run_mode(model: BenchmarkedSpeechLLM, mode: Mode, prepared: list[dict], batc
                 float(trainer.callback_metrics.get("train/loss", float("nan"))), 4)}
 
 
-def worst_case(model: BenchmarkedSpeechLLM, mode: Mode, preparer: ClipPreparer, seconds: float, max_clips: int,
+def worst_case(model: SpeechLLM, mode: Mode, preparer: ClipPreparer, seconds: float, max_clips: int,
                trainer_config: dict[str, Any], device: str) -> dict[str, dict[str, Any]]:
     """Peak memory of one optimizer step on each of the two largest batches a budget lets through:
     ``seconds`` of the longest clips allowed (30 s), and ``max_clips`` clips as long as still fit."""
@@ -357,7 +358,7 @@ def main() -> None:
         parser.error(f"--batches must be a multiple of the {accumulate} batches per optimizer step")
     modes = [m for m in MODES if m.name in args.modes.split(",")]
     torch.manual_seed(0)
-    model = BenchmarkedSpeechLLM(**config["model"])
+    model = SpeechLLM(**config["model"])
     initial_projector = {k: v.clone() for k, v in model.model.projector.state_dict().items()}
 
     preparer = ClipPreparer(model.model.processor, min_duration=0.1, max_duration=30.0, max_target_tokens=10_000,

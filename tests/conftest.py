@@ -61,6 +61,17 @@ def make_workdir(path: Path) -> Path:
     return path
 
 
+def connected_data(encoder: str = WHISPER, decoder: str = DECODER, **options):
+    """A ``SpeechDataModule(**options)`` handed the processor of a model with ``encoder`` and ``decoder``, as
+    the CLI hands it the model's own."""
+    from tiny_audio_pl.data import SpeechDataModule
+    from tiny_audio_pl.modeling import TinyAudioConfig, build_processor
+
+    data = SpeechDataModule(**options)
+    data.connect(build_processor(TinyAudioConfig(encoder=encoder, decoder=decoder)))
+    return data
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return make_workdir(tmp_path)
@@ -78,9 +89,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def dev_batch():
     """The first 6 clips of the tiny dev split, prepared for the Whisper encoder."""
-    from tiny_audio_pl.data import SpeechDataModule
-
-    data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=6, num_workers=0, encoder=WHISPER,
+    data = connected_data(dataset=SPEECH, config_name=None, batch_size=6, num_workers=0, encoder=WHISPER,
                             decoder=DECODER)
     data.setup("validate")
     return next(iter(data.val_dataloader()[0]))

@@ -6,7 +6,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import DECODER, HUBERT, SPEECH, WHISPER
+from conftest import DECODER, HUBERT, SPEECH, WHISPER, connected_data
 from tiny_audio_pl.clips import collate, normalize_target
 from tiny_audio_pl.data import SpeechDataModule
 from tiny_audio_pl.errors import UsageError
@@ -70,7 +70,7 @@ def test_local_parquet_layout_is_found():
 
 
 def test_whisper_stream_yields_every_dev_clip_with_unpadded_features():
-    data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=8, num_workers=0, encoder=WHISPER,
+    data = connected_data(dataset=SPEECH, config_name=None, batch_size=8, num_workers=0, encoder=WHISPER,
                             decoder=DECODER)
     data.setup("validate")
     batches = list(data.val_dataloader()[0])
@@ -82,7 +82,7 @@ def test_whisper_stream_yields_every_dev_clip_with_unpadded_features():
 
 
 def test_waveform_stream_for_hubert_and_duration_limit():
-    data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=20, num_workers=0, encoder=HUBERT,
+    data = connected_data(dataset=SPEECH, config_name=None, batch_size=20, num_workers=0, encoder=HUBERT,
                             decoder=DECODER,
                             max_duration=2.5)
     data.setup("validate")
@@ -93,14 +93,14 @@ def test_waveform_stream_for_hubert_and_duration_limit():
 
 
 def test_missing_column_lists_the_columns_that_exist():
-    data = SpeechDataModule(dataset=SPEECH, config_name=None, text_column="transcript", num_workers=0,
+    data = connected_data(dataset=SPEECH, config_name=None, text_column="transcript", num_workers=0,
                             encoder=WHISPER, decoder=DECODER)
     with pytest.raises(UsageError, match=r"transcript.*'ID'.*'wav'"):
         data.check("validate")  # what the CLI runs before any model loads
 
 
 def test_training_stream_is_shuffled_and_truncated_and_goes_on_pass_after_pass():
-    data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=5, num_workers=0, encoder=WHISPER,
+    data = connected_data(dataset=SPEECH, config_name=None, batch_size=5, num_workers=0, encoder=WHISPER,
                             decoder=DECODER,
                             max_train_samples=10, shuffle_buffer=10)
     data.setup("fit")
@@ -139,7 +139,7 @@ def test_training_stream_resumes_exactly_in_any_pass_with_workers(batching):
     """The saved position restores the shuffled stream exactly, in the first pass, at the boundary between
     passes and inside the second: nothing repeated, nothing skipped."""
     def loader():
-        data = SpeechDataModule(dataset=SPEECH, config_name=None, num_workers=2, encoder=WHISPER, decoder=DECODER,
+        data = connected_data(dataset=SPEECH, config_name=None, num_workers=2, encoder=WHISPER, decoder=DECODER,
                                 shuffle_buffer=8, seed=5, **batching)
         data.setup("fit")
         return data.train_dataloader()

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import DECODER, ROOT, SMOKE, SPEECH, WHISPER, run_cli
+from conftest import DECODER, ROOT, SMOKE, SPEECH, WHISPER, connected_data, run_cli
 from tiny_audio_pl.data import Source, SpeechDataModule
 from tiny_audio_pl.errors import UsageError
 
@@ -17,7 +17,7 @@ def test_mixed_stream_carries_each_sources_prompt_and_target():
     sources = [Source("transcribe", SPEECH, "train", audio_column="wav", id_column="ID", weight=3.0),
                Source("sex", SPEECH, "train", audio_column="wav", text_column="sex", id_column="ID",
                       prompt=SEX_PROMPT, weight=1.0)]
-    data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=8, num_workers=0, encoder=WHISPER,
+    data = connected_data(dataset=SPEECH, config_name=None, batch_size=8, num_workers=0, encoder=WHISPER,
                             decoder=DECODER,
                             train_sources=sources, max_train_samples=80)
     data.setup("fit")
@@ -31,7 +31,7 @@ def test_mixed_stream_carries_each_sources_prompt_and_target():
 
 
 def test_a_source_says_only_what_differs_from_the_data_settings():
-    data = SpeechDataModule(dataset=SPEECH, config_name=None, max_eval_samples=5, encoder=WHISPER, decoder=DECODER,
+    data = connected_data(dataset=SPEECH, config_name=None, max_eval_samples=5, encoder=WHISPER, decoder=DECODER,
                             train_sources=[Source("sex", text_column="sex", prompt=SEX_PROMPT)],
                             eval_sets=[Source("dev"), Source("other", dataset="elsewhere", split="test",
                                                              config_name="x", max_samples=9)])
@@ -70,7 +70,7 @@ def test_mixed_stream_resumes_exactly_with_workers():
         sources = [Source("t", SPEECH, "train", audio_column="wav", id_column="ID", weight=3.0),
                    Source("s", SPEECH, "train", audio_column="wav", text_column="sex", id_column="ID",
                           prompt=SEX_PROMPT)]
-        data = SpeechDataModule(dataset=SPEECH, config_name=None, batch_size=3, num_workers=2, encoder=WHISPER,
+        data = connected_data(dataset=SPEECH, config_name=None, batch_size=3, num_workers=2, encoder=WHISPER,
                                 decoder=DECODER,
                                 shuffle_buffer=8, seed=5, train_sources=sources, max_train_samples=60)
         data.setup("fit")

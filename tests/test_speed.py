@@ -11,12 +11,12 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
 from conftest import DECODER, ROOT, WHISPER, cli_env
-from throughput import BenchmarkedSpeechLLM
+from throughput import seed_ways
 from tiny_audio_pl.model import SpeechLLM
 from tiny_audio_pl.stream import length_grouped
 
 
-def _loss_and_grads(model: BenchmarkedSpeechLLM, batch: dict) -> tuple[float, list[torch.Tensor]]:
+def _loss_and_grads(model: SpeechLLM, batch: dict) -> tuple[float, list[torch.Tensor]]:
     model.zero_grad()
     loss = model(batch)
     loss.backward()
@@ -26,11 +26,10 @@ def _loss_and_grads(model: BenchmarkedSpeechLLM, batch: dict) -> tuple[float, li
 def test_optimised_step_has_the_naive_steps_loss_and_gradients(dev_batch):
     """Same batch, same encoder input: the trimmed-padding, labelled-only, mask-free step equals the naive one."""
     torch.manual_seed(0)
-    model = BenchmarkedSpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=64)
+    model = SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=64)
     ours, ours_grads = _loss_and_grads(model, dev_batch)
-    net = model.model
-    net.full_vocabulary_head, net.attention_backends = True, None  # transformers' loss, padding mask, any kernel
-    naive, naive_grads = _loss_and_grads(model, dev_batch)
+    with seed_ways(default_attention=True, full_vocabulary_head=True):  # transformers' loss, padding mask, any kernel
+        naive, naive_grads = _loss_and_grads(model, dev_batch)
     assert ours == pytest.approx(naive, rel=1e-5)
     for mine, theirs in zip(ours_grads, naive_grads):
         assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-6)
@@ -39,7 +38,7 @@ def test_optimised_step_has_the_naive_steps_loss_and_gradients(dev_batch):
 def test_whisper_full_window_is_the_one_change_of_objective(dev_batch):
     """Padding every clip to 30 s changes what Whisper sees (its own silence), so the loss moves a little."""
     torch.manual_seed(0)
-    model = BenchmarkedSpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=64).eval()
+    model = SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=64).eval()
     with torch.no_grad():
         trimmed = model(dev_batch).item()
         model.model.encoder.full_window = True

@@ -76,6 +76,12 @@ def read_training_checkpoint(path: str | Path, mmap: bool = False, what: str = "
     return checkpoint
 
 
+def trained_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A training checkpoint's trained tensors under the model's own names (``projector.*``, ``decoder.*lora*``):
+    what ``TinyAudioModel.load_trained`` reads. The loop saves them under its ``model.`` attribute."""
+    return {name.removeprefix("model."): value for name, value in checkpoint["state_dict"].items()}
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write-then-rename saving and safe, explained loading."""
 

@@ -168,9 +168,9 @@ def download_config(files: list[str], overrides: list[str], max_files: int | Non
         target[name] = yaml.safe_load(value)
     from tiny_audio_pl.data import SpeechDataModule
     from tiny_audio_pl.hub import download
-    from tiny_audio_pl.modeling import TinyAudioConfig
+    from tiny_audio_pl.modeling import Settings
 
-    model = {"encoder": TinyAudioConfig().encoder, "decoder": TinyAudioConfig().decoder, **(config.get("model") or {})}
+    model = {"encoder": Settings.encoder, "decoder": Settings.decoder, **(config.get("model") or {})}
     try:
         data = SpeechDataModule(**(config.get("data") or {}))
     except TypeError as error:

@@ -16,7 +16,7 @@ import soundfile as sf
 
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.network import NETWORK
-from tiny_audio_pl.processing import TinyAudioProcessor, decode_audio
+from tiny_audio_pl.processing import TinyAudioProcessor
 
 
 def normalize_target(text: str, mode: Literal["lower", "none"]) -> str:
@@ -70,7 +70,7 @@ class ClipPreparer:
             out["skip"] = "transcript_too_long"
             return out
         try:
-            audio = decode_audio(value, self.sample_rate)
+            audio = self.processor.load(value)
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError):
             out["skip"] = "undecodable"
             return out
@@ -83,12 +83,12 @@ class ClipPreparer:
         return out
 
 
-def collate(examples: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
+def collate(examples: list[dict[str, Any]], name: str = "train") -> dict[str, Any]:
     """Pad a list of prepared clips to the longest one in the batch.
 
     Args:
         examples: prepared clips (:class:`ClipPreparer`).
-        name: the evaluation set the clips come from (``""``: training, or the only validation set).
+        name: what the clips come from: ``train``, or the evaluation set's name.
 
     Returns:
         ``features``: ``[B, n_mels, T]`` (Whisper) or ``[B, T]`` (waveform encoders), zero-padded;

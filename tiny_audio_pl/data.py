@@ -6,8 +6,9 @@ Why it looks like this:
   A local folder of parquet files in the same schema streams through the same code. Every split
   read, for training or scoring, is a :class:`Source` (a dataset, its split and its columns).
 - ``datasets`` would decode audio with torchcodec + FFmpeg; the audio column is read undecoded and
-  turned into features by :class:`~tiny_audio_pl.processing.TinyAudioProcessor`, the same as in
-  ``tiny-audio transcribe`` and the exported model's pipeline. Transcripts are tokenized once, in the
+  turned into features by the model's own :class:`~tiny_audio_pl.processing.TinyAudioProcessor`,
+  handed over with :meth:`SpeechDataModule.connect` (the CLI does it), the same as in ``tiny-audio
+  transcribe`` and the exported model's pipeline. Transcripts are tokenized once, in the
   dataloader workers. The collate pads each batch only to its longest clip and passes the true
   lengths, so a clip's encoding does not depend on what it was batched with.
 - The training stream (``stream.py``) is shuffled in windows, cut into length-grouped or budget
@@ -35,9 +36,10 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tiny_audio_pl.clips import ClipPreparer, SkipLedger, collate
 from tiny_audio_pl.errors import DataUnavailable, UsageError
+from tiny_audio_pl.evaluation import DEFAULT_SET
 from tiny_audio_pl.hub import FETCH_HINT, cached_dataset, find_parquet_files, hub_parquet_files
 from tiny_audio_pl.network import NETWORK, with_retries
-from tiny_audio_pl.processing import WHISPER_WINDOW_S, TinyAudioProcessor, stored_duration
+from tiny_audio_pl.processing import MIN_DURATION_S, WHISPER_WINDOW_S, TinyAudioProcessor, stored_duration
 from tiny_audio_pl.stream import (
     PreparedRows,
     TrainLoader,
@@ -59,7 +61,8 @@ class Source:
     ``max_samples`` from ``data.max_eval_samples`` (scoring).
 
     Args:
-        name: shown in results and metric names (``val/<name>/wer``).
+        name: shown in results and metric names (``val/<name>/wer``; the set named ``validation``,
+            which ``data.val_split`` makes when ``data.eval_sets`` is unset, logs as ``val/wer``).
         dataset: hub dataset id or local folder of parquet files.
         split: the split, e.g. ``train``, ``test`` or ``test.clean``.
         config_name: the dataset configuration, if it has several ("" for none).
@@ -152,7 +155,7 @@ class SpeechDataModule(LightningDataModule):
         shuffle_buffer: NonNegativeInt = 1000,
         group_by_length: bool = True,
         max_duration: PositiveFloat = WHISPER_WINDOW_S,
-        min_duration: NonNegativeFloat = 0.1,
+        min_duration: NonNegativeFloat = MIN_DURATION_S,
         max_target_tokens: PositiveInt = 256,
         max_bad_share: ClosedUnitInterval = 0.05,
         network_patience: PositiveFloat = 300.0,
@@ -160,9 +163,6 @@ class SpeechDataModule(LightningDataModule):
         seed: int = 0,
         train_sources: list[Source] | None = None,
         eval_sets: list[Source] | None = None,
-        encoder: str = "openai/whisper-large-v3-turbo",
-        decoder: str = "HuggingFaceTB/SmolLM3-3B",
-        trust_remote_code: bool = False,
     ) -> None:
         """Configure the data.
 
@@ -207,11 +207,6 @@ class SpeechDataModule(LightningDataModule):
                 e.g. transcription plus other instructions (``configs/multi_task.yaml``).
             eval_sets: score these sets, each on its own row and metrics (``val/<name>/*``), each with
                 its own dataset, split and columns where they differ (``configs/eval.yaml``).
-            encoder: the encoder whose feature extractor makes the features; linked to
-                ``model.encoder`` by the CLI.
-            decoder: the decoder whose tokenizer turns transcripts into targets; linked to ``model.decoder``.
-            trust_remote_code: let the encoder's feature extractor or the decoder's tokenizer run their
-                own code; linked to ``model.trust_remote_code``.
         """
         super().__init__()
         if batch_size < 1:
@@ -233,9 +228,14 @@ class SpeechDataModule(LightningDataModule):
             raise UsageError("data.group_by_length false has no effect with data.batch_seconds: budget batches are "
                              "always formed from clips of similar length. Drop one of the two settings")
         self.train_dataset: WindowShuffled | None = None
-        self.val_datasets: dict[str, PreparedRows] = {}  # "" when there is only val_split
+        self.val_datasets: dict[str, PreparedRows] = {}  # by evaluation set
+        self.processor: TinyAudioProcessor | None = None  # the model's, from connect()
         self.skips = SkipLedger(max_bad_share, window=1000)
         self.retries = 0  # network retries so far, all processes together
+
+    def connect(self, processor: TinyAudioProcessor) -> None:
+        """Prepare clips with the model's own processor (its feature extractor and tokenizer)."""
+        self.processor = processor
 
     def _defaults(self, split: str, max_samples: int | None) -> dict[str, Any]:
         hp = self.hparams
@@ -243,14 +243,14 @@ class SpeechDataModule(LightningDataModule):
                 "text_column": hp.text_column, "id_column": hp.id_column, "max_samples": max_samples}
 
     def train_streams(self) -> list[Source]:
-        """What training reads: ``data.train_sources``, or ``data.dataset``'s ``train_split`` (named "")."""
+        """What training reads: ``data.train_sources``, or ``data.dataset``'s ``train_split``."""
         defaults = self._defaults(self.hparams.train_split, None)
-        return [s.filled(**defaults) for s in self.train_sources] or [Source("").filled(**defaults)]
+        return [s.filled(**defaults) for s in self.train_sources] or [Source("train").filled(**defaults)]
 
     def evaluation_sets(self) -> list[Source]:
-        """What validation scores: ``data.eval_sets``, or ``data.dataset``'s ``val_split`` (named "": ``val/*``)."""
+        """What validation scores: ``data.eval_sets``, or ``data.dataset``'s ``val_split`` (named ``validation``)."""
         defaults = self._defaults(self.hparams.val_split, self.hparams.max_eval_samples)
-        return [s.filled(**defaults) for s in self.eval_sets] or [Source("").filled(**defaults)]
+        return [s.filled(**defaults) for s in self.eval_sets] or [Source(DEFAULT_SET).filled(**defaults)]
 
     def check(self, stage: str) -> None:
         """Open every source ``stage`` reads (files and schema only, no audio), so that a missing folder,
@@ -274,8 +274,9 @@ class SpeechDataModule(LightningDataModule):
         columns = list(stream.features or {})
         missing = [c for c in (source.audio_column, source.text_column) if columns and c not in columns]
         if missing:
+            entry = source.name in {s.name for s in self.train_sources + self.eval_sets}
             where = (f"audio_column / text_column of the data.train_sources or data.eval_sets entry '{source.name}'"
-                     if source.name else "data.audio_column / data.text_column")
+                     if entry else "data.audio_column / data.text_column")
             raise UsageError(f"column(s) {missing} not in {source.dataset} split '{source.split}'; it has {columns}. "
                              f"Set {where}.")
         if isinstance((stream.features or {}).get(source.audio_column), Audio):
@@ -305,9 +306,10 @@ class SpeechDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         """Open the streams for this rank, mix, shuffle and truncate them, and attach the clip preparation."""
         hp = self.hparams
-        # features and tokens only: no weights
-        processor = TinyAudioProcessor.from_models(hp.encoder, hp.decoder, trust_remote_code=hp.trust_remote_code)
-        prepare = partial(ClipPreparer, processor, hp.min_duration, hp.max_duration,
+        if self.processor is None:
+            raise UsageError("SpeechDataModule.connect(model.processor) first: clips are prepared by the model's "
+                             "own processor (the tiny-audio CLI connects them)")
+        prepare = partial(ClipPreparer, self.processor, hp.min_duration, hp.max_duration,
                           hp.max_target_tokens, hp.text_normalization)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         if stage == "fit":
@@ -352,7 +354,7 @@ class SpeechDataModule(LightningDataModule):
         if self.skips.counts:
             print(f"skipped clips: {self.skips.summary()}")
 
-    def _loader(self, dataset: WindowShuffled | PreparedRows, kind: type[StatefulDataLoader], name: str = "",
+    def _loader(self, dataset: WindowShuffled | PreparedRows, kind: type[StatefulDataLoader], name: str,
                 **kwargs: Any) -> StatefulDataLoader:
         # A stream is split among workers by its shards (files): more workers than shards would idle.
         shards = (dataset.source if isinstance(dataset, WindowShuffled) else dataset).num_shards
@@ -364,8 +366,8 @@ class SpeechDataModule(LightningDataModule):
     def train_dataloader(self) -> TrainLoader:
         """The training batches, fetched a whole optimizer step at a time (see :class:`TrainLoader`)."""
         step_batches = self.trainer.accumulate_grad_batches if self.trainer else 1
-        return self._loader(self.train_dataset, TrainLoader, step_batches=step_batches)
+        return self._loader(self.train_dataset, TrainLoader, "train", step_batches=step_batches)
 
     def val_dataloader(self) -> list[StatefulDataLoader]:
-        """One loader per evaluation set; batches carry the set's name (``""`` for ``val_split`` alone)."""
+        """One loader per evaluation set; batches carry the set's name."""
         return [self._loader(dataset, StatefulDataLoader, name) for name, dataset in self.val_datasets.items()]

@@ -1,16 +1,18 @@
 """Scoring evaluation sets: WER after Whisper's normaliser, grounding losses, and the reports.
 
-The LightningModule runs the model on each validation batch and hands the results to a
-:class:`SetTally` per evaluation set; at the end of a pass the tallies of all ranks are merged and
-reported here: one row per set printed, every utterance worst first in a TSV file, a few clips with
-reference and hypothesis in TensorBoard. The corpus WER is the merged per-utterance word errors over
-the merged reference words, so each clip is normalised and scored once.
+The training loop hands each validation batch to :class:`Evaluation`, which runs the model on it
+(losses with the clip's own audio, a neighbour's and none; greedy transcripts) and adds the results
+to a :class:`SetTally` per evaluation set. At the end of a pass the tallies of all ranks are merged
+and reported here: metrics per set, one row per set printed, every utterance worst first in a TSV
+file, a few clips with reference and hypothesis in TensorBoard. The corpus WER is the merged
+per-utterance word errors over the merged reference words, so each clip is normalised and scored once.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,10 @@ import torch
 from torchmetrics.functional.text import word_error_rate
 from whisper_normalizer.english import EnglishTextNormalizer
 
+from tiny_audio_pl.modeling import TinyAudioModel
+
 _english = EnglishTextNormalizer()
+DEFAULT_SET = "validation"  # the set data.val_split makes when data.eval_sets is unset
 
 
 def normalize_for_wer(text: str) -> str:
@@ -27,9 +32,9 @@ def normalize_for_wer(text: str) -> str:
     return _english(text)
 
 
-def set_prefix(name: str) -> str:
-    """Metric prefix of an evaluation set: ``val/`` for the only set, ``val/<name>/`` for several."""
-    return f"val/{name}/" if name else "val/"
+def metric_prefix(name: str) -> str:
+    """Metric prefix of an evaluation set: ``val/`` for the default set, ``val/<name>/`` for a named one."""
+    return "val/" if name == DEFAULT_SET else f"val/{name}/"
 
 
 @dataclass
@@ -87,12 +92,79 @@ class SetTally:
                 "hours": self.audio_s / 3600, "rtf": self.compute_s / max(self.audio_s, 1e-9)}
 
 
+class Evaluation:
+    """A validation pass: each batch of each evaluation set scored and tallied, then merged over the ranks."""
+
+    def __init__(self, logged_examples: int) -> None:
+        """Args:
+            logged_examples: clips per set kept for TensorBoard (audio, reference, hypothesis).
+        """
+        self.logged_examples = logged_examples
+        self.tallies: dict[str, SetTally] = {}
+
+    def start(self) -> None:
+        self.tallies = {}
+
+    @torch.no_grad()
+    def score(self, model: TinyAudioModel, batch: dict[str, Any], targets: list[list[int]]) -> None:
+        """Losses (grounding included), greedy transcripts and WER of one batch of the set ``batch["set"]``."""
+        start = time.perf_counter()
+        size, prompts = len(batch["text"]), batch.get("prompt")
+        audio, audio_lengths = model.embed_audio(batch["features"], batch["feature_lengths"])  # once for all
+        tally = self.tallies.setdefault(batch["set"], SetTally())
+        tokens = sum(len(t) for t in targets)
+        tally.tokens += tokens
+        right = model.loss(audio, audio_lengths, targets, prompts, reduction="sum").item()
+        tally.loss_sum += right
+        tally.no_audio_sum += model.loss(audio, [0] * size, targets, prompts, reduction="sum").item()
+        if size > 1:  # each clip's transcript with its neighbour's audio
+            neighbours = audio_lengths[-1:] + audio_lengths[:-1]
+            tally.wrong_audio_sum += model.loss(audio.roll(1, 0), neighbours, targets, prompts, reduction="sum").item()
+            tally.paired_loss_sum += right
+            tally.paired_tokens += tokens
+        hypotheses = model.processor.decode(model.generate_from_audio(audio, audio_lengths, prompts))
+        tally.utterances += size
+        tally.audio_s += sum(batch["duration"])
+        tally.compute_s += time.perf_counter() - start
+        tally.add_scores(batch["id"], batch["text"], hypotheses)
+        room = max(0, self.logged_examples - len(tally.examples))
+        clips = batch.get("audio") or [None] * size
+        rate = batch.get("sample_rate")
+        tally.examples += [(i, r, h, a, rate) for i, r, h, a in zip(batch["id"], batch["text"], hypotheses, clips)
+                           ][:room]
+
+    def merged(self) -> dict[str, SetTally]:
+        """The pass's tallies of all ranks (the same on every rank; a collective under DDP)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self.tallies
+        gathered: list[dict[str, SetTally]] = [{} for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather_object(gathered, self.tallies)
+        return {name: SetTally.merge([g[name] for g in gathered if name in g]) for name in self.tallies}
+
+
+def metrics(tallies: dict[str, SetTally]) -> dict[str, float]:
+    """Every set's metrics under its name: ``val/wer`` (the default set), ``val/<name>/wer`` ..."""
+    return {f"{metric_prefix(name)}{key}": value for name, tally in tallies.items()
+            for key, value in tally.metrics().items()}
+
+
+def report(tallies: dict[str, SetTally], folder: Path, step: int, experiment: Any = None) -> None:
+    """The results table printed, every utterance into ``folder/utterances/step=N.tsv``, examples to
+    TensorBoard (``experiment``: a ``SummaryWriter``, or None)."""
+    print(results_table(tallies))
+    path = folder / "utterances" / f"step={step}.tsv"
+    write_utterances(tallies, path)
+    print(f"per-utterance results: {path}")
+    if experiment is not None:
+        log_examples(experiment, tallies, step)
+
+
 def results_table(tallies: dict[str, SetTally]) -> str:
     """One row per set: utterances, hours, WER, loss, audio gain, real-time factor."""
     lines = [f"{'set':<20} {'utterances':>10} {'hours':>7} {'WER %':>7} {'loss':>7} {'gain':>7} {'RTF':>6}"]
     for name, tally in tallies.items():
         m = tally.metrics()
-        lines.append(f"{name or 'validation':<20} {tally.utterances:>10} {m['hours']:>7.3f} {100 * m['wer']:>7.2f} "
+        lines.append(f"{name:<20} {tally.utterances:>10} {m['hours']:>7.3f} {100 * m['wer']:>7.2f} "
                      f"{m['loss']:>7.3f} {m['audio_gain']:>7.3f} {m['rtf']:>6.3f}")
     return "\n".join(lines)
 
@@ -100,7 +172,7 @@ def results_table(tallies: dict[str, SetTally]) -> str:
 def write_utterances(tallies: dict[str, SetTally], path: Path) -> None:
     """Every scored utterance, worst first, as TSV: set, id, reference, hypothesis, errors, reference words."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [(name or "validation", *row) for name, tally in tallies.items() for row in tally.rows]
+    rows = [(name, *row) for name, tally in tallies.items() for row in tally.rows]
     rows.sort(key=lambda row: (-row[4], row[0], row[1]))  # most errors first
     with path.open("w", newline="") as file:
         writer = csv.writer(file, delimiter="\t", lineterminator="\n")
@@ -111,7 +183,7 @@ def write_utterances(tallies: dict[str, SetTally], path: Path) -> None:
 def log_examples(experiment: Any, tallies: dict[str, SetTally], step: int) -> None:
     """A few clips per set to TensorBoard (a ``SummaryWriter``): the audio, and reference vs hypothesis."""
     for name, tally in tallies.items():
-        tag = f"{set_prefix(name)}examples"
+        tag = f"{metric_prefix(name)}examples"
         table = "\n".join(f"| {i} | {r} | {h} |" for i, r, h, _, _ in tally.examples)
         experiment.add_text(tag, "| id | reference | hypothesis |\n|---|---|---|\n" + table, step)
         for i, _, _, audio, rate in tally.examples:

@@ -26,12 +26,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from tiny_audio_pl.checkpoint import give_usual_mode, read_training_checkpoint
+from tiny_audio_pl.checkpoint import give_usual_mode, read_training_checkpoint, trained_weights
 from tiny_audio_pl.errors import UsageError
-from tiny_audio_pl.modeling import SETTINGS, WEIGHTS, TinyAudioConfig, TinyAudioModel, write_model_folder
-from tiny_audio_pl.processing import TinyAudioProcessor
+from tiny_audio_pl.modeling import (
+    SETTINGS,
+    WEIGHTS,
+    TinyAudioConfig,
+    TinyAudioModel,
+    build_processor,
+    write_model_folder,
+)
 
 MODEL_TYPE = TinyAudioConfig.model_type
 OLD_FORMAT = "tiny-audio-projector"  # folders of tiny-audio before the model was a transformers model
@@ -58,7 +62,7 @@ def load_model(path: str | Path, dtype: str | None = None) -> TinyAudioModel:
     config = TinyAudioConfig(**model_settings(checkpoint, path))
     if dtype:
         config.frozen_dtype = dtype
-    return TinyAudioModel(config).load_trained(trained_weights(checkpoint), path)
+    return TinyAudioModel(config).load_trained(trained_weights(checkpoint), path).eval()
 
 
 def export_kind(folder: Path) -> str | None:
@@ -70,11 +74,6 @@ def export_kind(folder: Path) -> str | None:
     if not isinstance(config, dict):
         return None
     return config.get("model_type") if config.get("model_type") == MODEL_TYPE else config.get("format")
-
-
-def trained_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The checkpoint's trained tensors under the model's own names (``projector.*``, ``decoder.*lora*``)."""
-    return {name.removeprefix("model."): value for name, value in checkpoint["state_dict"].items()}
 
 
 def model_settings(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -145,8 +144,7 @@ def _write_export(checkpoint: dict[str, Any], checkpoint_path: Path, folder: Pat
     settings = model_settings(checkpoint, checkpoint_path)  # local folders absolute: usable anywhere
     config = TinyAudioConfig(**settings)
     weights = trained_weights(checkpoint)
-    processor = TinyAudioProcessor.from_models(settings["encoder"], settings["decoder"], settings["system_prompt"],
-                                               settings["prompt"], settings["trust_remote_code"])
+    processor = build_processor(config)
     config.training = {
         "global_step": checkpoint.get("global_step"),
         "learning_rate": checkpoint["hyper_parameters"].get("learning_rate"),

@@ -7,8 +7,8 @@ Beyond the stock LightningCLI it adds:
   in optimizer steps out of ``trainer.max_steps`` with the loss and the learning rate;
 - a ``checkpoint.*`` section: the checkpoint callback is always there (every 1000 steps plus
   ``last``, named ``step=N.ckpt``, written atomically, and also on SIGTERM: see ``checkpoint.py``);
-- ``model.encoder``, ``model.decoder`` and ``model.trust_remote_code`` feed the same ``data.*``
-  settings, so the data is prepared by the model's own processor (feature extractor, tokenizer);
+- the data module is handed the model's own processor (``SpeechDataModule.connect``), so clips are
+  prepared with the feature extractor and tokenizer the model uses;
 - runs go under ``trainer.default_root_dir`` (the TensorBoard logger's folder unless set apart);
 - ``--ckpt_path last`` means the newest ``last.ckpt`` of any earlier run, and ``fit`` then keeps
   logging into that run's folder. Stock Lightning would look only in the new run's (empty) folder
@@ -41,6 +41,7 @@ from tiny_audio_pl.checkpoint import Checkpoint, read_training_checkpoint
 from tiny_audio_pl.data import SpeechDataModule
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.model import SpeechLLM
+from tiny_audio_pl.modeling import SETTINGS, Settings
 
 # save_dir "." (the default) means trainer.default_root_dir when that is set, as for Lightning's own logger.
 LOGGER = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -109,9 +110,6 @@ class TinyAudioCLI(LightningCLI):
         # A stream has no epochs to count: checkpoints are named by optimizer step.
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1000,
                              "checkpoint.save_top_k": -1, "checkpoint.filename": "{step}"})
-        parser.link_arguments("model.encoder", "data.encoder")
-        parser.link_arguments("model.decoder", "data.decoder")
-        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Resolve the run folder and ``--ckpt_path last``; check the checkpoint, the data and the run folder.
@@ -136,6 +134,7 @@ class TinyAudioCLI(LightningCLI):
         path = config.get("ckpt_path")
         if path and path not in ("best", "hpc") and not path.startswith("registry"):
             read_training_checkpoint(path, mmap=True, what="--ckpt_path")  # Lightning reads it in full later
+        Settings(**{name: config.model[name] for name in SETTINGS})  # its checks, before anything loads
         SpeechDataModule(**config.data.as_dict()).check(subcommand)  # opens no audio, loads no model
         check_writable(self.log_root, "the run folder (set --trainer.default_root_dir to a folder you can write)")
         if "OMP_NUM_THREADS" not in os.environ:  # the user's own setting wins
@@ -160,6 +159,10 @@ class TinyAudioCLI(LightningCLI):
         config.ckpt_path = str(found)
         if subcommand == "fit" and logger is not None and found.parent.name == "checkpoints":
             logger.init_args.version = found.parent.parent.name  # keep logging into the same run folder
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        self.datamodule.connect(self.model.model.processor)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with the step progress bar unless the bar is off or the config brings its own."""

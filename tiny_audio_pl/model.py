@@ -7,19 +7,20 @@ The network lives in ``modeling.py``; this LightningModule trains it. What it ad
   so every token weighs the same whatever the batch sizes;
 - AdamW over the trained parameters only, linear warmup then cosine, stepped every optimizer step;
 - non-finite gradients skip the step and are counted; too many in a row stop the run;
-- validation: per evaluation set the loss with each clip's own audio, its neighbour's and none
-  (``val/audio_gain``), greedy transcripts and WER, reported by ``evaluation.py``;
-- checkpoints hold only the trained weights (plus optimizer, scheduler, loop and data state) and the
-  scores of the latest validation; the frozen models are reloaded by name.
+- validation: each batch handed to ``evaluation.py``, which scores it (losses with each clip's own
+  audio, its neighbour's and none, greedy transcripts, WER) and reports each set;
+- checkpoints hold only the trained weights, written and read by the model's own trained-state
+  methods (plus optimizer, scheduler, loop and data state) and the scores of the latest validation;
+  the frozen models are reloaded by name.
 """
 
 from __future__ import annotations
 
 import math
-import time
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
@@ -27,15 +28,10 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from tiny_audio_pl.checkpoint import trained_weights
 from tiny_audio_pl.errors import UsageError
-from tiny_audio_pl.evaluation import (
-    SetTally,
-    log_examples,
-    results_table,
-    set_prefix,
-    write_utterances,
-)
-from tiny_audio_pl.modeling import SETTINGS, TinyAudioConfig, TinyAudioModel
+from tiny_audio_pl.evaluation import Evaluation, metrics, report
+from tiny_audio_pl.modeling import Settings, TinyAudioConfig, TinyAudioModel
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -51,74 +47,35 @@ class SpeechLLM(LightningModule):
 
     def __init__(
         self,
-        encoder: str = "openai/whisper-large-v3-turbo",
-        decoder: str = "HuggingFaceTB/SmolLM3-3B",
-        projector_stack: PositiveInt = 2,
-        projector_hidden: PositiveInt = 5120,
-        projector_bias: bool = False,
-        system_prompt: str = "/no_think",
-        prompt: str = "Transcribe: <audio>",
-        max_new_tokens: PositiveInt = 128,
         learning_rate: PositiveFloat = 1e-4,
         weight_decay: NonNegativeFloat = 0.0,
         warmup_steps: NonNegativeInt = 500,
         min_lr_ratio: ClosedUnitInterval = 0.0,
-        whisper_full_window: bool = False,
-        frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         num_logged_examples: NonNegativeInt = 8,
         max_nonfinite_steps: PositiveInt = 5,
-        trust_remote_code: bool = False,
-        lora_rank: NonNegativeInt = 0,
-        lora_alpha: PositiveFloat = 32.0,
-        lora_targets: list[str] | None = None,
-        ctc_weight: NonNegativeFloat = 0.0,
+        **settings: Any,
     ) -> None:
         """Load the frozen models and build the projector.
 
         Args:
-            encoder: speech encoder, hub id or local directory (Whisper, HuBERT, wav2vec2, ...).
-            decoder: causal LM with a chat template, hub id or local directory.
-            projector_stack: k, encoder frames stacked into one audio token (50/k tokens per second).
-            projector_hidden: hidden width of the projector's SwiGLU.
-            projector_bias: give the projector a trained output bias that starts at the decoder's mean
-                token embedding (and its output RMS at the embeddings' spread about it). An LLM's token
-                embeddings share a common direction (SmolLM2-135M: median cosine 0.70 with their mean);
-                without it the audio vectors start, and stay, nearly orthogonal to it (docs/experiments.md).
-            system_prompt: system message (``/no_think`` turns off SmolLM3's reasoning); empty for none.
-            prompt: user message; ``<audio>`` marks where the audio embeddings go.
-            max_new_tokens: generation limit when decoding for WER.
             learning_rate: peak AdamW learning rate.
             weight_decay: AdamW weight decay.
             warmup_steps: optimizer steps of linear warmup before the cosine decay.
             min_lr_ratio: the cosine decays to ``learning_rate * min_lr_ratio`` at the last step.
-            whisper_full_window: feed Whisper every clip padded to 30 s, as in its pretraining (slower);
-                by default each batch is padded only to its longest clip.
-            frozen_dtype: dtype the frozen encoder and decoder are held in (``bfloat16`` halves their
-                memory on a GPU; the projector always keeps float32 weights).
             num_logged_examples: validation clips per evaluation set sent to TensorBoard (audio, reference,
                 hypothesis).
             max_nonfinite_steps: a batch with a non-finite loss, or an optimizer step with non-finite
                 gradients, is skipped and counted; this many in a row stop the run.
-            trust_remote_code: let the encoder or decoder checkpoint run its own Python code (off: only
-                architectures built into transformers load).
-            lora_rank: above 0, also train LoRA adapters of this rank in the decoder (needs ``peft``:
-                ``pip install -e ".[lora]"``); checkpoints and exports then hold adapters + projector.
-            lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_rank``).
-            lora_targets: decoder module names that get adapters (default: the attention's
-                ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``).
-            ctc_weight: above 0, add this times an alignment loss to training: CTC of the transcript
-                tokens read straight off the projected audio by cosine with the decoder's token
-                embeddings (``TinyAudioModel.ctc_loss``), which pushes the projector towards
-                token-like vectors in order; the validation losses stay the decoder's alone. An
-                experiment: at 0.3 it slowed 600 laptop steps down (docs/experiments.md).
+            settings: the network's :class:`~tiny_audio_pl.modeling.Settings` (``model.encoder``,
+                ``model.decoder``, ``model.projector_*`` ...), documented there and listed by ``--help``.
         """
         super().__init__()
-        if projector_stack < 1:
-            raise UsageError(f"model.projector_stack must be >= 1, got {projector_stack}")
+        network = Settings(**settings)
         self.save_hyperparameters()
-        self.model = TinyAudioModel(TinyAudioConfig(**{k: self.hparams[k] for k in SETTINGS}))
-        self._tallies: dict[str, SetTally] = {}  # per evaluation set, this validation pass
-        self.strict_loading = False  # checkpoints carry only the trained weights; on_load_checkpoint checks them
+        self.hparams.update(asdict(network))  # every setting, given or default: the export reads them
+        self.model = TinyAudioModel(TinyAudioConfig(**asdict(network)))
+        self.evaluation = Evaluation(num_logged_examples)
+        self.strict_loading = False  # checkpoints carry only the trained weights; on_load_checkpoint reads them
         self._validation: dict[str, Any] = {}  # the last validation's step and scores, kept in checkpoints
         self._validated_at: int | None = None
         self._nonfinite_in_row = 0
@@ -129,11 +86,11 @@ class SpeechLLM(LightningModule):
     def setup(self, stage: str) -> None:
         trainable = sum(p.numel() for p in self.model.trainable_parameters().values())
         frozen = sum(p.numel() for p in self.parameters()) - trainable
-        p, dim = self.model.projector, self.model.encoder.dim
-        lora = f"; LoRA rank {self.hparams.lora_rank} adapters trainable" if self.hparams.lora_rank else ""
+        p, dim, config = self.model.projector, self.model.encoder.dim, self.model.config
+        lora = f"; LoRA rank {config.lora_rank} adapters trainable" if config.lora_rank else ""
         rank_zero_info(
-            f"encoder  {self.hparams.encoder} (frozen)\n"
-            f"decoder  {self.hparams.decoder} (frozen{lora})\n"
+            f"encoder  {config.encoder} (frozen)\n"
+            f"decoder  {config.decoder} (frozen{lora})\n"
             f"projector stack {p.stack} x {dim} -> {p.gate.in_features} -> SwiGLU {p.gate.out_features}"
             f" -> {p.down.out_features} (trainable)\n"
             f"parameters: {frozen:,} frozen, {trainable:,} trainable")
@@ -168,10 +125,6 @@ class SpeechLLM(LightningModule):
         tokens = sum(len(t) for t in targets)  # counted on the CPU
         self._step_tokens += tokens
         self.log("train/loss", loss.detach() / tokens, prog_bar=True, batch_size=tokens)
-        if self.hparams.ctc_weight:  # the alignment loss, summed like the decoder's
-            ctc = self.model.ctc_loss(audio, audio_lengths, targets)
-            self.log("train/ctc_loss", ctc.detach() / tokens, batch_size=tokens)
-            loss = loss + self.hparams.ctc_weight * ctc
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -217,60 +170,24 @@ class SpeechLLM(LightningModule):
                 "model.learning_rate or with trainer.gradient_clip_val.")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Losses (grounding included), greedy transcripts and WER of one batch of one evaluation set."""
-        if not batch["text"]:
-            return
-        start = time.perf_counter()
-        name, size, prompts = batch["set"], len(batch["text"]), batch.get("prompt")
-        targets = self.targets(batch)
-        audio, audio_lengths = self.model.embed_audio(batch["features"], batch["feature_lengths"])  # once for all
-        tally = self._tallies.setdefault(name, SetTally())
-        tokens = sum(len(t) for t in targets)
-        tally.tokens += tokens
-        right = self.model.loss(audio, audio_lengths, targets, prompts, reduction="sum").item()
-        tally.loss_sum += right
-        tally.no_audio_sum += self.model.loss(audio, [0] * size, targets, prompts, reduction="sum").item()
-        if size > 1:  # each clip's transcript with its neighbour's audio
-            neighbours = audio_lengths[-1:] + audio_lengths[:-1]
-            tally.wrong_audio_sum += self.model.loss(audio.roll(1, 0), neighbours, targets, prompts,
-                                                     reduction="sum").item()
-            tally.paired_loss_sum += right
-            tally.paired_tokens += tokens
-        hypotheses = self.model.processor.decode(self.model.generate_from_audio(audio, audio_lengths, prompts))
-        tally.utterances += size
-        tally.audio_s += sum(batch["duration"])
-        tally.compute_s += time.perf_counter() - start
-        tally.add_scores(batch["id"], batch["text"], hypotheses)
-        room = max(0, self.hparams.num_logged_examples - len(tally.examples))  # rank 0 sends these to TensorBoard
-        clips = batch.get("audio") or [None] * size
-        rate = batch.get("sample_rate")
-        tally.examples += [(i, r, h, a, rate) for i, r, h, a in zip(batch["id"], batch["text"], hypotheses, clips)
-                           ][:room]
+        """One batch of one evaluation set, scored by :class:`~tiny_audio_pl.evaluation.Evaluation`."""
+        if batch["text"]:
+            self.evaluation.score(self.model, batch, self.targets(batch))
 
     def on_validation_epoch_start(self) -> None:
-        self._tallies = {}
+        self.evaluation.start()
 
     def on_validation_epoch_end(self) -> None:
-        """Merge the ranks' tallies, log each set's metrics, and report: the table, the per-utterance file, examples."""
+        """Log each set's metrics (merged over the ranks); rank 0 reports them (table, utterances, examples)."""
         if not self.trainer.sanity_checking:
             self._validated_at = self.global_step  # Lightning fills callback_metrics after this hook
-        tallies = self._tallies
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[dict[str, SetTally]] = [{} for _ in range(torch.distributed.get_world_size())]
-            torch.distributed.all_gather_object(gathered, tallies)
-            tallies = {name: SetTally.merge([g[name] for g in gathered if name in g]) for name in tallies}
-        for name, tally in tallies.items():  # the same merged totals on every rank
-            for key, value in tally.metrics().items():
-                self.log(f"{set_prefix(name)}{key}", value, rank_zero_only=True)
+        tallies = self.evaluation.merged()
+        for key, value in metrics(tallies).items():  # the same merged totals on every rank
+            self.log(key, value, rank_zero_only=True)
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
-        if self.global_rank != 0 or self.trainer.sanity_checking:
-            return
-        print(results_table(tallies))
-        path = folder / "utterances" / f"step={self.trained_steps}.tsv"
-        write_utterances(tallies, path)
-        rank_zero_info(f"per-utterance results: {path}")
-        if isinstance(self.logger, TensorBoardLogger):
-            log_examples(self.logger.experiment, tallies, self.trained_steps)
+        if self.global_rank == 0 and not self.trainer.sanity_checking:
+            experiment = self.logger.experiment if isinstance(self.logger, TensorBoardLogger) else None
+            report(tallies, folder, self.trained_steps, experiment)
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = self.trainer.estimated_stepping_batches
@@ -290,23 +207,18 @@ class SpeechLLM(LightningModule):
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only trained weights: the frozen models are reloaded from their names."""
-        trainable = {f"model.{name}" for name in self.model.trainable_parameters()}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        """Keep only the trained weights (the model's :meth:`~TinyAudioModel.trainable_state_dict`): the
+        frozen models are reloaded from their names."""
+        checkpoint["state_dict"] = {f"model.{name}": value for name, value in self.model.trainable_state_dict().items()}
         if self._validated_at is not None:
             self._validation = {"step": self._validated_at, "metrics": {
                 k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}}
         checkpoint["validation"] = self._validation  # for the model card of `tiny-audio export`
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        for name in [n for n in state if not n.startswith("model.")]:  # written before the model was its own class
-            state[f"model.{name}"] = state.pop(name)
-        expected = {f"model.{name}" for name in self.model.trainable_parameters()}
-        missing = sorted(expected - state.keys())
-        if missing:
-            raise UsageError(f"checkpoint lacks trained weights {missing[:5]}{'...' if len(missing) > 5 else ''}: "
-                             "was it written with a different projector configuration?")
+        """Load the trained weights through the model's own reader (all of them, or one line), and nothing else."""
+        self.model.load_trained(trained_weights(checkpoint), "the checkpoint")
+        checkpoint["state_dict"] = {}  # loaded: Lightning's own (non-strict) load has nothing left to do
         self._validation = checkpoint.get("validation", {})
         self._loaded_step = checkpoint.get("global_step", 0)
 

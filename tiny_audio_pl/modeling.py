@@ -22,11 +22,12 @@ and ``pipeline("automatic-speech-recognition", model=folder, trust_remote_code=T
 from __future__ import annotations
 
 import shutil
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -39,39 +40,94 @@ from .processing import ChatPrompt, TinyAudioProcessor
 from .projector import Projector
 
 IGNORE = -100
-# Cosine-to-logit scale of the alignment loss: with it, a vector equal to one of SmolLM2-135M's token
-# embeddings reads as that token with probability 0.96 (median over 200 sampled tokens; 0.24 at scale 20).
-CTC_SCALE = 30.0
 WEIGHTS = "model.safetensors"
 PROCESSOR = "processor"  # the processor's files, in a folder of their own: the Auto classes would read config.json
 # The files an exported folder needs besides its config, weights and processor files: this model's code.
 CODE = ("modeling.py", "processing.py", "pipeline.py", "encoder.py", "projector.py", "errors.py")
-# The settings of TinyAudioConfig: what a training run's model options and an export share.
-SETTINGS = ("encoder", "decoder", "projector_stack", "projector_hidden", "projector_bias", "system_prompt", "prompt",
-            "max_new_tokens", "whisper_full_window", "frozen_dtype", "trust_remote_code", "lora_rank", "lora_alpha",
-            "lora_targets")
+# Attention kernels for the frozen models. Not cuDNN's: it builds an execution plan for every new
+# input shape, and with batches of varying length nearly every batch is a new shape (measured on an
+# H100: see docs/benchmarks.md). Flash / memory-efficient kernels take any shape at no setup cost.
+ATTENTION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@dataclass
+class Settings:
+    """What rebuilds a :class:`TinyAudioModel` around its trained weights, defined once: the ``model.*``
+    options of a training run (``SpeechLLM`` passes them through) and the ``config.json`` of an export.
+
+    Args:
+        encoder: speech encoder, hub id or local directory (Whisper, HuBERT, wav2vec2, ...).
+        decoder: causal LM with a chat template, hub id or local directory.
+        projector_stack: k, encoder frames stacked into one audio token (50/k tokens per second).
+        projector_hidden: hidden width of the projector's SwiGLU.
+        projector_bias: give the projector a trained output bias that starts at the decoder's mean
+            token embedding (and its output RMS at the embeddings' spread about it). An LLM's token
+            embeddings share a common direction (SmolLM2-135M: median cosine 0.70 with their mean);
+            without it the audio vectors start, and stay, nearly orthogonal to it (docs/experiments.md).
+        system_prompt: system message (``/no_think`` turns off SmolLM3's reasoning); empty for none.
+        prompt: user message; ``<audio>`` marks where the audio embeddings go.
+        max_new_tokens: generation limit when decoding for WER and transcription.
+        whisper_full_window: feed Whisper every clip padded to 30 s, as in its pretraining (slower);
+            by default each batch is padded only to its longest clip.
+        frozen_dtype: dtype the frozen encoder and decoder are held in (``bfloat16`` halves their
+            memory on a GPU; the projector always keeps float32 weights).
+        trust_remote_code: let the encoder or decoder checkpoint run its own Python code (off: only
+            architectures built into transformers load).
+        lora_rank: above 0, also train LoRA adapters of this rank in the decoder (needs ``peft``:
+            ``pip install -e ".[lora]"``); checkpoints and exports then hold adapters + projector.
+        lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_rank``).
+        lora_targets: decoder module names that get adapters (default: the attention's
+            ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``).
+    """
+
+    encoder: str = "openai/whisper-large-v3-turbo"
+    decoder: str = "HuggingFaceTB/SmolLM3-3B"
+    projector_stack: int = 2
+    projector_hidden: int = 5120
+    projector_bias: bool = False
+    system_prompt: str = "/no_think"
+    prompt: str = "Transcribe: <audio>"
+    max_new_tokens: int = 128
+    whisper_full_window: bool = False
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    lora_targets: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("projector_stack", "projector_hidden", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lora_rank < 0 or self.lora_alpha <= 0:
+            raise UsageError(f"model.lora_rank must be >= 0 and model.lora_alpha > 0, got {self.lora_rank} and "
+                             f"{self.lora_alpha}")
+        if self.frozen_dtype not in ("float32", "bfloat16", "float16"):
+            raise UsageError(f"model.frozen_dtype must be float32, bfloat16 or float16, got {self.frozen_dtype!r}")
+
+
+SETTINGS = tuple(f.name for f in fields(Settings))
 
 
 class TinyAudioConfig(PretrainedConfig):
-    """Everything that rebuilds a :class:`TinyAudioModel` around its trained weights."""
+    """The ``transformers`` config of a :class:`TinyAudioModel`: its :class:`Settings` as attributes."""
 
     model_type = "tiny_audio"
 
-    def __init__(self, encoder: str = "openai/whisper-large-v3-turbo", decoder: str = "HuggingFaceTB/SmolLM3-3B",
-                 projector_stack: int = 2, projector_hidden: int = 5120, projector_bias: bool = False,
-                 system_prompt: str = "/no_think",
-                 prompt: str = "Transcribe: <audio>", max_new_tokens: int = 128, whisper_full_window: bool = False,
-                 frozen_dtype: str = "float32", trust_remote_code: bool = False, lora_rank: int = 0,
-                 lora_alpha: float = 32.0, lora_targets: list[str] | None = None, **kwargs: Any) -> None:
-        """The settings; ``tiny_audio_pl.model.SpeechLLM`` documents each (they are its ``model.*`` options)."""
-        self.encoder, self.decoder = encoder, decoder
-        self.projector_stack, self.projector_hidden = projector_stack, projector_hidden
-        self.projector_bias = projector_bias
-        self.system_prompt, self.prompt, self.max_new_tokens = system_prompt, prompt, max_new_tokens
-        self.whisper_full_window, self.frozen_dtype = whisper_full_window, frozen_dtype
-        self.trust_remote_code = trust_remote_code
-        self.lora_rank, self.lora_alpha, self.lora_targets = lora_rank, lora_alpha, lora_targets
+    def __init__(self, **kwargs: Any) -> None:
+        """The :class:`Settings` given (their defaults for the others) and ``PretrainedConfig``'s own arguments."""
+        vars(self).update(asdict(Settings(**{name: kwargs.pop(name) for name in SETTINGS if name in kwargs})))
         super().__init__(**kwargs)
+
+
+def build_processor(config: TinyAudioConfig) -> TinyAudioProcessor:
+    """The processor of a model's settings, from the encoder's and decoder's names (no weights are read).
+
+    The one place a processor is built from names: the model builds its own with it, ``tiny-audio
+    export`` writes it into the folder, and training hands the model's to the data module.
+    """
+    return TinyAudioProcessor.from_models(config.encoder, config.decoder, config.system_prompt, config.prompt,
+                                          config.trust_remote_code)
 
 
 @dataclass
@@ -89,12 +145,6 @@ class TinyAudioModel(PreTrainedModel):
 
     config_class = TinyAudioConfig
     base_model_prefix = "tiny_audio"
-    # Attention kernels for the frozen models. Not cuDNN's: it builds an execution plan for every new
-    # input shape, and with batches of varying length nearly every batch is a new shape (measured on
-    # an H100: see docs/benchmarks.md). Flash / memory-efficient kernels take any shape at no setup cost.
-    attention_backends: list[SDPBackend] | None = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                                                   SDPBackend.MATH]
-
     def __init__(self, config: TinyAudioConfig, processor: TinyAudioProcessor | None = None) -> None:
         """Load the frozen models by name and build the projector (its own initialisation).
 
@@ -105,8 +155,7 @@ class TinyAudioModel(PreTrainedModel):
         super().__init__(config)
         remote = config.trust_remote_code
         encoder_config(config.encoder, remote)  # a wrong encoder fails here, before any weights are read
-        self.processor = processor or TinyAudioProcessor.from_models(config.encoder, config.decoder,
-                                                                     config.system_prompt, config.prompt, remote)
+        self.processor = processor or build_processor(config)
         dtype = getattr(torch, config.frozen_dtype)
         self.encoder = AudioEncoder(config.encoder, config.whisper_full_window, dtype, remote)
         with explained_loading(config.decoder, "decoder"):
@@ -161,18 +210,23 @@ class TinyAudioModel(PreTrainedModel):
         return {name: p.detach() for name, p in self.trainable_parameters().items()}
 
     def load_trained(self, weights: dict[str, torch.Tensor], source: str | Path) -> TinyAudioModel:
-        """Load the trained tensors of :meth:`trainable_state_dict` (all of them, nothing else) in eval mode."""
+        """Load the trained tensors of :meth:`trainable_state_dict`: all of them and nothing else, or one line.
+
+        The one reader of trained weights: exported folders, training checkpoints (``tiny-audio
+        transcribe`` and ``export``) and the resumed training run all come through here.
+        """
         expected = set(self.trainable_state_dict())
         if set(weights) != expected:
             raise UsageError(f"{source} does not match its settings: missing {sorted(expected - set(weights))[:3]}, "
-                             f"unexpected {sorted(set(weights) - expected)[:3]}")
+                             f"unexpected {sorted(set(weights) - expected)[:3]} (written with another projector or "
+                             "LoRA configuration?)")
         self.load_state_dict(weights, strict=False)
-        return self.eval()
+        return self
 
     # ------------------------------------------------------------------------------------ the network
     def attention(self) -> AbstractContextManager:
-        """The attention kernels the frozen models may use (all of PyTorch's when ``attention_backends`` is None)."""
-        return sdpa_kernel(self.attention_backends) if self.attention_backends else nullcontext()
+        """The attention kernels the frozen models may use (:data:`ATTENTION_KERNELS`)."""
+        return sdpa_kernel(ATTENTION_KERNELS)
 
     def embed_audio(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Features -> projected audio embeddings ``[B, N, D_dec]`` and each clip's valid token count."""
@@ -247,26 +301,6 @@ class TinyAudioModel(PreTrainedModel):
         logits = self.decoder.get_output_embeddings()(hidden.flatten(0, 1)[layout.predicting])
         return F.cross_entropy(logits.float(), layout.labels.flatten()[layout.predicting + 1], reduction=reduction)
 
-    def ctc_loss(self, audio: torch.Tensor, audio_lengths: list[int], targets: list[list[int]]) -> torch.Tensor:
-        """Summed CTC loss of the answer tokens read straight off the audio embeddings: an alignment loss.
-
-        Each projected audio vector ``[B, N, D]`` is scored against the decoder's own token embeddings
-        by cosine, times :data:`CTC_SCALE` (the end-of-turn token as the blank), so the projector is
-        pushed to place, in order, vectors that point like the tokens of the transcript: the form the
-        decoder reads best. Not a plain dot product: token embeddings share a common direction (mean
-        cosine 0.44 between SmolLM2-135M's), so a vector's dot product is often highest with some
-        other token than the one it equals, and a confident reading would need vectors far longer
-        than any embedding the decoder was trained on. Clips with more target tokens than audio
-        vectors contribute nothing (``zero_infinity``).
-        """
-        embeddings = F.normalize(self.decoder.get_input_embeddings().weight, dim=-1)  # [V, D]
-        logits = CTC_SCALE * F.normalize(audio, dim=-1) @ embeddings.T.to(audio.dtype)  # [B, N, V]
-        log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # [N, B, V]
-        answers = [t[:-1] for t in targets]  # without the end-of-turn token, which serves as the blank
-        flat = torch.tensor([i for t in answers for i in t], dtype=torch.long, device=audio.device)
-        return F.ctc_loss(log_probs, flat, torch.tensor(audio_lengths), torch.tensor([len(t) for t in answers]),
-                          blank=self.processor.end_id, reduction="sum", zero_infinity=True)
-
     def forward(self, input_features: torch.Tensor, feature_lengths: torch.Tensor, targets: list[list[int]],
                 prompts: list[str | None] | None = None) -> torch.Tensor:
         """Mean next-token loss over the target tokens of a padded batch."""
@@ -292,9 +326,33 @@ class TinyAudioModel(PreTrainedModel):
                                          generation_config=config)
 
     def transcribe(self, input_features: torch.Tensor, feature_lengths: torch.Tensor,
-                   prompts: list[str | None] | None = None) -> list[str]:
+                   prompts: list[str | None] | None = None, max_new_tokens: int | None = None) -> list[str]:
         """Greedy batched decoding of a padded batch (each clip with its own prompt, if given); one string per clip."""
-        return self.processor.decode(self.generate(input_features, feature_lengths, prompts))
+        return self.processor.decode(self.generate(input_features, feature_lengths, prompts, max_new_tokens))
+
+    def transcribe_windows(self, windows: list[list[np.ndarray]], batch_size: int = 8,
+                           max_new_tokens: int | None = None) -> list[str]:
+        """Each recording's transcript from the features of its windows (``processor.windows``).
+
+        The windows of all recordings are decoded together, ``batch_size`` at a time, shortest first
+        (little padding per batch; batched decoding equals one-by-one decoding), and each
+        recording's texts are joined with a space: ``tiny-audio transcribe`` and the pipeline both
+        decode long audio this way.
+        """
+        flat = [(i, piece) for i, pieces in enumerate(windows) for piece in pieces]  # recording, features
+        order = sorted(range(len(flat)), key=lambda j: flat[j][1].shape[-1])
+        texts = [""] * len(flat)
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            features, lengths = self.processor.pad([flat[j][1] for j in chosen])
+            for j, text in zip(chosen, self.transcribe(features.to(self.device), lengths,
+                                                       max_new_tokens=max_new_tokens)):
+                texts[j] = text
+        joined: list[list[str]] = [[] for _ in windows]
+        for (i, _), text in zip(flat, texts):  # in time order within each recording
+            if text:
+                joined[i].append(text)
+        return [" ".join(parts) for parts in joined]
 
     # ------------------------------------------------------------------------------------ the folder
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
@@ -319,7 +377,7 @@ class TinyAudioModel(PreTrainedModel):
         if dtype not in (None, "auto"):
             config.frozen_dtype = str(dtype).removeprefix("torch.")
         model = cls(config, TinyAudioProcessor.from_pretrained(folder / PROCESSOR))
-        return model.load_trained(load_file(folder / WEIGHTS), folder)
+        return model.load_trained(load_file(folder / WEIGHTS), folder).eval()
 
 
 def write_model_folder(folder: str | Path, config: TinyAudioConfig, weights: dict[str, torch.Tensor],

@@ -9,17 +9,15 @@ cut at pauses; the windows are decoded together and their texts joined: the same
 ``tiny-audio transcribe`` gives. A list of inputs with ``batch_size`` is decoded ``batch_size``
 inputs at a time (batched decoding equals one-by-one decoding). Decoding is greedy: the options are
 ``max_new_tokens`` (or ``generate_kwargs={"max_new_tokens": N}``); any other is refused, not ignored.
-Copied into exported folders: it imports only transformers, numpy, torch and its siblings.
+The reading, cutting and decoding are the model's own (``processor.load``, ``processor.windows``,
+``transcribe_windows``), shared with ``tiny-audio transcribe``. Copied into exported folders.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from transformers import Pipeline
-
-from .processing import decode_audio, resample, split_windows
 
 
 class TinyAudioPipeline(Pipeline):
@@ -38,7 +36,7 @@ class TinyAudioPipeline(Pipeline):
         if refused:
             raise ValueError(f"this model's pipeline does not support {', '.join(refused)}: it decodes greedily and "
                              "returns {'text': ...}; its options are max_new_tokens and batch_size")
-        return {}, ({"max_new_tokens": max_new_tokens} if max_new_tokens else {}), {}
+        return {}, {"max_new_tokens": max_new_tokens}, {}
 
     def __call__(self, inputs: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> Any:
         """One input, or a list; a list with ``batch_size`` > 1 is decoded that many inputs at a time."""
@@ -47,44 +45,18 @@ class TinyAudioPipeline(Pipeline):
         _, forward, _ = self._sanitize_parameters(**kwargs)
         results = []
         for start in range(0, len(inputs), batch_size):
-            prepared = [self.preprocess(item) for item in inputs[start:start + batch_size]]
-            windows = [window for item in prepared for window in item["windows"]]
-            tokens = self.forward({"windows": windows}, **forward)["tokens"]
-            first = 0
-            for item in prepared:  # each input's windows, back in order
-                count = len(item["windows"])
-                results.append(self.postprocess({"tokens": tokens[first:first + count]}))
-                first += count
+            windows = [self.preprocess(item)["windows"] for item in inputs[start:start + batch_size]]
+            results += [{"text": text} for text in self.model.transcribe_windows(windows, batch_size, **forward)]
         return results
 
     def preprocess(self, inputs: Any) -> dict[str, Any]:
-        """The input's audio at the model's rate, mono, cut into windows, each as encoder features."""
+        """The input as the model's processor reads it (:meth:`TinyAudioProcessor.load`), cut into windows."""
         processor = self.model.processor
-        rate = processor.sample_rate
-        if isinstance(inputs, dict):
-            if "raw" not in inputs and "array" not in inputs:
-                raise ValueError(f"an audio dict needs 'raw' or 'array' and 'sampling_rate'; got {sorted(inputs)}")
-            waveform = inputs["raw"] if "raw" in inputs else inputs["array"]
-            audio = resample(_mono(waveform), int(inputs["sampling_rate"]), rate)
-        elif isinstance(inputs, np.ndarray):
-            audio = _mono(inputs)  # already at the model's rate, as transformers' ASR expects
-        else:
-            audio = decode_audio(inputs, rate)  # a path or encoded bytes
-        return {"windows": [processor.features(window) for window in split_windows(audio, rate)]}
+        return {"windows": processor.windows(processor.load(inputs))}
 
     def _forward(self, model_inputs: dict[str, Any], max_new_tokens: int | None = None) -> dict[str, Any]:
-        features, lengths = self.model.processor.pad(model_inputs["windows"])  # [W, n_mels, T] or [W, T], [W]
-        return {"tokens": self.model.generate(features.to(self.device), lengths, max_new_tokens=max_new_tokens)}
+        windows = model_inputs["windows"]
+        return {"text": self.model.transcribe_windows([windows], len(windows), max_new_tokens)[0]}
 
     def postprocess(self, model_outputs: dict[str, Any]) -> dict[str, str]:
-        return {"text": " ".join(text for text in self.model.processor.decode(model_outputs["tokens"]) if text)}
-
-
-def _mono(waveform: Any) -> np.ndarray:
-    """A float32 waveform ``[T]``; a 2-D one (``[T, C]`` or ``[C, T]``, channels the shorter side) is averaged."""
-    audio = np.asarray(waveform, dtype=np.float32)
-    if audio.ndim == 2:
-        audio = audio.mean(axis=int(np.argmin(audio.shape)))
-    if audio.ndim != 1:
-        raise ValueError(f"expected a waveform of shape [samples] or [samples, channels], got {audio.shape}")
-    return audio
+        return {"text": model_outputs["text"]}

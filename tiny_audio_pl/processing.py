@@ -12,7 +12,10 @@ soundfile, and soxr when audio must be resampled).
   are padded to their longest clip only (not to Whisper's 30 s), with the true lengths alongside.
 - The prompt comes from the decoder's chat template, split at the ``<audio>`` placeholder, so
   training sees exactly what generation sees; the end-of-turn token is read off the template.
-- Audio longer than the encoder's 30 s window is cut into windows at pauses (:func:`split_windows`).
+- Any input a user hands over (a file, encoded bytes, a ``datasets`` row, a waveform at any rate,
+  stereo) becomes a mono waveform at the encoder's rate in one place (:meth:`TinyAudioProcessor.load`),
+  and audio longer than the encoder's 30 s window is cut into windows at pauses in one place
+  (:meth:`TinyAudioProcessor.windows`), for ``tiny-audio transcribe``, the pipeline and the scripts alike.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .errors import UsageError, explained_loading
 
 AUDIO_PLACEHOLDER = "<audio>"
 WHISPER_WINDOW_S = 30.0  # the Whisper encoder's position table covers 30 s
+MIN_DURATION_S = 0.1  # shorter than the encoders' first frame (Whisper's STFT, HuBERT's 25 ms conv)
 PROCESSOR_FILE = "processor_config.json"
 
 
@@ -65,6 +69,16 @@ def resample(audio: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
             raise UsageError(f"resampling {rate} Hz audio to {sample_rate} Hz needs soxr: pip install soxr") from error
         audio = soxr.resample(audio, rate, sample_rate)
     return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def to_mono(waveform: Any) -> np.ndarray:
+    """A float32 waveform ``[T]``; a 2-D one (``[T, C]`` or ``[C, T]``, channels the shorter side) is averaged."""
+    audio = np.asarray(waveform, dtype=np.float32)
+    if audio.ndim == 2:
+        audio = audio.mean(axis=int(np.argmin(audio.shape)))
+    if audio.ndim != 1:
+        raise ValueError(f"expected a waveform of shape [samples] or [samples, channels], got {audio.shape}")
+    return audio
 
 
 def stored_duration(value: dict | bytes | str | None) -> float:
@@ -140,7 +154,7 @@ class TinyAudioProcessor:
         self.feature_extractor, self.tokenizer = feature_extractor, tokenizer
         self.system_prompt, self.user_prompt = system_prompt, prompt
         self.sample_rate: int = feature_extractor.sampling_rate
-        self.is_whisper = "WhisperFeatureExtractor" in type(feature_extractor).__name__
+        self._input_name = feature_extractor.model_input_names[0]  # input_features (log-mel) or input_values
         self.prompt = ChatPrompt(tokenizer, system_prompt, prompt)  # checks the template
         self.end_id = end_of_turn(tokenizer)
         self._prompts: dict[str, ChatPrompt] = {prompt: self.prompt}  # other prompts met in the data
@@ -173,13 +187,45 @@ class TinyAudioProcessor:
         (Path(folder) / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
     # ------------------------------------------------------------------------------------- audio
+    def __call__(self, audio: list[Any]) -> dict[str, torch.Tensor]:
+        """Clips of at most 30 s, as anything :meth:`load` reads -> the model's inputs in one call:
+        ``input_features`` ``[B, n_mels, T]`` or ``[B, T]`` zero-padded to the longest, ``feature_lengths`` ``[B]``."""
+        features, lengths = self.pad([self.features(self.load(clip)) for clip in audio])
+        return {"input_features": features, "feature_lengths": lengths}
+
+    def load(self, audio: Any) -> np.ndarray:
+        """Anything a user or a dataset hands over -> float32 mono ``[samples]`` at ``sample_rate``.
+
+        Reads a file path, encoded bytes, a ``datasets`` audio value (``{"bytes", "path"}``), a dict
+        with a waveform under ``array`` or ``raw`` and its ``sampling_rate``, or a waveform array
+        already at ``sample_rate`` (as ``transformers``' ASR pipeline takes it); stereo is averaged,
+        other rates are resampled.
+        """
+        if isinstance(audio, dict) and ("array" in audio or "raw" in audio):
+            if "sampling_rate" not in audio:
+                raise ValueError("an audio dict with a waveform needs its 'sampling_rate'")
+            waveform = audio["raw"] if "raw" in audio else audio["array"]
+            return resample(to_mono(waveform), int(audio["sampling_rate"]), self.sample_rate)
+        if isinstance(audio, dict) and not (audio.get("bytes") or audio.get("path")):
+            raise ValueError(f"an audio dict needs 'array' (or 'raw') and 'sampling_rate', or 'bytes' or 'path'; "
+                             f"got {sorted(audio)}")
+        if isinstance(audio, (np.ndarray, torch.Tensor)):
+            return to_mono(audio)
+        return decode_audio(audio, self.sample_rate)
+
     def features(self, audio: np.ndarray) -> np.ndarray:
         """One clip at ``sample_rate`` -> log-mel ``[n_mels, frames]`` or normalised waveform ``[samples]``."""
-        if self.is_whisper:
-            out = self.feature_extractor(audio, sampling_rate=self.sample_rate, padding="longest", truncation=False,
-                                         return_tensors="np")
-            return out["input_features"][0]
-        return self.feature_extractor(audio, sampling_rate=self.sample_rate, return_tensors="np")["input_values"][0]
+        # padding / truncation: Whisper's extractor would otherwise pad or cut every clip to 30 s
+        out = self.feature_extractor(audio, sampling_rate=self.sample_rate, padding="longest", truncation=False,
+                                     return_tensors="np")
+        return out[self._input_name][0]
+
+    def windows(self, audio: np.ndarray) -> list[np.ndarray]:
+        """The features of a waveform of any length, one per window of at most 30 s cut at a pause
+        (:func:`split_windows`): how long audio is cut everywhere. Shorter than ``MIN_DURATION_S``: a ValueError."""
+        if len(audio) < MIN_DURATION_S * self.sample_rate:
+            raise ValueError(f"too short ({len(audio) / self.sample_rate:.3f} s; at least {MIN_DURATION_S} s of audio)")
+        return [self.features(window) for window in split_windows(audio, self.sample_rate)]
 
     @staticmethod
     def pad(features: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

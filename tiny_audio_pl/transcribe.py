@@ -1,17 +1,16 @@
 """Transcribing audio files with a trained model: ``tiny-audio transcribe AUDIO... --ckpt PATH``.
 
-Files of any format libsndfile reads (wav, flac, ogg, mp3), sample rate and channel count are
-decoded, downmixed and resampled as in training, by the model's own processor (the exported
-folder's pipeline does the same). A file longer than the encoder's 30 s window is cut into windows
-of at most 30 s at pauses (``processing.split_windows``), the windows are transcribed like separate
-clips and their texts joined with a space. Windows of many files are batched together, shortest to
-longest, so a batch wastes little padding.
+Files of any format libsndfile reads (wav, flac, ogg, mp3), sample rate and channel count are read
+and cut into windows of at most 30 s at pauses by the model's own processor, and decoded by the
+model's :meth:`~tiny_audio_pl.modeling.TinyAudioModel.transcribe_windows`: the windows of many files
+batched together, shortest to longest, each file's texts joined. The exported folder's pipeline
+reads and decodes the same way, so both give the same transcript.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import soundfile as sf
@@ -20,7 +19,6 @@ from tqdm import tqdm
 
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.modeling import TinyAudioModel
-from tiny_audio_pl.processing import decode_audio, split_windows
 
 
 @dataclass
@@ -30,9 +28,7 @@ class Transcript:
     duration_s: float
     windows: int
     error: str = ""
-
-
-MIN_DURATION_S = 0.1  # shorter than the encoders' first frame (Whisper's STFT, HuBERT's 25 ms conv); data.min_duration
+    features: list[np.ndarray] = field(default_factory=list, repr=False)  # until decoded
 
 
 def transcribe_files(model: TinyAudioModel, files: list[str], batch_size: int = 8, progress: bool = True,
@@ -48,58 +44,43 @@ def transcribe_files(model: TinyAudioModel, files: list[str], batch_size: int = 
     shown = None if progress and len(files) > 1 else True
     bar = tqdm(total=len(files), desc="transcribing", unit="file", disable=shown)
     pending: list[Transcript] = []
-    windows: list[tuple[int, np.ndarray]] = []  # (index in pending, features), in file then time order
     for path in files:
         result = Transcript(str(path), "", 0.0, 0)
         pending.append(result)
         try:
-            audio = decode_audio(str(path), processor.sample_rate)
+            audio = processor.load(str(path))
             result.duration_s = len(audio) / processor.sample_rate
-            if result.duration_s < MIN_DURATION_S:
-                raise ValueError(f"too short ({result.duration_s:.3f} s; at least {MIN_DURATION_S} s of audio)")
-            pieces = [processor.features(p) for p in split_windows(audio, processor.sample_rate)]
+            result.features = processor.windows(audio)
         except Exception as error:  # noqa: BLE001 - reported for this file, the others go on
             result.error = f"cannot read: {error}" if isinstance(error, sf.LibsndfileError) else str(error)
-        else:
-            result.windows = len(pieces)
-            windows += [(len(pending) - 1, piece) for piece in pieces]
-        if len(windows) >= batch_size * chunk_batches:
-            yield from _decode(model, pending, windows, batch_size)
+        result.windows = len(result.features)
+        if sum(r.windows for r in pending) >= batch_size * chunk_batches:
+            yield from _decode(model, pending, batch_size)
             bar.update(len(pending))
-            pending, windows = [], []
-    yield from _decode(model, pending, windows, batch_size)
+            pending = []
+    yield from _decode(model, pending, batch_size)
     bar.update(len(pending))
     bar.close()
 
 
-def _transcribe_batch(model: TinyAudioModel, features: list[np.ndarray]) -> list[str]:
-    padded, lengths = model.processor.pad(features)
-    return model.transcribe(padded.to(model.device), lengths)
-
-
-def _decode(model: TinyAudioModel, results: list[Transcript], windows: list[tuple[int, np.ndarray]], batch_size: int
-            ) -> Iterator[Transcript]:
-    """Transcribe ``windows`` shortest first (little padding per batch), then join each file's texts.
-
-    A batch that fails is retried one window at a time, so only the files whose own windows fail get an error.
-    """
-    order = sorted(range(len(windows)), key=lambda i: windows[i][1].shape[-1])
-    texts: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        try:
-            texts.update(zip(batch, _transcribe_batch(model, [windows[i][1] for i in batch])))
-        except Exception:  # noqa: BLE001 - find the window(s) at fault
-            for i in batch:
-                try:
-                    texts[i] = _transcribe_batch(model, [windows[i][1]])[0]
-                except Exception as error:  # noqa: BLE001 - reported for this file
-                    results[windows[i][0]].error = f"transcription failed: {type(error).__name__}: {error}"
-    pieces: dict[int, list[str]] = {}
-    for i, (index, _) in enumerate(windows):
-        pieces.setdefault(index, []).append(texts.get(i, ""))
-    for index, result in enumerate(results):
-        result.text = "" if result.error else " ".join(t for t in pieces.get(index, []) if t)
+def _decode(model: TinyAudioModel, results: list[Transcript], batch_size: int) -> Iterator[Transcript]:
+    """Transcribe the readable files of ``results`` together; if that fails, each file on its own, so
+    that only the files whose own windows fail get an error."""
+    readable = [r for r in results if r.features]
+    try:
+        texts = model.transcribe_windows([r.features for r in readable], batch_size)
+    except Exception:  # noqa: BLE001 - find the file(s) at fault
+        texts = []
+        for result in readable:
+            try:
+                texts += model.transcribe_windows([result.features], batch_size)
+            except Exception as error:  # noqa: BLE001 - reported for this file
+                result.error = f"transcription failed: {type(error).__name__}: {error}"
+                texts.append("")
+    for result, text in zip(readable, texts):
+        result.text = text
+    for result in results:
+        result.features = []
         yield result
 
 
