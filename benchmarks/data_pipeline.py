@@ -35,7 +35,7 @@ import torch
 from datasets import Audio, load_dataset
 
 from tiny_audio_pl.clips import ClipPreparer, collate
-from tiny_audio_pl.processing import TinyAudioProcessor
+from tiny_audio_pl.modeling import TinyAudioConfig, build_processor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def make_clips(count: int, rate: int = 16_000, seed: int = 0, durations: list[fl
 
 def make_preparer(encoder: str) -> ClipPreparer:
     """The training data's clip preparation for ``encoder``'s features and the tiny decoder's tokens."""
-    processor = TinyAudioProcessor.from_models(encoder, str(ROOT / "assets/tiny-smollm3"))
+    processor = build_processor(TinyAudioConfig(encoder=encoder, decoder=str(ROOT / "assets/tiny-smollm3")))
     return ClipPreparer(processor, min_duration=0.1, max_duration=30.0, max_target_tokens=256,
                         text_normalization="lower")
 

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from tiny_audio_pl.export import load_model
-from tiny_audio_pl.processing import decode_audio
 
 
 def main() -> None:
@@ -28,10 +27,9 @@ def main() -> None:
     tokens = model.decoder.get_input_embeddings().weight.detach().float()  # [V, D]
     mean = tokens.mean(0)
     rows = pq.read_table(sorted((args.speech / "dev").glob("*.parquet"))[0]).slice(0, args.clips).to_pylist()
-    processor = model.processor
-    features, lengths = processor.pad([processor.features(decode_audio(r["wav"], processor.sample_rate)) for r in rows])
+    inputs = model.processor([row["wav"] for row in rows])  # decoded, features, padded
     with torch.no_grad():
-        audio, counts = model.embed_audio(features, lengths)  # [B, N, D]
+        audio, counts = model.embed_audio(inputs["input_features"], inputs["feature_lengths"])  # [B, N, D]
     vectors = torch.cat([audio[i, :n] for i, n in enumerate(counts)])  # [sum N, D]
     best = (F.normalize(vectors, dim=-1) @ F.normalize(tokens, dim=-1).T).max(-1).values
     print(f"tokens: median cosine with their mean {F.cosine_similarity(tokens, mean[None], dim=-1).median():.2f}")

@@ -4,7 +4,9 @@
 # A run that stopped resumes where it was (--ckpt_path auto); a finished one is skipped.
 #
 # usage: scripts/laptop_experiments.sh MODELS SPEECH OUT [RUN...]
-#   MODELS  folder with whisper-tiny.en and smollm2-135m (../shared/realmodels/build.sh MODELS)
+#   MODELS  folder with the transformers folders whisper-tiny.en and smollm2-135m, e.g. from a machine with
+#           internet: hf download openai/whisper-tiny.en --local-dir MODELS/whisper-tiny.en (and
+#           HuggingFaceTB/SmolLM2-135M-Instruct into MODELS/smollm2-135m)
 #   SPEECH  a LoquaciousSet-schema folder (scripts/make_speech_set.py SPEECH); the *-16k runs read
 #           SPEECH-16k, the same dev folder with 16,000 train clips (docs/experiments.md)
 #   OUT     where the runs go: OUT/RUN/lightning_logs/version_0, OUT/RUN.log
@@ -22,7 +24,8 @@ declare -A RUNS=(
   [lr-1e-3]="$OLD --model.learning_rate 1e-3"
   [warmup-100]="$OLD --model.warmup_steps 100"
   [fast]="$FAST"
-  [fast-ctc]="$FAST --model.ctc_weight 0.3"                   # idea: an alignment loss on the projector's output
+  # fast-ctc (fast + --model.ctc_weight 0.3, an alignment loss on the projector's output) did not help and its
+  # code was removed afterwards; to run it again, check out commit e562307
   [fast-full-window]="$FAST --model.whisper_full_window true" # Whisper as pretrained: 30 s windows
   [fast-bias]="$BIAS"                                         # idea: start the audio among the token embeddings
   [bias-lr-3e-3]="$BIAS --model.learning_rate 3e-3"
@@ -39,7 +42,7 @@ declare -A RUNS=(
   # a check, not an idea: can the loop learn 64 clips it sees 37 times in 300 steps? (validated on themselves)
   [lora-overfit-64]="--data.max_train_samples 64 --data.val_split train --trainer.max_steps 300"
 )
-ORDER=(baseline lr-1e-3 fast fast-ctc fast-full-window fast-bias bias-lr-3e-3 bias-stack-4 bias-warmup-0 bias-data-800
+ORDER=(baseline lr-1e-3 fast fast-full-window fast-bias bias-lr-3e-3 bias-stack-4 bias-warmup-0 bias-data-800
        stack4-1500 stack4-lora-16 stack4-1500-16k lora-1500-16k lora-mlp lora-lr-2e-3 lora-16k lora-overfit-64)
 mkdir -p "$OUT"
 for name in "${@:-${ORDER[@]}}"; do

@@ -28,7 +28,7 @@ def _print_config(capsys, *configs: Path) -> dict:
 def test_every_config_parses(config, capsys):
     printed = _print_config(capsys, config)
     assert printed["model"]["encoder"] and printed["model"]["decoder"] and printed["data"]["dataset"]
-    assert printed["checkpoint"]["save_last"] is True
+    assert printed["checkpoint"]["save_last"] == "link"
 
 
 def test_whisper_config_is_the_production_recipe(capsys):
@@ -44,7 +44,7 @@ def test_whisper_config_is_the_production_recipe(capsys):
     t = c["trainer"]
     assert (t["precision"], t["accumulate_grad_batches"], t["max_steps"]) == ("bf16-mixed", 4, 10_000)
     assert t["val_check_interval"] == 4000  # batches: every 1000 optimizer steps
-    assert c["checkpoint"]["every_n_train_steps"] == 1000 and c["checkpoint"]["save_last"] is True
+    assert c["checkpoint"]["every_n_train_steps"] == 1000 and c["checkpoint"]["save_last"] == "link"
     assert t["logger"]["init_args"]["name"] == "lightning_logs"
 
 

@@ -56,6 +56,13 @@ def straight(tmp_path_factory) -> Path:
     return workdir
 
 
+def test_last_is_a_link_to_the_newest_step_not_a_second_copy(straight):
+    last = _checkpoints(straight) / "last.ckpt"
+    assert last.is_symlink() and os.readlink(last) == f"step={STEPS}.ckpt"
+    assert sorted(p.name for p in _checkpoints(straight).iterdir()) == sorted(
+        ["last.ckpt"] + [f"step={n}.ckpt" for n in range(2, STEPS + 1, 2)])  # no temporary link left behind
+
+
 @pytest.mark.parametrize("step", [6, 10], ids=["inside-the-second-pass", "at-a-pass-boundary"])
 def test_resume_in_a_later_pass_equals_an_uninterrupted_run(straight, tmp_path, step):
     """Resumed from step 6 (2 batches into the second pass) or 10 (the end of the second pass)."""
@@ -95,6 +102,7 @@ def test_sigterm_to_the_process_group_saves_the_step_exits_0_and_resumes_exactly
     saved = last_checkpoint(workdir)["global_step"]
     assert saved < STEPS and f"SIGTERM: saved step {saved}" in output
     assert (_checkpoints(workdir) / f"step={saved}.ckpt").is_file()
+    assert os.readlink(_checkpoints(workdir) / "last.ckpt") == f"step={saved}.ckpt"
 
     subprocess.run(_command("--ckpt_path", "last"), cwd=workdir, env=ENV, check=True, capture_output=True)
     _assert_same_training(last_checkpoint(workdir), last_checkpoint(straight))

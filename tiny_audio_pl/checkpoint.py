@@ -12,6 +12,8 @@
   It saves only on SIGTERM and when the data host stops answering (``network.DataUnavailable``:
   the loader stops between two optimizer steps, so the step saved is complete); a crash from bad
   numerics must not overwrite the last good checkpoint.
+- ``last.ckpt`` is a link to the newest step's file (``checkpoint.save_last: link``), replaced
+  atomically, so the newest step is not written twice.
 - Checkpoints are read with ``weights_only=True`` (no pickled code runs), and a truncated or
   corrupt file, a folder, or a torch file that is not a Lightning checkpoint gives one line saying
   which file and what to do, before anything is written.
@@ -20,6 +22,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -150,6 +153,19 @@ class Checkpoint(ModelCheckpoint):
         candidates = self._monitor_candidates(trainer)
         self._save_checkpoint(trainer, self.format_checkpoint_name(candidates))
         self._save_last_checkpoint(trainer, candidates)
+
+    @staticmethod
+    def _link_checkpoint(trainer: Trainer, filepath: str, linkpath: str) -> None:
+        """``last.ckpt`` as a link to the step's own file (no second copy), swapped in atomically: a kill
+        leaves the old link or the new one, never none. A copy where the file system has no links."""
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            temporary = f"{linkpath}.{os.getpid()}.tmp"
+            try:
+                os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), temporary)
+            except OSError:
+                shutil.copyfile(filepath, temporary)
+            os.replace(temporary, linkpath)
+        trainer.strategy.barrier()
 
     def _save_current_step(self, trainer: Trainer) -> None:
         if self._last_global_step_saved != trainer.global_step and not trainer.sanity_checking:

@@ -36,7 +36,6 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tiny_audio_pl.clips import ClipPreparer, SkipLedger, collate
 from tiny_audio_pl.errors import DataUnavailable, UsageError
-from tiny_audio_pl.evaluation import DEFAULT_SET
 from tiny_audio_pl.hub import FETCH_HINT, cached_dataset, find_parquet_files, hub_parquet_files
 from tiny_audio_pl.network import NETWORK, with_retries
 from tiny_audio_pl.processing import MIN_DURATION_S, WHISPER_WINDOW_S, TinyAudioProcessor, stored_duration
@@ -48,6 +47,8 @@ from tiny_audio_pl.stream import (
     count_batches,
     ignore_sigterm,
 )
+
+DEFAULT_SET = "validation"  # the evaluation set data.val_split makes when data.eval_sets is unset (metrics val/*)
 
 
 @dataclass

@@ -21,10 +21,10 @@ import torch
 from torchmetrics.functional.text import word_error_rate
 from whisper_normalizer.english import EnglishTextNormalizer
 
+from tiny_audio_pl.data import DEFAULT_SET
 from tiny_audio_pl.modeling import TinyAudioModel
 
 _english = EnglishTextNormalizer()
-DEFAULT_SET = "validation"  # the set data.val_split makes when data.eval_sets is unset
 
 
 def normalize_for_wer(text: str) -> str:

@@ -6,7 +6,7 @@ Beyond the stock LightningCLI it adds:
 - ``train/lr`` logged by Lightning's ``LearningRateMonitor`` (always present), and a progress bar
   in optimizer steps out of ``trainer.max_steps`` with the loss and the learning rate;
 - a ``checkpoint.*`` section: the checkpoint callback is always there (every 1000 steps plus
-  ``last``, named ``step=N.ckpt``, written atomically, and also on SIGTERM: see ``checkpoint.py``);
+  ``last``, a link to the newest, named ``step=N.ckpt``, written atomically, and also on SIGTERM: see ``checkpoint.py``);
 - the data module is handed the model's own processor (``SpeechDataModule.connect``), so clips are
   prepared with the feature extractor and tokenizer the model uses;
 - runs go under ``trainer.default_root_dir`` (the TensorBoard logger's folder unless set apart);
@@ -108,7 +108,7 @@ class TinyAudioCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         # A stream has no epochs to count: checkpoints are named by optimizer step.
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1000,
+        parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.every_n_train_steps": 1000,
                              "checkpoint.save_top_k": -1, "checkpoint.filename": "{step}"})
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
