@@ -57,7 +57,7 @@ class RankRecorder(Callback):
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Runs before the module's own hook merges the ranks' tallies: they are still this rank's own.
-        tallies = pl_module.evaluation.tallies  # per evaluation set: token-summed losses and word errors of this rank's clips
+        tallies = pl_module.evaluation.tallies  # per set: token-summed losses, word errors of this rank's clips
         counts = [t.word_counts() for t in tallies.values()]
         self._write(trainer, {"event": "val_local", "step": trainer.global_step, "sanity": trainer.sanity_checking,
                               "errors": sum(e for e, _ in counts), "words": sum(w for _, w in counts),

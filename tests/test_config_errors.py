@@ -141,3 +141,16 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["transcribe", "--help"])
     assert "clips (or 30 s windows of long files) decoded together" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("args, hint", [(["--model.ctc_weight", "0.3"], "removed for not helping"),
+                                        (["--data.encoder", "x"], "set model.encoder")])
+def test_a_retired_key_is_one_line_that_says_what_replaced_it(args, hint, capsys, monkeypatch):
+    from conftest import ROOT
+    from tiny_audio_pl.cli import main
+
+    monkeypatch.setattr("sys.argv", ["tiny-audio"])
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(ROOT / "configs" / "smoke.yaml"), *args])
+    err = capsys.readouterr().err
+    assert args[0][2:] in err and hint in err and err.count("\n") == 1

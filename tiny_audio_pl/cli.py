@@ -224,6 +224,13 @@ def quiet() -> None:
     transformers_logging.disable_progress_bar()  # "Loading weights" bars of models read from disk
 
 
+# Keys of earlier versions, and what replaced them: named in the error a config that still has one gets.
+RETIRED = {"data.encoder": "the data is prepared by the model's own processor: set model.encoder",
+           "data.decoder": "the data is prepared by the model's own processor: set model.decoder",
+           "data.trust_remote_code": "set model.trust_remote_code",
+           "model.ctc_weight": "the CTC alignment loss was removed for not helping, see docs/experiments.md"}
+
+
 def one_line(error: BaseException) -> str:
     """The message of a one-line error, also when a dataloader worker raised it (torch then puts the worker's
     traceback in the message, ending with ``module.Class: message``)."""
@@ -253,7 +260,9 @@ def main(args: list[str] | None = None) -> None:
         mistake = isinstance(error, UsageError) or (jsonargparse and isinstance(error, jsonargparse.ArgumentError))
         if not mistake or os.environ.get(TRACEBACK):
             raise
-        print(f"tiny-audio {argv[0]}: error: {one_line(error)}", file=sys.stderr)
+        message = one_line(error)
+        message += "".join(f" ({key}: {hint})" for key, hint in RETIRED.items() if key in message)
+        print(f"tiny-audio {argv[0]}: error: {message}", file=sys.stderr)
         # 75 (EX_TEMPFAIL): try again later, for restart loops around `--ckpt_path auto`
         raise SystemExit(75 if isinstance(error, DataUnavailable) else 2) from None
     finally:

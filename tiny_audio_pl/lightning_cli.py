@@ -5,8 +5,9 @@ Beyond the stock LightningCLI it adds:
 
 - ``train/lr`` logged by Lightning's ``LearningRateMonitor`` (always present), and a progress bar
   in optimizer steps out of ``trainer.max_steps`` with the loss and the learning rate;
-- a ``checkpoint.*`` section: the checkpoint callback is always there (every 1000 steps plus
-  ``last``, a link to the newest, named ``step=N.ckpt``, written atomically, and also on SIGTERM: see ``checkpoint.py``);
+- a ``checkpoint.*`` section: the checkpoint callback is always there (every 1000 steps, named
+  ``step=N.ckpt``, plus ``last``, a link to the newest; written atomically, and also on SIGTERM: see
+  ``checkpoint.py``);
 - the data module is handed the model's own processor (``SpeechDataModule.connect``), so clips are
   prepared with the feature extractor and tokenizer the model uses;
 - runs go under ``trainer.default_root_dir`` (the TensorBoard logger's folder unless set apart);
