@@ -106,7 +106,8 @@ for options in ({"return_timestamps": True}, {"generate_kwargs": {"num_beams": 4
 print(json.dumps({"batched": [r["text"] for r in asr(files, batch_size=2)],
                   "array": asr({"array": mono, "sampling_rate": rate})["text"],
                   "stereo": asr({"raw": stereo, "sampling_rate": stereo_rate})["text"],
-                  "two_tokens": asr(files[0], generate_kwargs={"max_new_tokens": 2})["text"], "refused": refused}))
+                  "two_tokens": asr(files[0], generate_kwargs={"max_new_tokens": 2})["text"], "refused": refused,
+                  "processor_call": model.transcribe(**model.processor([files[0], files[2]]))}))
 """
 
 
@@ -131,6 +132,7 @@ def test_the_exported_folder_loads_in_transformers_alone_and_transcribes_as_tiny
     assert loaded["texts"] == expected and all(expected)
     assert forms["batched"] == expected  # a list in batches of 2 (3 files, one of 40 s in windows)
     assert forms["array"] == expected[0] and forms["stereo"] == expected[2]
+    assert forms["processor_call"] == [expected[0], expected[2]]  # processor(files) -> inputs in one call
     assert len(forms["two_tokens"].split()) <= 2 and expected[0].startswith(forms["two_tokens"])  # greedy: a prefix
     assert len(forms["refused"]) == 2 and "return_timestamps" in forms["refused"][0]
     assert "num_beams" in forms["refused"][1]
