@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch
 from datasets import Audio, load_dataset
-from torchmetrics.functional.text import word_error_rate
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-from tiny_audio_pl.evaluation import normalize_for_wer
 from tiny_audio_pl.hub import find_parquet_files
 from tiny_audio_pl.processing import decode_audio
+from tiny_audio_pl.scoring import score
 
 
 def main() -> None:
@@ -49,9 +48,10 @@ def main() -> None:
         hypotheses += processor.batch_decode(tokens, skip_special_tokens=True)
         references += batch["text"]
     seconds = time.perf_counter() - start
-    wer = word_error_rate([normalize_for_wer(h) for h in hypotheses], [normalize_for_wer(r) for r in references])
+    scored = [score(args.split, str(i), r, h) for i, (r, h) in enumerate(zip(references, hypotheses))]
+    wer = sum(u.errors for u in scored) / max(1, sum(u.reference_words for u in scored))  # as validation counts it
     print(f"{args.model} on {args.dataset} {args.split}: {len(references)} clips, {audio_s / 3600:.3f} h, "
-          f"WER {100 * wer.item():.2f} %, real-time factor {seconds / audio_s:.3f}")
+          f"WER {100 * wer:.2f} %, real-time factor {seconds / audio_s:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""The ``tiny-audio`` command: ``fit | validate | transcribe | export | download``.
+"""The ``tiny-audio`` command: ``fit | validate | compare | transcribe | export | download``.
 
 ``tiny-audio fit|validate -c configs/X.yaml [--section.key value ...]`` train and score (LightningCLI,
 ``lightning_cli.py``); ``tiny-audio transcribe AUDIO... --ckpt PATH`` and ``tiny-audio export --ckpt PATH
---out DIR`` use a trained model, and ``tiny-audio download -c configs/X.yaml`` fetches what a config
-needs for a node without internet (plain argparse: no Trainer).
+--out DIR`` use a trained model, ``tiny-audio compare A B`` tells whether B's WER differs from A's beyond
+noise, and ``tiny-audio download -c configs/X.yaml`` fetches what a config needs for a node without
+internet (plain argparse: no Trainer).
 
 This module imports neither torch nor Lightning nor transformers: each command imports what it
 uses once its arguments are read, so ``tiny-audio --help``, a usage error, a config file that does
@@ -38,6 +39,7 @@ COMMANDS = f"""usage: tiny-audio COMMAND [options]      (tiny-audio COMMAND --he
 commands:
   fit          train the projector:  tiny-audio fit -c configs/smoke.yaml  [--ckpt_path last]
   validate     WER and loss of a checkpoint:  tiny-audio validate -c CONFIG --ckpt_path PATH
+  compare      is B better than A (paired bootstrap):  tiny-audio compare RUN_A RUN_B [--plot wer.png]
   transcribe   audio files to text:  tiny-audio transcribe AUDIO... --ckpt CHECKPOINT_OR_EXPORT
   export       the shareable model folder:  tiny-audio export --ckpt CHECKPOINT --out DIR
   download     models and data into the hub cache, for nodes without internet:  tiny-audio download -c CONFIG
@@ -60,7 +62,7 @@ def positive_int(text: str) -> int:
 
 
 def use_model(args: list[str]) -> None:
-    """``tiny-audio transcribe``, ``export`` and ``download``: plain argparse, no Trainer involved."""
+    """``tiny-audio transcribe``, ``export``, ``compare`` and ``download``: plain argparse, no Trainer involved."""
     parser = OneLineParser(prog="tiny-audio")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     run = commands.add_parser("transcribe", help="transcribe audio files (wav, flac, ogg, mp3; any rate/channels)")
@@ -80,6 +82,15 @@ def use_model(args: list[str]) -> None:
     out.add_argument("--overwrite", action="store_true",
                      help="replace the export's files in a non-empty folder that is not an earlier export")
     out.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this hub repository")
+    versus = commands.add_parser("compare", help="each system's WER per set and overall, and every other system "
+                                 "against the first: the difference with its paired-bootstrap interval and a verdict")
+    versus.add_argument("systems", nargs="+", metavar="SYSTEM", help="run folders (their newest utterances/step=N"
+                        ".tsv), per-utterance files, or checkpoints (validated first with their run's config.yaml); "
+                        "the first is the baseline")
+    versus.add_argument("--resamples", type=positive_int, default=1000, help="bootstrap resamples (default: 1000)")
+    versus.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
+    versus.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    versus.add_argument("--plot", metavar="FILE.png", help="also draw each set's WER with its interval")
     fetch = commands.add_parser("download", help="fetch a config's models and data into the hub cache, for nodes "
                                 "without internet (then run with HF_HUB_OFFLINE=1)")
     fetch.add_argument("-c", "--config", action="append", required=True,
@@ -91,6 +102,10 @@ def use_model(args: list[str]) -> None:
         return download_config(options.config, overrides, options.max_files)
     if overrides:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    if options.command == "compare":
+        from tiny_audio_pl.compare import run as compare
+
+        return compare(options.systems, options.resamples, options.seed, options.json, options.plot)
     if options.command == "export":
         quiet()
         from tiny_audio_pl.export import export, push_to_hub
@@ -248,7 +263,7 @@ def main(args: list[str] | None = None) -> None:
         return
     try:
         check_config_files(argv)
-        if argv[0] in ("transcribe", "export", "download"):
+        if argv[0] in ("transcribe", "export", "compare", "download"):
             use_model(argv)
             return
         quiet()

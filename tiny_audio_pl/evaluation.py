@@ -10,26 +10,18 @@ per-utterance word errors over the merged reference words, so each clip is norma
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torchmetrics.functional.text import word_error_rate
-from whisper_normalizer.english import EnglishTextNormalizer
 
 from tiny_audio_pl.data import DEFAULT_SET
 from tiny_audio_pl.modeling import TinyAudioModel
-
-_english = EnglishTextNormalizer()
-
-
-def normalize_for_wer(text: str) -> str:
-    """Whisper's English normaliser (the Open ASR Leaderboard convention), British spellings included."""
-    return _english(text)
+from tiny_audio_pl.scoring import Utterance, score, wer_interval, write_utterances
 
 
 def metric_prefix(name: str) -> str:
@@ -57,7 +49,7 @@ class SetTally:
     paired_tokens: int = 0  # tokens of clips that had a neighbour to swap audio with
     paired_loss_sum: float = 0.0  # ... their loss with their own audio
     wrong_audio_sum: float = 0.0  # ... and with the neighbour's
-    rows: list[tuple[str, str, str, int, int]] = field(default_factory=list)  # id, ref, hyp, errors, words
+    rows: list[Utterance] = field(default_factory=list)  # every scored utterance
     examples: list[tuple[str, str, str, Any, int]] = field(default_factory=list)  # id, ref, hyp, audio, rate
 
     @staticmethod
@@ -68,24 +60,28 @@ class SetTally:
         return SetTally(**summed, compute_s=max(p.compute_s for p in parts), rows=[r for p in parts for r in p.rows],
                         examples=parts[0].examples)
 
-    def add_scores(self, ids: list[str], references: list[str], hypotheses: list[str]) -> None:
-        """Per-utterance word errors: the worst-first file, and summed, the corpus WER."""
-        for i, reference, hypothesis in zip(ids, references, hypotheses):
-            ref, hyp = normalize_for_wer(reference), normalize_for_wer(hypothesis)
-            words = len(ref.split())
-            errors = round(word_error_rate(hyp, ref).item() * words) if words else len(hyp.split())
-            self.rows.append((i, reference, hypothesis, errors, words))
+    def add_scores(self, name: str, ids: list[str], references: list[str], hypotheses: list[str]) -> None:
+        """Per-utterance word errors (``scoring.score``): the worst-first file, and summed, the corpus WER."""
+        self.rows += [score(name, i, reference, hypothesis) for i, reference, hypothesis in zip(ids, references,
+                                                                                                 hypotheses)]
 
     def word_counts(self) -> tuple[int, int]:
         """Word errors and reference words summed over the scored utterances."""
-        return sum(row[3] for row in self.rows), sum(row[4] for row in self.rows)
+        return sum(row.errors for row in self.rows), sum(row.reference_words for row in self.rows)
 
     def metrics(self) -> dict[str, float]:
-        """Corpus WER, per-token losses and the audio gain (NaN where there was nothing to average)."""
+        """Corpus WER with its bootstrap interval and its substitution, deletion and insertion shares, per-token
+        losses and the audio gain (NaN where there was nothing to average)."""
         def mean(total: float, count: int) -> float:
             return total / count if count else math.nan
 
-        return {"wer": mean(*self.word_counts()), "loss": mean(self.loss_sum, self.tokens),
+        errors, words = (np.array([getattr(row, key) for row in self.rows], dtype=np.int64)
+                         for key in ("errors", "reference_words"))
+        low, high = wer_interval(errors, words)
+        kinds = {f"{kind}_rate": mean(sum(getattr(row, kind) for row in self.rows), int(words.sum()))
+                 for kind in ("substitutions", "deletions", "insertions")}
+        return {"wer": mean(*self.word_counts()), "wer_low": low, "wer_high": high, **kinds,
+                "loss": mean(self.loss_sum, self.tokens),
                 "loss_no_audio": mean(self.no_audio_sum, self.tokens),
                 "loss_wrong_audio": mean(self.wrong_audio_sum, self.paired_tokens),
                 "audio_gain": mean(self.wrong_audio_sum - self.paired_loss_sum, self.paired_tokens),
@@ -126,7 +122,7 @@ class Evaluation:
         tally.utterances += size
         tally.audio_s += sum(batch["duration"])
         tally.compute_s += time.perf_counter() - start
-        tally.add_scores(batch["id"], batch["text"], hypotheses)
+        tally.add_scores(batch["set"], batch["id"], batch["text"], hypotheses)
         room = max(0, self.logged_examples - len(tally.examples))
         clips = batch.get("audio") or [None] * size
         rate = batch.get("sample_rate")
@@ -148,36 +144,30 @@ def metrics(tallies: dict[str, SetTally]) -> dict[str, float]:
             for key, value in tally.metrics().items()}
 
 
-def report(tallies: dict[str, SetTally], folder: Path, step: int, experiment: Any = None) -> None:
-    """The results table printed, every utterance into ``folder/utterances/step=N.tsv``, examples to
+def report(tallies: dict[str, SetTally], folder: Path, step: int, experiment: Any = None) -> Path:
+    """The results table printed, every utterance into ``folder/utterances/step=N.tsv`` (returned), examples to
     TensorBoard (``experiment``: a ``SummaryWriter``, or None)."""
     print(results_table(tallies))
     path = folder / "utterances" / f"step={step}.tsv"
-    write_utterances(tallies, path)
+    write_utterances([row for tally in tallies.values() for row in tally.rows], path)
     print(f"per-utterance results: {path}")
     if experiment is not None:
         log_examples(experiment, tallies, step)
+    return path
 
 
 def results_table(tallies: dict[str, SetTally]) -> str:
-    """One row per set: utterances, hours, WER, loss, audio gain, real-time factor."""
-    lines = [f"{'set':<20} {'utterances':>10} {'hours':>7} {'WER %':>7} {'loss':>7} {'gain':>7} {'RTF':>6}"]
+    """One row per set: utterances, hours, WER with its 95 % bootstrap interval, its substitution / deletion /
+    insertion shares, loss, audio gain, real-time factor."""
+    lines = [f"{'set':<20} {'utterances':>10} {'hours':>7} {'WER %':>7} {'95 % interval':>15} {'sub':>5} {'del':>5} "
+             f"{'ins':>5} {'loss':>7} {'gain':>7} {'RTF':>6}"]
     for name, tally in tallies.items():
         m = tally.metrics()
-        lines.append(f"{name:<20} {tally.utterances:>10} {m['hours']:>7.3f} {100 * m['wer']:>7.2f} "
-                     f"{m['loss']:>7.3f} {m['audio_gain']:>7.3f} {m['rtf']:>6.3f}")
+        interval = f"{100 * m['wer_low']:.1f}-{100 * m['wer_high']:.1f}"
+        lines.append(f"{name:<20} {tally.utterances:>10} {m['hours']:>7.3f} {100 * m['wer']:>7.2f} {interval:>15} "
+                     f"{100 * m['substitutions_rate']:>5.1f} {100 * m['deletions_rate']:>5.1f} "
+                     f"{100 * m['insertions_rate']:>5.1f} {m['loss']:>7.3f} {m['audio_gain']:>7.3f} {m['rtf']:>6.3f}")
     return "\n".join(lines)
-
-
-def write_utterances(tallies: dict[str, SetTally], path: Path) -> None:
-    """Every scored utterance, worst first, as TSV: set, id, reference, hypothesis, errors, reference words."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [(name, *row) for name, tally in tallies.items() for row in tally.rows]
-    rows.sort(key=lambda row: (-row[4], row[0], row[1]))  # most errors first
-    with path.open("w", newline="") as file:
-        writer = csv.writer(file, delimiter="\t", lineterminator="\n")
-        writer.writerow(["set", "id", "reference", "hypothesis", "errors", "reference_words"])
-        writer.writerows(rows)
 
 
 def log_examples(experiment: Any, tallies: dict[str, SetTally], step: int) -> None:

@@ -43,6 +43,7 @@ from tiny_audio_pl.data import SpeechDataModule
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.model import SpeechLLM
 from tiny_audio_pl.modeling import SETTINGS, Settings
+from tiny_audio_pl.scoring import read_utterances, write_trn
 
 # save_dir "." (the default) means trainer.default_root_dir when that is set, as for Lightning's own logger.
 LOGGER = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -106,8 +107,17 @@ class TinyAudioCLI(LightningCLI):
         """Only ``fit`` and ``validate``: the model defines no test or predict step."""
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "validate":  # the results table is printed once: not Lightning's metrics table too
+            parser.set_defaults({"verbose": False})
+        return parser
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
+        parser.add_argument("--sclite", type=str | None, default=None, help="also write the last validation's "
+                            "normalised references and hypotheses into this folder as NIST sclite trn files, one "
+                            "pair per evaluation set (score them with sclite -i spu_id)")
         # A stream has no epochs to count: checkpoints are named by optimizer step.
         parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.every_n_train_steps": 1000,
                              "checkpoint.save_top_k": -1, "checkpoint.filename": "{step}"})
@@ -170,15 +180,28 @@ class TinyAudioCLI(LightningCLI):
         trainer = self._get(self.config_init, "trainer", default={})
         callbacks = trainer.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if trainer.get("logger") not in (None, False, []):  # train/lr, to every logger there is
+            callbacks = [*callbacks, LearningRateMonitor("step")]
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
+            callbacks = [*callbacks, StepProgressBar()]
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
+        self._write_sclite()
         self._summary()
 
     def after_validate(self) -> None:
+        self._write_sclite()
         self._summary()
+
+    def _write_sclite(self) -> None:
+        """``--sclite DIR``: the last validation's utterances as sclite ``trn`` files (rank 0)."""
+        folder = self.config[self.subcommand].get("sclite")
+        path = self.model.utterances_file
+        if folder and path is not None:
+            written = write_trn(read_utterances(path), Path(folder))
+            print(f"sclite files {', '.join(str(p) for p in written)}")
 
     def _summary(self) -> None:
         """Where the run went and how it did, in four lines."""
@@ -205,7 +228,6 @@ def run(args: list[str] | None, description: str) -> None:
     """Parse ``fit`` / ``validate`` arguments and run the command."""
     # The model builds its own optimizer over the trained weights alone, so no --optimizer / --lr_scheduler.
     TinyAudioCLI(SpeechLLM, SpeechDataModule, args=args,
-                 trainer_defaults={"logger": LOGGER, "callbacks": [LearningRateMonitor("step")],
-                                   "enable_model_summary": False},  # SpeechLLM.setup prints its own
+                 trainer_defaults={"logger": LOGGER, "enable_model_summary": False},  # SpeechLLM.setup prints its own
                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
                  parser_kwargs={"exit_on_error": False, "description": description})

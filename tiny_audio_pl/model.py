@@ -77,6 +77,7 @@ class SpeechLLM(LightningModule):
         self.evaluation = Evaluation(num_logged_examples)
         self.strict_loading = False  # checkpoints carry only the trained weights; on_load_checkpoint reads them
         self._validation: dict[str, Any] = {}  # the last validation's step and scores, kept in checkpoints
+        self.utterances_file: Path | None = None  # the last validation's per-utterance file (rank 0)
         self._validated_at: int | None = None
         self._nonfinite_in_row = 0
         self._nonfinite_total = 0
@@ -187,7 +188,7 @@ class SpeechLLM(LightningModule):
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
         if self.global_rank == 0 and not self.trainer.sanity_checking:
             experiment = self.logger.experiment if isinstance(self.logger, TensorBoardLogger) else None
-            report(tallies, folder, self.trained_steps, experiment)
+            self.utterances_file = report(tallies, folder, self.trained_steps, experiment)
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = self.trainer.estimated_stepping_batches

@@ -10,7 +10,7 @@ reads and decodes the same way, so both give the same transcript.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
@@ -28,7 +28,6 @@ class Transcript:
     duration_s: float
     windows: int
     error: str = ""
-    features: list[np.ndarray] = field(default_factory=list, repr=False)  # until decoded
 
 
 def transcribe_files(model: TinyAudioModel, files: list[str], batch_size: int = 8, progress: bool = True,
@@ -43,18 +42,18 @@ def transcribe_files(model: TinyAudioModel, files: list[str], batch_size: int = 
     # A bar for a person watching a terminal; none in a log file (disable=None: off when not a TTY).
     shown = None if progress and len(files) > 1 else True
     bar = tqdm(total=len(files), desc="transcribing", unit="file", disable=shown)
-    pending: list[Transcript] = []
+    pending: list[tuple[Transcript, list[np.ndarray]]] = []  # each file's result and its windows' features
     for path in files:
-        result = Transcript(str(path), "", 0.0, 0)
-        pending.append(result)
+        result, windows = Transcript(str(path), "", 0.0, 0), []
         try:
             audio = processor.load(str(path))
             result.duration_s = len(audio) / processor.sample_rate
-            result.features = processor.windows(audio)
+            windows = processor.windows(audio)
         except Exception as error:  # noqa: BLE001 - reported for this file, the others go on
             result.error = f"cannot read: {error}" if isinstance(error, sf.LibsndfileError) else str(error)
-        result.windows = len(result.features)
-        if sum(r.windows for r in pending) >= batch_size * chunk_batches:
+        result.windows = len(windows)
+        pending.append((result, windows))
+        if sum(r.windows for r, _ in pending) >= batch_size * chunk_batches:
             yield from _decode(model, pending, batch_size)
             bar.update(len(pending))
             pending = []
@@ -63,24 +62,24 @@ def transcribe_files(model: TinyAudioModel, files: list[str], batch_size: int = 
     bar.close()
 
 
-def _decode(model: TinyAudioModel, results: list[Transcript], batch_size: int) -> Iterator[Transcript]:
-    """Transcribe the readable files of ``results`` together; if that fails, each file on its own, so
+def _decode(model: TinyAudioModel, pending: list[tuple[Transcript, list[np.ndarray]]], batch_size: int
+            ) -> Iterator[Transcript]:
+    """Transcribe the readable files of ``pending`` together; if that fails, each file on its own, so
     that only the files whose own windows fail get an error."""
-    readable = [r for r in results if r.features]
+    readable = [(result, windows) for result, windows in pending if windows]
     try:
-        texts = model.transcribe_windows([r.features for r in readable], batch_size)
+        texts = model.transcribe_windows([windows for _, windows in readable], batch_size)
     except Exception:  # noqa: BLE001 - find the file(s) at fault
         texts = []
-        for result in readable:
+        for result, windows in readable:
             try:
-                texts += model.transcribe_windows([result.features], batch_size)
+                texts += model.transcribe_windows([windows], batch_size)
             except Exception as error:  # noqa: BLE001 - reported for this file
                 result.error = f"transcription failed: {type(error).__name__}: {error}"
                 texts.append("")
-    for result, text in zip(readable, texts):
+    for (result, _), text in zip(readable, texts):
         result.text = text
-    for result in results:
-        result.features = []
+    for result, _ in pending:
         yield result
 
 
