@@ -104,8 +104,8 @@ def test_compare_command_text_json_and_plot(tmp_path):
     a, b = _pair("win")
     write_utterances(a, tmp_path / "a" / "utterances" / "step=100.tsv")  # a run folder
     write_utterances(b, tmp_path / "b.tsv")  # a per-utterance file
-    text = subprocess.run(cli("compare", str(tmp_path / "a"), str(tmp_path / "b.tsv"), "--plot", str(tmp_path / "w.png")),
-                          env=cli_env(), capture_output=True, text=True, timeout=120)
+    text = subprocess.run(cli("compare", str(tmp_path / "a"), str(tmp_path / "b.tsv"), "--plot",
+                              str(tmp_path / "w.png")), env=cli_env(), capture_output=True, text=True, timeout=120)
     assert text.returncode == 0, text.stderr
     assert "B better" in text.stdout and "step=100.tsv" in text.stdout and "most changed utterances" in text.stdout
     assert (tmp_path / "w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -45,6 +45,20 @@ def give_usual_mode(path: Path) -> None:
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
 
 
+def run_folder(trainer: Trainer) -> Path:
+    """This run's own folder, whatever the logger: ``save_dir/<name>/<run>`` of the first logger, where
+    Lightning puts the run's ``checkpoints/`` (TensorBoard's and CSV's ``log_dir``; for W&B and MLflow
+    the project or experiment and the run id), or ``default_root_dir`` without a logger. The run's
+    ``config.yaml`` and ``utterances/`` go there too, so a second run never overwrites the first's."""
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    if logger.version is None:  # W&B names its run once it has started it
+        logger.experiment  # noqa: B018 - starts the run (rank 0)
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
+
+
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
     """``torch.load`` with ``weights_only=True``, and an error that says what to do when it fails.
 

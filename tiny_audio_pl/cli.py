@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import multiprocessing
@@ -246,6 +247,21 @@ RETIRED = {"data.encoder": "the data is prepared by the model's own processor: s
            "model.ctc_weight": "the CTC alignment loss was removed for not helping, see docs/experiments.md"}
 
 
+# Experiment trackers' loggers: the package each needs, and how to install it.
+TRACKERS = {"WandbLogger": ("wandb", 'pip install -e ".[wandb]"'),
+            "MLFlowLogger": ("mlflow", 'pip install -e ".[mlflow]"'),
+            "CometLogger": ("comet_ml", "pip install comet-ml"),
+            "NeptuneLogger": ("neptune", "pip install neptune")}
+
+
+def missing_tracker(text: str) -> str | None:
+    """One line for a tracker's logger named in ``text`` whose package is not installed, else None."""
+    for name, (module, install) in TRACKERS.items():
+        if name in text and importlib.util.find_spec(module) is None:
+            return f"trainer.logger {name} needs the {module} package: {install}"
+    return None
+
+
 def one_line(error: BaseException) -> str:
     """The message of a one-line error, also when a dataloader worker raised it (torch then puts the worker's
     traceback in the message, ending with ``module.Class: message``)."""
@@ -277,6 +293,7 @@ def main(args: list[str] | None = None) -> None:
             raise
         message = one_line(error)
         message += "".join(f" ({key}: {hint})" for key, hint in RETIRED.items() if key in message)
+        message = missing_tracker(message) or message
         print(f"tiny-audio {argv[0]}: error: {message}", file=sys.stderr)
         # 75 (EX_TEMPFAIL): try again later, for restart loops around `--ckpt_path auto`
         raise SystemExit(75 if isinstance(error, DataUnavailable) else 2) from None

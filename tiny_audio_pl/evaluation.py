@@ -10,6 +10,7 @@ per-utterance word errors over the merged reference words, so each clip is norma
 
 from __future__ import annotations
 
+import csv
 import math
 import time
 from dataclasses import dataclass, field, fields
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from tiny_audio_pl.data import DEFAULT_SET
 from tiny_audio_pl.modeling import TinyAudioModel
@@ -144,15 +146,16 @@ def metrics(tallies: dict[str, SetTally]) -> dict[str, float]:
             for key, value in tally.metrics().items()}
 
 
-def report(tallies: dict[str, SetTally], folder: Path, step: int, experiment: Any = None) -> Path:
-    """The results table printed, every utterance into ``folder/utterances/step=N.tsv`` (returned), examples to
-    TensorBoard (``experiment``: a ``SummaryWriter``, or None)."""
-    print(results_table(tallies))
+def report(tallies: dict[str, SetTally], folder: Path, step: int, loggers: list[Logger]) -> Path:
+    """The results table printed and sent to every logger with each set's examples, every utterance into
+    ``folder/utterances/step=N.tsv`` (returned)."""
+    table = results_table(tallies)
+    print(table)
     path = folder / "utterances" / f"step={step}.tsv"
     write_utterances([row for tally in tallies.values() for row in tally.rows], path)
     print(f"per-utterance results: {path}")
-    if experiment is not None:
-        log_examples(experiment, tallies, step)
+    for logger in loggers:
+        send_report(logger, table, tallies, step)
     return path
 
 
@@ -170,12 +173,37 @@ def results_table(tallies: dict[str, SetTally]) -> str:
     return "\n".join(lines)
 
 
-def log_examples(experiment: Any, tallies: dict[str, SetTally], step: int) -> None:
-    """A few clips per set to TensorBoard (a ``SummaryWriter``): the audio, and reference vs hypothesis."""
-    for name, tally in tallies.items():
-        tag = f"{metric_prefix(name)}examples"
-        table = "\n".join(f"| {i} | {r} | {h} |" for i, r, h, _, _ in tally.examples)
-        experiment.add_text(tag, "| id | reference | hypothesis |\n|---|---|---|\n" + table, step)
-        for i, _, _, audio, rate in tally.examples:
-            if audio is not None:
-                experiment.add_audio(f"{tag}/{i}", torch.from_numpy(audio), step, sample_rate=rate)
+def send_report(logger: Logger, table: str, tallies: dict[str, SetTally], step: int) -> None:
+    """The results table and a few clips per set (reference, hypothesis, audio) in the form each logger keeps:
+    TensorBoard text and audio, W&B tables and audio, MLflow text and table artifacts, CSV files beside its metrics."""
+    examples = {f"{metric_prefix(name)}examples": tally.examples for name, tally in tallies.items()}
+    columns = ["id", "reference", "hypothesis"]
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_text("val/results", f"```\n{table}\n```", step)
+        for tag, rows in examples.items():
+            lines = "\n".join(f"| {i} | {r} | {h} |" for i, r, h, _, _ in rows)
+            logger.experiment.add_text(tag, "| id | reference | hypothesis |\n|---|---|---|\n" + lines, step)
+            for i, _, _, audio, rate in rows:
+                if audio is not None:
+                    logger.experiment.add_audio(f"{tag}/{i}", torch.from_numpy(audio), step, sample_rate=rate)
+    elif isinstance(logger, WandbLogger):
+        import wandb
+
+        logger.log_text("val/results", columns=["table"], data=[[table]], step=step)
+        for tag, rows in examples.items():
+            logger.log_table(tag, columns=[*columns, "audio"], step=step, data=[
+                [i, r, h, None if a is None else wandb.Audio(a, sample_rate=rate)] for i, r, h, a, rate in rows])
+    elif isinstance(logger, MLFlowLogger):
+        logger.experiment.log_text(logger.run_id, table, f"validation/step={step}/results.txt")
+        for tag, rows in examples.items():
+            logger.experiment.log_table(logger.run_id, {c: [row[k] for row in rows] for k, c in enumerate(columns)},
+                                        f"validation/step={step}/{tag.replace('/', '_')}.json")
+    elif isinstance(logger, CSVLogger):
+        folder = Path(logger.log_dir) / "validation" / f"step={step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "results.txt").write_text(table + "\n")
+        for tag, rows in examples.items():
+            with (folder / f"{tag.replace('/', '_')}.tsv").open("w", newline="") as file:
+                writer = csv.writer(file, delimiter="\t", lineterminator="\n")
+                writer.writerow(columns)
+                writer.writerows(row[:3] for row in rows)

@@ -36,9 +36,11 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
-from tiny_audio_pl.checkpoint import Checkpoint, read_training_checkpoint
+from tiny_audio_pl.checkpoint import Checkpoint, read_training_checkpoint, run_folder
+from tiny_audio_pl.cli import missing_tracker
 from tiny_audio_pl.data import SpeechDataModule
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.model import SpeechLLM
@@ -50,10 +52,35 @@ LOGGER = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
           "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False}}
 
 
-def find_last_checkpoint(checkpoint_dir: str | None, log_root: Path) -> Path | None:
+# How each logger lays out its runs, ``save_dir/<name>/<run>/`` (where Lightning puts the checkpoints): the argument
+# naming the runs' parent folder and its default (None: a folder of the tracker's own, e.g. an MLflow experiment id),
+# and the argument that picks the run to log into (resuming).
+RUN_LAYOUT = {"TensorBoardLogger": ("name", "lightning_logs", "version"),
+              "CSVLogger": ("name", "lightning_logs", "version"),
+              "WandbLogger": ("project", "lightning_logs", "id"),
+              "MLFlowLogger": (None, None, "run_id")}
+
+
+def logger_configs(value: Any) -> list[Namespace]:
+    """The configured loggers (``class_path`` and ``init_args``), in order; none for ``false``."""
+    loggers = value if isinstance(value, list) else [value]
+    return [logger for logger in loggers if isinstance(logger, Namespace) and "class_path" in logger]
+
+
+def run_root(logger: Namespace | None, default_root_dir: str | None) -> tuple[Path, str]:
+    """The folder the first logger's runs go in, and the pattern of a run's ``last.ckpt`` under it."""
+    if logger is None:
+        return Path(default_root_dir or ".") / "lightning_logs", "*/checkpoints/last.ckpt"
+    name_argument, default, _ = RUN_LAYOUT.get(logger.class_path.rsplit(".", 1)[-1], ("name", "lightning_logs", ""))
+    save_dir = Path(logger.init_args.get("save_dir") or default_root_dir or ".")
+    if name_argument is None:
+        return save_dir, "*/*/checkpoints/last.ckpt"
+    return save_dir / (logger.init_args.get(name_argument) or default or ""), "*/checkpoints/last.ckpt"
+
+
+def find_last_checkpoint(checkpoint_dir: str | None, log_root: Path, pattern: str) -> Path | None:
     """The newest ``last.ckpt``: in ``checkpoint_dir`` if set, else in any run folder under ``log_root``."""
-    candidates = ([Path(checkpoint_dir) / "last.ckpt"] if checkpoint_dir
-                  else list(log_root.glob("*/checkpoints/last.ckpt")))
+    candidates = [Path(checkpoint_dir) / "last.ckpt"] if checkpoint_dir else list(log_root.glob(pattern))
     existing = [c for c in candidates if c.is_file()]
     return max(existing, key=lambda c: c.stat().st_mtime) if existing else None
 
@@ -135,13 +162,23 @@ class TinyAudioCLI(LightningCLI):
         if subcommand == "fit" and (config.trainer.max_steps is None or config.trainer.max_steps <= 0):
             raise UsageError("set --trainer.max_steps (e.g. 10000): the data is a stream with no length, so the "
                              "run and its learning-rate schedule are measured in optimizer steps")
-        logger = config.trainer.logger
-        tensorboard = isinstance(logger, Namespace) and "init_args" in logger
-        if tensorboard and config.trainer.default_root_dir and logger.init_args.get("save_dir") in (None, "."):
-            logger.init_args.save_dir = config.trainer.default_root_dir
-        self.log_root = (Path(logger.init_args.save_dir) / (logger.init_args.get("name") or "") if tensorboard
-                         else Path(config.trainer.default_root_dir or ".") / "lightning_logs")
-        self._resolve_ckpt_path(subcommand, config, logger if tensorboard else None)
+        self.loggers = logger_configs(config.trainer.logger)
+        for logger in self.loggers:  # a logger's package that is missing is one line, before anything loads
+            missing = missing_tracker(logger.class_path)
+            if missing:
+                raise UsageError(missing)
+            if logger.class_path.endswith("MLFlowLogger") and not (logger.init_args.get("tracking_uri")
+                                                                   or os.environ.get("MLFLOW_TRACKING_URI")):
+                # Lightning's default for MLflow is a local file store (save_dir), which MLflow 3 refuses unless asked
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            save_dir = logger.init_args.get("save_dir")
+            if logger.class_path.endswith("MLFlowLogger") and save_dir in (None, "."):
+                save_dir = logger.init_args.save_dir = "./mlruns"  # its store, not experiment folders in the root
+            if config.trainer.default_root_dir and save_dir in (None, ".", "./mlruns"):  # defaults: under the root
+                logger.init_args.save_dir = str(Path(config.trainer.default_root_dir, save_dir or "."))
+        self.log_root, self.run_pattern = run_root(self.loggers[0] if self.loggers else None,
+                                                   config.trainer.default_root_dir)
+        self._resolve_ckpt_path(subcommand, config, self.loggers[0] if self.loggers else None)
         path = config.get("ckpt_path")
         if path and path not in ("best", "hpc") and not path.startswith("registry"):
             read_training_checkpoint(path, mmap=True, what="--ckpt_path")  # Lightning reads it in full later
@@ -156,20 +193,21 @@ class TinyAudioCLI(LightningCLI):
         """``last``: the newest ``last.ckpt`` (``fit`` then logs into its run folder); ``auto``: that or none."""
         if config.get("ckpt_path") not in ("last", "auto"):
             return
-        found = find_last_checkpoint(config.checkpoint.dirpath, self.log_root)
+        found = find_last_checkpoint(config.checkpoint.dirpath, self.log_root, self.run_pattern)
         if found is None and config.ckpt_path == "auto":
             print("--ckpt_path auto: no checkpoint yet, starting a new run")
             config.ckpt_path = None
             return
         if found is None:
-            where = config.checkpoint.dirpath or self.log_root / "*/checkpoints"
+            where = config.checkpoint.dirpath or self.log_root / self.run_pattern
             raise UsageError(f"--ckpt_path last: no last.ckpt under {where}. Drop --ckpt_path to start a new "
                              "run, pass the path of a checkpoint, or use --ckpt_path auto to resume when there "
                              "is one and start afresh when there is not.")
         print(f"resuming from {found}")
         config.ckpt_path = str(found)
         if subcommand == "fit" and logger is not None and found.parent.name == "checkpoints":
-            logger.init_args.version = found.parent.parent.name  # keep logging into the same run folder
+            run_argument = RUN_LAYOUT.get(logger.class_path.rsplit(".", 1)[-1], (None, None, "version"))[2]
+            logger.init_args[run_argument] = found.parent.parent.name  # keep logging into the same run
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -190,10 +228,18 @@ class TinyAudioCLI(LightningCLI):
     def after_fit(self) -> None:
         self._write_sclite()
         self._summary()
+        self._finish_runs()
 
     def after_validate(self) -> None:
         self._write_sclite()
         self._summary()
+        self._finish_runs()
+
+    def _finish_runs(self) -> None:
+        """End each W&B run (Lightning leaves it open): its summary is written and it no longer shows as running."""
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger) and self.trainer.is_global_zero:
+                logger.experiment.finish()
 
     def _write_sclite(self) -> None:
         """``--sclite DIR``: the last validation's utterances as sclite ``trn`` files (rank 0)."""
@@ -204,24 +250,47 @@ class TinyAudioCLI(LightningCLI):
             print(f"sclite files {', '.join(str(p) for p in written)}")
 
     def _summary(self) -> None:
-        """Where the run went and how it did, in four lines."""
+        """Where the run went, how it did, and where each logger keeps it."""
         trainer = self.trainer
-        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         if not trainer.is_global_zero:
             return
-        lines = [f"run folder   {os.path.normpath(log_dir)}"]
+        lines = [f"run folder   {os.path.normpath(run_folder(trainer))}"]
         checkpoint = next((c for c in trainer.checkpoint_callbacks if c.last_model_path), None)
         if self.subcommand == "fit" and checkpoint:
             lines.append(f"checkpoint   {os.path.normpath(checkpoint.last_model_path)} (step {trainer.global_step})")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         for prefix in sorted(k.removesuffix("wer") for k in metrics if k.endswith("/wer")):  # val/ or val/<set>/
             name = prefix.removeprefix("val/").removesuffix("/")
-            scores = [f"WER {100 * metrics[prefix + 'wer']:.2f} %"] + [
-                f"{key.replace('_', ' ')} {metrics[prefix + key]:.4f}" for key in ("loss", "audio_gain")
-                if prefix + key in metrics]
+            scores = [f"WER {100 * metrics[prefix + 'wer']:.2f} % ({100 * metrics[prefix + 'wer_low']:.1f}-"
+                      f"{100 * metrics[prefix + 'wer_high']:.1f})"] + [
+                f"{key.replace('_', ' ')} {metrics[prefix + key]:.4f}" for key in ("loss", "audio_gain")]
             lines.append(f"validation   {name + ': ' if name else ''}{', '.join(scores)}")
-        lines.append(f"tensorboard  tensorboard --logdir {shlex.quote(str(self.log_root))}")
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                lines.append(f"tensorboard  tensorboard --logdir {shlex.quote(os.path.normpath(self.log_root))}")
+            elif isinstance(logger, CSVLogger):
+                lines.append(f"csv          {os.path.normpath(logger.log_dir)}/metrics.csv")
+            elif isinstance(logger, WandbLogger):
+                lines.append(f"wandb        run {logger.version} ({logger.experiment.dir})")
+            elif isinstance(logger, MLFlowLogger):
+                lines.append(f"mlflow       run {logger.run_id}: mlflow ui --backend-store-uri "
+                             f"{shlex.quote(str(logger.save_dir or ''))}")
         print("\n".join(lines))
+
+
+class RunConfig(SaveConfigCallback):
+    """``config.yaml`` in the run's own folder (:func:`~tiny_audio_pl.checkpoint.run_folder`), whatever the logger:
+    Lightning's would write it into a W&B or MLflow ``save_dir`` shared by every run."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        folder = run_folder(trainer)
+        if trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, folder / self.config_filename, skip_none=False, overwrite=True,
+                             multifile=self.multifile)
+            self.already_saved = True
 
 
 def run(args: list[str] | None, description: str) -> None:
@@ -229,5 +298,5 @@ def run(args: list[str] | None, description: str) -> None:
     # The model builds its own optimizer over the trained weights alone, so no --optimizer / --lr_scheduler.
     TinyAudioCLI(SpeechLLM, SpeechDataModule, args=args,
                  trainer_defaults={"logger": LOGGER, "enable_model_summary": False},  # SpeechLLM.setup prints its own
-                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                 save_config_callback=RunConfig, auto_configure_optimizers=False,
                  parser_kwargs={"exit_on_error": False, "description": description})

@@ -25,10 +25,9 @@ from typing import Any
 import torch
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch import LightningModule
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from tiny_audio_pl.checkpoint import trained_weights
+from tiny_audio_pl.checkpoint import run_folder, trained_weights
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.evaluation import Evaluation, metrics, report
 from tiny_audio_pl.modeling import Settings, TinyAudioConfig, TinyAudioModel
@@ -179,16 +178,20 @@ class SpeechLLM(LightningModule):
         self.evaluation.start()
 
     def on_validation_epoch_end(self) -> None:
-        """Log each set's metrics (merged over the ranks); rank 0 reports them (table, utterances, examples)."""
+        """Each set's metrics (merged over the ranks) to every logger at the step the weights were trained to;
+        rank 0 reports them (table, per-utterance file, examples)."""
         if not self.trainer.sanity_checking:
             self._validated_at = self.global_step  # Lightning fills callback_metrics after this hook
         tallies = self.evaluation.merged()
-        for key, value in metrics(tallies).items():  # the same merged totals on every rank
-            self.log(key, value, rank_zero_only=True)
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
+        scores = metrics(tallies)
+        for key, value in scores.items():  # the same merged totals on every rank: for checkpoints and the summary
+            self.log(key, value, logger=False)
         if self.global_rank == 0 and not self.trainer.sanity_checking:
-            experiment = self.logger.experiment if isinstance(self.logger, TensorBoardLogger) else None
-            self.utterances_file = report(tallies, folder, self.trained_steps, experiment)
+            # Logged here, not by self.log: Lightning would log them one step early in fit (the step counter
+            # moves after validation) and at step 0 in validate.
+            for logger in self.loggers:
+                logger.log_metrics(scores, step=self.trained_steps)
+            self.utterances_file = report(tallies, run_folder(self.trainer), self.trained_steps, self.loggers)
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = self.trainer.estimated_stepping_batches
