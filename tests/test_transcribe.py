@@ -98,7 +98,7 @@ import soundfile as sf
 mono, rate = sf.read(files[0], dtype="float32")
 stereo, stereo_rate = sf.read(files[2], dtype="float32")  # [T, 2] at 44.1 kHz
 refused = []
-for options in ({"return_timestamps": True}, {"generate_kwargs": {"num_beams": 4}}):
+for options in ({"return_timestamps": True}, {"generate_kwargs": {"do_sample": True}}):
     try:
         asr(files[0], **options)
     except ValueError as error:
@@ -107,6 +107,8 @@ print(json.dumps({"batched": [r["text"] for r in asr(files, batch_size=2)],
                   "array": asr({"array": mono, "sampling_rate": rate})["text"],
                   "stereo": asr({"raw": stereo, "sampling_rate": stereo_rate})["text"],
                   "two_tokens": asr(files[0], generate_kwargs={"max_new_tokens": 2})["text"], "refused": refused,
+                  "beams": asr(files[0], generate_kwargs={"num_beams": 3, "no_repeat_ngram_size": 2})["text"],
+                  "greedy_again": asr(files[0])["text"],
                   "processor_call": model.transcribe(**model.processor([files[0], files[2]]))}))
 """
 
@@ -135,7 +137,8 @@ def test_the_exported_folder_loads_in_transformers_alone_and_transcribes_as_tiny
     assert forms["processor_call"] == [expected[0], expected[2]]  # processor(files) -> inputs in one call
     assert len(forms["two_tokens"].split()) <= 2 and expected[0].startswith(forms["two_tokens"])  # greedy: a prefix
     assert len(forms["refused"]) == 2 and "return_timestamps" in forms["refused"][0]
-    assert "num_beams" in forms["refused"][1]
+    assert "do_sample" in forms["refused"][1]
+    assert forms["beams"] and forms["greedy_again"] == expected[0]  # a call's decoding options end with the call
 
 
 def test_an_export_of_an_older_tiny_audio_says_to_export_again(tmp_path, capfd):

@@ -67,6 +67,7 @@ class AudioEncoder(nn.Module):
         self.model = model.get_encoder() if self.is_whisper else model
         self.full_window = full_window and self.is_whisper
         self.dim: int = config.d_model if self.is_whisper else config.hidden_size
+        self.frames_per_second = 50  # Whisper: 100 mel frames a second, halved by conv2; waveform models: 20 ms
         # Waveform models with group-norm feature extractors (e.g. hubert-base) must not get a mask.
         self.use_waveform_mask = not self.is_whisper and getattr(config, "feat_extract_norm", "layer") == "layer"
 

@@ -21,8 +21,10 @@ and ``pipeline("automatic-speech-recognition", model=folder, trust_remote_code=T
 
 from __future__ import annotations
 
+import math
 import shutil
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +34,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from .encoder import AudioEncoder, encoder_config
 from .errors import UsageError, explained_loading
@@ -67,6 +76,11 @@ class Settings:
         system_prompt: system message (``/no_think`` turns off SmolLM3's reasoning); empty for none.
         prompt: user message; ``<audio>`` marks where the audio embeddings go.
         max_new_tokens: generation limit when decoding for WER and transcription.
+        num_beams: beam search with this many beams (1: greedy decoding).
+        no_repeat_ngram_size: above 0, no n-gram of this size is generated twice in a transcript (a guard
+            against a decoder that loops on a phrase).
+        max_tokens_per_second: above 0, end each clip's transcript after this many tokens per second of
+            its audio (plus one), under ``max_new_tokens``: normal speech needs about 4 (docs/experiments.md).
         whisper_full_window: feed Whisper every clip padded to 30 s, as in its pretraining (slower);
             by default each batch is padded only to its longest clip.
         frozen_dtype: dtype the frozen encoder and decoder are held in (``bfloat16`` halves their
@@ -88,6 +102,9 @@ class Settings:
     system_prompt: str = "/no_think"
     prompt: str = "Transcribe: <audio>"
     max_new_tokens: int = 128
+    num_beams: int = 1
+    no_repeat_ngram_size: int = 0
+    max_tokens_per_second: float = 0.0
     whisper_full_window: bool = False
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
@@ -96,9 +113,12 @@ class Settings:
     lora_targets: list[str] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("projector_stack", "projector_hidden", "max_new_tokens"):
+        for name in ("projector_stack", "projector_hidden", "max_new_tokens", "num_beams"):
             if getattr(self, name) < 1:
                 raise UsageError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.no_repeat_ngram_size < 0 or self.max_tokens_per_second < 0:
+            raise UsageError(f"model.no_repeat_ngram_size and model.max_tokens_per_second must be >= 0, got "
+                             f"{self.no_repeat_ngram_size} and {self.max_tokens_per_second}")
         if self.lora_rank < 0 or self.lora_alpha <= 0:
             raise UsageError(f"model.lora_rank must be >= 0 and model.lora_alpha > 0, got {self.lora_rank} and "
                              f"{self.lora_alpha}")
@@ -107,6 +127,7 @@ class Settings:
 
 
 SETTINGS = tuple(f.name for f in fields(Settings))
+DECODING = ("max_new_tokens", "num_beams", "no_repeat_ngram_size", "max_tokens_per_second")  # per call too
 
 
 class TinyAudioConfig(PretrainedConfig):
@@ -128,6 +149,23 @@ def build_processor(config: TinyAudioConfig) -> TinyAudioProcessor:
     """
     return TinyAudioProcessor.from_models(config.encoder, config.decoder, config.system_prompt, config.prompt,
                                           config.trust_remote_code)
+
+
+class EndAfter(LogitsProcessor):
+    """Ends each sequence once it has ``limits[i]`` new tokens: only the end-of-turn token is left to choose.
+
+    A clip cannot hold more words than its duration allows; a decoder that loops on a phrase would
+    otherwise run to ``max_new_tokens``, and every looped word is an insertion.
+    """
+
+    def __init__(self, limits: torch.Tensor, end_id: int) -> None:
+        self.limits, self.end_id = limits, end_id  # [B * beams]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        done = self.limits <= input_ids.shape[1]  # [B * beams]: generated tokens so far (inputs_embeds: none given)
+        ended = torch.full_like(scores, -math.inf)
+        ended[:, self.end_id] = 0.0
+        return torch.where(done[:, None], ended, scores)
 
 
 @dataclass
@@ -178,7 +216,7 @@ class TinyAudioModel(PreTrainedModel):
 
     @classmethod
     def can_generate(cls) -> bool:
-        """False for ``transformers``: :meth:`generate` is this model's own greedy decoding, not GenerationMixin's."""
+        """False for ``transformers``: :meth:`generate` is this model's own decoding, not GenerationMixin's."""
         return False
 
     def _add_lora(self, rank: int, alpha: float, targets: list[str]) -> None:
@@ -308,30 +346,51 @@ class TinyAudioModel(PreTrainedModel):
 
     @torch.no_grad()
     def generate(self, input_features: torch.Tensor, feature_lengths: torch.Tensor,
-                 prompts: list[str | None] | None = None, max_new_tokens: int | None = None) -> torch.Tensor:
-        """Greedy batched decoding of a padded batch: the answer's token ids ``[B, T]``."""
-        return self.generate_from_audio(*self.embed_audio(input_features, feature_lengths), prompts, max_new_tokens)
+                 prompts: list[str | None] | None = None) -> torch.Tensor:
+        """Batched decoding of a padded batch (:meth:`generate_from_audio`): the answer's token ids ``[B, T]``."""
+        return self.generate_from_audio(*self.embed_audio(input_features, feature_lengths), prompts)
 
     @torch.no_grad()
+    @contextmanager
+    def decoding(self, **options: Any) -> Iterator[None]:
+        """The decoding settings (``DECODING``) changed while the block runs, e.g. ``num_beams=4`` for one call."""
+        unknown = sorted(set(options) - set(DECODING))
+        if unknown:
+            raise ValueError(f"not decoding options: {', '.join(unknown)}; they are {', '.join(DECODING)}")
+        saved = {name: getattr(self.config, name) for name in options}
+        Settings(**{**{name: getattr(self.config, name) for name in SETTINGS}, **options})  # checked
+        vars(self.config).update(options)
+        try:
+            yield
+        finally:
+            vars(self.config).update(saved)
+
     def generate_from_audio(self, audio: torch.Tensor, audio_lengths: list[int],
-                            prompts: list[str | None] | None = None, max_new_tokens: int | None = None
-                            ) -> torch.Tensor:
-        """Greedy batched decoding from projected audio ``[B, N, D]`` (from :meth:`embed_audio`)."""
+                            prompts: list[str | None] | None = None) -> torch.Tensor:
+        """Batched decoding from projected audio ``[B, N, D]`` (from :meth:`embed_audio`), as the settings say:
+        greedy or beam search (``num_beams``), a repetition guard (``no_repeat_ngram_size``) and a cap on each
+        clip's new tokens from its duration (``max_tokens_per_second``) under ``max_new_tokens``."""
         layout = self.assemble(audio, audio_lengths, self.chat_prompts(prompts, len(audio_lengths)), padding="left")
         end, pad = self.processor.end_id, self.processor.tokenizer.pad_token_id
-        config = GenerationConfig(max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=False,
+        settings = self.config
+        config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False,
+                                  num_beams=settings.num_beams, no_repeat_ngram_size=settings.no_repeat_ngram_size,
                                   eos_token_id=end, pad_token_id=end if pad is None else pad)
+        processors = LogitsProcessorList()
+        if settings.max_tokens_per_second:
+            seconds = [n * settings.projector_stack / self.encoder.frames_per_second for n in audio_lengths]
+            limits = torch.tensor([math.ceil(settings.max_tokens_per_second * s) + 1 for s in seconds])  # [B]
+            processors.append(EndAfter(limits.repeat_interleave(settings.num_beams).to(audio.device), end))
         with self.attention():
             return self.decoder.generate(inputs_embeds=layout.embeds, attention_mask=layout.mask,
-                                         generation_config=config)
+                                         generation_config=config, logits_processor=processors)
 
     def transcribe(self, input_features: torch.Tensor, feature_lengths: torch.Tensor,
-                   prompts: list[str | None] | None = None, max_new_tokens: int | None = None) -> list[str]:
-        """Greedy batched decoding of a padded batch (each clip with its own prompt, if given); one string per clip."""
-        return self.processor.decode(self.generate(input_features, feature_lengths, prompts, max_new_tokens))
+                   prompts: list[str | None] | None = None) -> list[str]:
+        """Batched decoding of a padded batch (each clip with its own prompt, if given); one string per clip."""
+        return self.processor.decode(self.generate(input_features, feature_lengths, prompts))
 
-    def transcribe_windows(self, windows: list[list[np.ndarray]], batch_size: int = 8,
-                           max_new_tokens: int | None = None) -> list[str]:
+    def transcribe_windows(self, windows: list[list[np.ndarray]], batch_size: int = 8) -> list[str]:
         """Each recording's transcript from the features of its windows (``processor.windows``).
 
         The windows of all recordings are decoded together, ``batch_size`` at a time, shortest first
@@ -345,8 +404,7 @@ class TinyAudioModel(PreTrainedModel):
         for start in range(0, len(order), batch_size):
             chosen = order[start:start + batch_size]
             features, lengths = self.processor.pad([flat[j][1] for j in chosen])
-            for j, text in zip(chosen, self.transcribe(features.to(self.device), lengths,
-                                                       max_new_tokens=max_new_tokens)):
+            for j, text in zip(chosen, self.transcribe(features.to(self.device), lengths)):
                 texts[j] = text
         joined: list[list[str]] = [[] for _ in windows]
         for (i, _), text in zip(flat, texts):  # in time order within each recording

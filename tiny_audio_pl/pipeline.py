@@ -7,8 +7,9 @@ waveform under ``raw`` or ``array`` (as ``datasets`` yields it) and its ``sampli
 downmixed and any rate resampled, as training did. Audio longer than the encoder's 30 s window is
 cut at pauses; the windows are decoded together and their texts joined: the same transcript
 ``tiny-audio transcribe`` gives. A list of inputs with ``batch_size`` is decoded ``batch_size``
-inputs at a time (batched decoding equals one-by-one decoding). Decoding is greedy: the options are
-``max_new_tokens`` (or ``generate_kwargs={"max_new_tokens": N}``); any other is refused, not ignored.
+inputs at a time (batched decoding equals one-by-one decoding). Decoding follows the model's settings;
+``generate_kwargs`` (or ``max_new_tokens=``) changes ``max_new_tokens``, ``num_beams``,
+``no_repeat_ngram_size`` or ``max_tokens_per_second`` for the call; any other option is refused, not ignored.
 The reading, cutting and decoding are the model's own (``processor.load``, ``processor.windows``,
 ``transcribe_windows``), shared with ``tiny-audio transcribe``. Copied into exported folders.
 """
@@ -18,6 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import Pipeline
+
+from .modeling import DECODING
 
 
 class TinyAudioPipeline(Pipeline):
@@ -30,13 +33,13 @@ class TinyAudioPipeline(Pipeline):
 
     def _sanitize_parameters(self, max_new_tokens: int | None = None, generate_kwargs: dict[str, Any] | None = None,
                              **unsupported: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        generate_kwargs = dict(generate_kwargs or {})
-        max_new_tokens = generate_kwargs.pop("max_new_tokens", max_new_tokens)
-        refused = sorted(unsupported) + [f"generate_kwargs[{key!r}]" for key in sorted(generate_kwargs)]
+        decoding = dict(generate_kwargs or {}) | ({"max_new_tokens": max_new_tokens} if max_new_tokens else {})
+        refused = sorted(unsupported) + [f"generate_kwargs[{key!r}]" for key in sorted(decoding)
+                                         if key not in DECODING]
         if refused:
-            raise ValueError(f"this model's pipeline does not support {', '.join(refused)}: it decodes greedily and "
-                             "returns {'text': ...}; its options are max_new_tokens and batch_size")
-        return {}, {"max_new_tokens": max_new_tokens}, {}
+            raise ValueError(f"this model's pipeline does not support {', '.join(refused)}: it returns "
+                             f"{{'text': ...}}; its options are batch_size and generate_kwargs {', '.join(DECODING)}")
+        return {}, {"decoding": decoding}, {}
 
     def __call__(self, inputs: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> Any:
         """One input, or a list; a list with ``batch_size`` > 1 is decoded that many inputs at a time."""
@@ -44,9 +47,10 @@ class TinyAudioPipeline(Pipeline):
             return super().__call__(inputs, *args, **kwargs)
         _, forward, _ = self._sanitize_parameters(**kwargs)
         results = []
-        for start in range(0, len(inputs), batch_size):
-            windows = [self.preprocess(item)["windows"] for item in inputs[start:start + batch_size]]
-            results += [{"text": text} for text in self.model.transcribe_windows(windows, batch_size, **forward)]
+        with self.model.decoding(**forward["decoding"]):
+            for start in range(0, len(inputs), batch_size):
+                windows = [self.preprocess(item)["windows"] for item in inputs[start:start + batch_size]]
+                results += [{"text": text} for text in self.model.transcribe_windows(windows, batch_size)]
         return results
 
     def preprocess(self, inputs: Any) -> dict[str, Any]:
@@ -54,9 +58,10 @@ class TinyAudioPipeline(Pipeline):
         processor = self.model.processor
         return {"windows": processor.windows(processor.load(inputs))}
 
-    def _forward(self, model_inputs: dict[str, Any], max_new_tokens: int | None = None) -> dict[str, Any]:
+    def _forward(self, model_inputs: dict[str, Any], decoding: dict[str, Any]) -> dict[str, Any]:
         windows = model_inputs["windows"]
-        return {"text": self.model.transcribe_windows([windows], len(windows), max_new_tokens)[0]}
+        with self.model.decoding(**decoding):
+            return {"text": self.model.transcribe_windows([windows], len(windows))[0]}
 
     def postprocess(self, model_outputs: dict[str, Any]) -> dict[str, str]:
         return {"text": model_outputs["text"]}
