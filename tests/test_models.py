@@ -125,10 +125,10 @@ def test_decoding_options_beam_search_repetition_guard_and_duration_cap(tiny_mod
     net = tiny_model.model
     features, lengths = dev_batch["features"], dev_batch["feature_lengths"]
     greedy = net.generate(features, lengths)
-    with net.decoding(num_beams=1):
+    with net.decoding(beam_size=1):
         assert torch.equal(net.generate(features, lengths), greedy)
     stops = {net.processor.end_id, net.processor.tokenizer.pad_token_id}
-    with net.decoding(num_beams=3, no_repeat_ngram_size=2):
+    with net.decoding(beam_size=3, no_repeat_ngram=2):
         for row in net.generate(features, lengths).tolist():
             pairs = [tuple(row[i:i + 2]) for i in range(len(row) - 1) if not stops & set(row[i:i + 2])]
             assert len(pairs) == len(set(pairs))
@@ -137,7 +137,7 @@ def test_decoding_options_beam_search_repetition_guard_and_duration_cap(tiny_mod
     for row, duration in zip(capped.tolist(), (lengths / 100).tolist()):  # Whisper: 100 mel frames a second
         assert len([t for t in row if t not in stops]) <= math.ceil(0.5 * (duration + 0.04)) + 1  # + audio rounding
     assert capped.shape[1] < greedy.shape[1]
-    assert net.config.num_beams == 1 and net.config.max_tokens_per_second == 0
+    assert net.config.beam_size == 1 and net.config.max_tokens_per_second == 0
     with pytest.raises(ValueError, match="not decoding options: top_k"):
         with net.decoding(top_k=5):
             pass

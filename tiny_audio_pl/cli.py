@@ -76,9 +76,9 @@ def use_model(args: list[str]) -> None:
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                      help="frozen models' dtype (default: the training setting, float32 on a CPU)")
     run.add_argument("--max-new-tokens", type=positive_int, help="generation limit per 30 s window")
-    run.add_argument("--num-beams", type=positive_int, help="beam search with this many beams (default: the model's "
+    run.add_argument("--beam-size", type=positive_int, help="beam search with this many beams (default: the model's "
                      "setting, 1: greedy)")
-    run.add_argument("--no-repeat-ngram-size", type=positive_int, help="never repeat an n-gram of this size")
+    run.add_argument("--no-repeat-ngram", type=positive_int, help="never repeat an n-gram of this many tokens")
     run.add_argument("--max-tokens-per-second", type=float, help="end a transcript after this many tokens per "
                      "second of audio")
     out = commands.add_parser("export", help="write the shareable model folder for a checkpoint")
@@ -138,7 +138,7 @@ def use_model(args: list[str]) -> None:
 
         device = pick_device(options.device)
         model = load_model(options.ckpt, options.dtype or ("float32" if device.type == "cpu" else None)).to(device)
-        decoding = {name: getattr(options, name) for name in ("max_new_tokens", "num_beams", "no_repeat_ngram_size",
+        decoding = {name: getattr(options, name) for name in ("max_new_tokens", "beam_size", "no_repeat_ngram",
                                                               "max_tokens_per_second") if getattr(options, name)}
         with model.decoding(**decoding):  # the model's own settings, but for those given here
             for result in transcribe_files(model, files, options.batch_size):

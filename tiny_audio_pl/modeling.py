@@ -76,8 +76,8 @@ class Settings:
         system_prompt: system message (``/no_think`` turns off SmolLM3's reasoning); empty for none.
         prompt: user message; ``<audio>`` marks where the audio embeddings go.
         max_new_tokens: generation limit when decoding for WER and transcription.
-        num_beams: beam search with this many beams (1: greedy decoding).
-        no_repeat_ngram_size: above 0, no n-gram of this size is generated twice in a transcript (a guard
+        beam_size: beam search with this many beams (1: greedy decoding).
+        no_repeat_ngram: above 0, no n-gram of this many tokens is generated twice in a transcript (a guard
             against a decoder that loops on a phrase).
         max_tokens_per_second: above 0, end each clip's transcript after this many tokens per second of
             its audio (plus one), under ``max_new_tokens``: normal speech needs about 4 (docs/experiments.md).
@@ -102,8 +102,8 @@ class Settings:
     system_prompt: str = "/no_think"
     prompt: str = "Transcribe: <audio>"
     max_new_tokens: int = 128
-    num_beams: int = 1
-    no_repeat_ngram_size: int = 0
+    beam_size: int = 1
+    no_repeat_ngram: int = 0
     max_tokens_per_second: float = 0.0
     whisper_full_window: bool = False
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -113,12 +113,12 @@ class Settings:
     lora_targets: list[str] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("projector_stack", "projector_hidden", "max_new_tokens", "num_beams"):
+        for name in ("projector_stack", "projector_hidden", "max_new_tokens", "beam_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.no_repeat_ngram_size < 0 or self.max_tokens_per_second < 0:
-            raise UsageError(f"model.no_repeat_ngram_size and model.max_tokens_per_second must be >= 0, got "
-                             f"{self.no_repeat_ngram_size} and {self.max_tokens_per_second}")
+        if self.no_repeat_ngram < 0 or self.max_tokens_per_second < 0:
+            raise UsageError(f"model.no_repeat_ngram and model.max_tokens_per_second must be >= 0, got "
+                             f"{self.no_repeat_ngram} and {self.max_tokens_per_second}")
         if self.lora_rank < 0 or self.lora_alpha <= 0:
             raise UsageError(f"model.lora_rank must be >= 0 and model.lora_alpha > 0, got {self.lora_rank} and "
                              f"{self.lora_alpha}")
@@ -127,7 +127,9 @@ class Settings:
 
 
 SETTINGS = tuple(f.name for f in fields(Settings))
-DECODING = ("max_new_tokens", "num_beams", "no_repeat_ngram_size", "max_tokens_per_second")  # per call too
+# The decoding settings, which a call may change (``TinyAudioModel.decoding``). Not named as transformers' generation
+# options (num_beams, no_repeat_ngram_size): transformers refuses those in a model's config.json.
+DECODING = ("max_new_tokens", "beam_size", "no_repeat_ngram", "max_tokens_per_second")
 
 
 class TinyAudioConfig(PretrainedConfig):
@@ -353,7 +355,7 @@ class TinyAudioModel(PreTrainedModel):
     @torch.no_grad()
     @contextmanager
     def decoding(self, **options: Any) -> Iterator[None]:
-        """The decoding settings (``DECODING``) changed while the block runs, e.g. ``num_beams=4`` for one call."""
+        """The decoding settings (``DECODING``) changed while the block runs, e.g. ``beam_size=4`` for one call."""
         unknown = sorted(set(options) - set(DECODING))
         if unknown:
             raise ValueError(f"not decoding options: {', '.join(unknown)}; they are {', '.join(DECODING)}")
@@ -368,19 +370,19 @@ class TinyAudioModel(PreTrainedModel):
     def generate_from_audio(self, audio: torch.Tensor, audio_lengths: list[int],
                             prompts: list[str | None] | None = None) -> torch.Tensor:
         """Batched decoding from projected audio ``[B, N, D]`` (from :meth:`embed_audio`), as the settings say:
-        greedy or beam search (``num_beams``), a repetition guard (``no_repeat_ngram_size``) and a cap on each
+        greedy or beam search (``beam_size``), a repetition guard (``no_repeat_ngram``) and a cap on each
         clip's new tokens from its duration (``max_tokens_per_second``) under ``max_new_tokens``."""
         layout = self.assemble(audio, audio_lengths, self.chat_prompts(prompts, len(audio_lengths)), padding="left")
         end, pad = self.processor.end_id, self.processor.tokenizer.pad_token_id
         settings = self.config
         config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False,
-                                  num_beams=settings.num_beams, no_repeat_ngram_size=settings.no_repeat_ngram_size,
+                                  num_beams=settings.beam_size, no_repeat_ngram_size=settings.no_repeat_ngram,
                                   eos_token_id=end, pad_token_id=end if pad is None else pad)
         processors = LogitsProcessorList()
         if settings.max_tokens_per_second:
             seconds = [n * settings.projector_stack / self.encoder.frames_per_second for n in audio_lengths]
             limits = torch.tensor([math.ceil(settings.max_tokens_per_second * s) + 1 for s in seconds])  # [B]
-            processors.append(EndAfter(limits.repeat_interleave(settings.num_beams).to(audio.device), end))
+            processors.append(EndAfter(limits.repeat_interleave(settings.beam_size).to(audio.device), end))
         with self.attention():
             return self.decoder.generate(inputs_embeds=layout.embeds, attention_mask=layout.mask,
                                          generation_config=config, logits_processor=processors)

@@ -9,7 +9,8 @@ cut at pauses; the windows are decoded together and their texts joined: the same
 ``tiny-audio transcribe`` gives. A list of inputs with ``batch_size`` is decoded ``batch_size``
 inputs at a time (batched decoding equals one-by-one decoding). Decoding follows the model's settings;
 ``generate_kwargs`` (or ``max_new_tokens=``) changes ``max_new_tokens``, ``num_beams``,
-``no_repeat_ngram_size`` or ``max_tokens_per_second`` for the call; any other option is refused, not ignored.
+``no_repeat_ngram_size`` or ``max_tokens_per_second`` for the call (the model's ``beam_size``,
+``no_repeat_ngram`` ...); any other option is refused, not ignored.
 The reading, cutting and decoding are the model's own (``processor.load``, ``processor.windows``,
 ``transcribe_windows``), shared with ``tiny-audio transcribe``. Copied into exported folders.
 """
@@ -22,6 +23,9 @@ from transformers import Pipeline
 
 from .modeling import DECODING
 
+# generate_kwargs as transformers names them -> the model's decoding settings
+OPTIONS = {"num_beams": "beam_size", "no_repeat_ngram_size": "no_repeat_ngram"} | {name: name for name in DECODING}
+
 
 class TinyAudioPipeline(Pipeline):
     """Audio in, ``{"text": transcript}`` out."""
@@ -33,13 +37,12 @@ class TinyAudioPipeline(Pipeline):
 
     def _sanitize_parameters(self, max_new_tokens: int | None = None, generate_kwargs: dict[str, Any] | None = None,
                              **unsupported: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        decoding = dict(generate_kwargs or {}) | ({"max_new_tokens": max_new_tokens} if max_new_tokens else {})
-        refused = sorted(unsupported) + [f"generate_kwargs[{key!r}]" for key in sorted(decoding)
-                                         if key not in DECODING]
+        asked = dict(generate_kwargs or {}) | ({"max_new_tokens": max_new_tokens} if max_new_tokens else {})
+        refused = sorted(unsupported) + [f"generate_kwargs[{key!r}]" for key in sorted(asked) if key not in OPTIONS]
         if refused:
             raise ValueError(f"this model's pipeline does not support {', '.join(refused)}: it returns "
-                             f"{{'text': ...}}; its options are batch_size and generate_kwargs {', '.join(DECODING)}")
-        return {}, {"decoding": decoding}, {}
+                             f"{{'text': ...}}; its options are batch_size and generate_kwargs {', '.join(OPTIONS)}")
+        return {}, {"decoding": {OPTIONS[key]: value for key, value in asked.items()}}, {}
 
     def __call__(self, inputs: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> Any:
         """One input, or a list; a list with ``batch_size`` > 1 is decoded that many inputs at a time."""
