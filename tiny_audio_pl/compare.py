@@ -169,27 +169,31 @@ def _most_changed(first: System, other: System, count: int) -> list[dict[str, An
 
 
 def text_report(result: dict[str, Any]) -> str:
-    """The comparison as a table a person reads: WERs, each difference with its interval, the verdicts."""
+    """The comparison as tables a person reads: each system's WER with its interval, then each difference."""
     labels = [s["label"] for s in result["systems"]]
-    first = labels[0]
-    level = f"{100 * result['level']:g} %"
+    first, level = labels[0], f"{100 * result['level']:g} %"
     lines = [f"{label} = {s['source']}" for label, s in zip(labels, result["systems"])]
-    header = f"{'set':<16} {'utts':>6} " + " ".join(f"{label + ' WER %':>9}" for label in labels)
-    lines += ["", header + "".join(f"   {label}-{first} ({level} interval)  {label} better in  verdict"
-                                   for label in labels[1:])]
+    def score(cell: dict[str, float]) -> str:
+        return f"{100 * cell['wer']:.2f} ({100 * cell['low']:.1f}-{100 * cell['high']:.1f})"
+
+    heading = [f"{label} WER % ({level} interval)" for label in labels]
+    lines += ["", f"{'set':<16} {'utts':>6}" + "".join(f"  {h:>26}" for h in heading)]
     for name, entry in result["sets"].items():
-        row = f"{name:<16} {entry['utterances']:>6} " + " ".join(
-            f"{100 * entry['systems'][label]['wer']:>9.2f}" for label in labels)
-        for label in labels[1:]:
+        lines.append(f"{name:<16} {entry['utterances']:>6}" + "".join(
+            f"  {score(entry['systems'][label]):>26}" for label in labels))
+    for label in labels[1:]:
+        heading = f"{label} - {first} ({level} interval)"
+        lines += ["", f"{'set':<16} {heading:>30}  {label + ' better in':>12}  verdict"]
+        for name, entry in result["sets"].items():
             pair = entry["against_first"][label]
-            interval = f"{100 * pair['difference']:+.2f} ({100 * pair['low']:+.2f} to {100 * pair['high']:+.2f})"
-            row += f"   {interval:<26} {100 * pair['better_share']:>9.1f} %  {label} {pair['verdict']}"
-        lines.append(row)
+            difference = f"{100 * pair['difference']:+.2f} ({100 * pair['low']:+.2f} to {100 * pair['high']:+.2f})"
+            lines.append(f"{name:<16} {difference:>30}  {100 * pair['better_share']:>10.1f} %  "
+                         f"{label} {pair['verdict']}")
     lines.append(f"(paired bootstrap over utterances: {result['resamples']} resamples, seed {result['seed']})")
     for label, changes in result["changed"].items():
         if changes:
-            lines += ["", f"most changed utterances, {first} -> {label} (errors):"]
-            lines += [f"  {c['set']}/{c['id']}  {c['errors'][0]} -> {c['errors'][1]}  ref: {c['reference']} | "
+            lines += ["", f"most changed utterances, {first} -> {label} (word errors):"]
+            lines += [f"  {c['set']}/{c['id']}  {c['errors'][0]} -> {c['errors'][1]}  reference: {c['reference']} | "
                       f"{first}: {c['hypotheses'][0]} | {label}: {c['hypotheses'][1]}" for c in changes]
     return "\n".join(lines)
 
