@@ -3,16 +3,18 @@
 Imported only for these two commands (``cli.py`` answers the others without torch or Lightning).
 Beyond the stock LightningCLI it adds:
 
-- ``train/lr`` logged by Lightning's ``LearningRateMonitor`` (always present), and a progress bar
-  in optimizer steps out of ``trainer.max_steps`` with the loss and the learning rate;
+- ``train/lr`` logged by Lightning's ``LearningRateMonitor`` (whenever there is a logger), and a
+  progress bar in optimizer steps out of ``trainer.max_steps`` with the loss and the learning rate;
 - a ``checkpoint.*`` section: the checkpoint callback is always there (every 1000 steps, named
   ``step=N.ckpt``, plus ``last``, a link to the newest; written atomically, and also on SIGTERM: see
   ``checkpoint.py``);
 - the data module is handed the model's own processor (``SpeechDataModule.connect``), so clips are
   prepared with the feature extractor and tokenizer the model uses;
-- runs go under ``trainer.default_root_dir`` (the TensorBoard logger's folder unless set apart);
+- runs go under ``trainer.default_root_dir`` (the loggers' ``save_dir`` unless set apart), and each
+  run keeps its own folder whatever the logger (TensorBoard, CSV, W&B, MLflow: ``RUN_LAYOUT``),
+  with its ``config.yaml`` (:class:`RunConfig`), per-utterance files and checkpoints;
 - ``--ckpt_path last`` means the newest ``last.ckpt`` of any earlier run, and ``fit`` then keeps
-  logging into that run's folder. Stock Lightning would look only in the new run's (empty) folder
+  logging into that run (folder, W&B or MLflow run). Stock Lightning would look only in the new run's (empty) folder
   and silently start from scratch; here a missing checkpoint is an error, unless ``--ckpt_path
   auto`` asked to start afresh in that case (for restart loops on preemptible machines);
 - checks that fail in the first second, before any weights load or any folder is written, with one
@@ -20,8 +22,9 @@ Beyond the stock LightningCLI it adds:
   of range, ``trainer.max_steps`` unset, a checkpoint that is a folder or not a Lightning checkpoint,
   a dataset folder without the split or the columns, a run folder that cannot be written;
 - no more compute threads than cores: the main process gets the cores the dataloader workers do not;
+- ``validate --sclite DIR`` writes the last validation as NIST sclite ``trn`` files;
 - at the end of ``fit`` and ``validate``, a summary: the run folder, the last checkpoint, the last
-  validation's scores, and the TensorBoard command.
+  validation's scores, and where each logger keeps the run.
 """
 
 from __future__ import annotations
