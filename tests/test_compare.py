@@ -63,8 +63,7 @@ def test_compare_gives_the_known_verdict(kind, verdict, sctk, tmp_path):
     a, b = _pair(kind)
     result = compare([_system("A", a), _system("B", b)], resamples=2000, seed=1)
     pair = result["sets"]["dev"]["against_first"]["B"]
-    assert pair["verdict"] == verdict
-    assert result["sets"]["overall"]["against_first"]["B"]["verdict"] == verdict
+    assert pair["verdict"] == verdict and set(result["sets"]) == {"dev"}  # one set: no "overall" row
     errors = [sum(row.errors for row in rows) / sum(row.reference_words for row in rows) for rows in (a, b)]
     assert pair["difference"] == pytest.approx(errors[1] - errors[0])
     assert pair["low"] <= pair["difference"] <= pair["high"]
@@ -101,7 +100,7 @@ def test_word_errors_equal_sclites_on_a_real_validation(trained, tmp_path):
 
 
 def test_compare_command_text_json_and_plot(tmp_path):
-    a, b = _pair("win")
+    a, b = (rows + [Utterance(**{**vars(row), "set": "other"}) for row in rows[:50]] for rows in _pair("win"))
     write_utterances(a, tmp_path / "a" / "utterances" / "step=100.tsv")  # a run folder
     write_utterances(b, tmp_path / "b.tsv")  # a per-utterance file
     text = subprocess.run(cli("compare", str(tmp_path / "a"), str(tmp_path / "b.tsv"), "--plot",
@@ -112,7 +111,11 @@ def test_compare_command_text_json_and_plot(tmp_path):
     as_json = subprocess.run(cli("compare", str(tmp_path / "a"), str(tmp_path / "b.tsv"), "--json"),
                              env=cli_env(), capture_output=True, text=True, timeout=120)
     figures = json.loads(as_json.stdout)
-    assert set(figures["sets"]) == {"dev", "overall"} and figures["resamples"] == 1000
+    assert set(figures["sets"]) == {"dev", "other", "overall"} and figures["resamples"] == 1000
+    overall = figures["sets"]["overall"]  # both sets pooled: summed errors over summed words
+    assert overall["utterances"] == 250
+    assert overall["systems"]["A"]["wer"] == pytest.approx(sum(r.errors for r in a) / sum(r.reference_words for r in a))
+    assert overall["against_first"]["B"]["verdict"] == "better"
 
 
 def test_utterances_that_do_not_match_are_one_line(tmp_path):

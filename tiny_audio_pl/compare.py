@@ -5,7 +5,8 @@ a run folder (its newest such file), or a training checkpoint, which is validate
 config its run saved (``config.yaml`` of its run folder) into a temporary folder.
 
 Every other system is compared with the first on the same utterances, matched by set and id (a set
-or an id that is not in both is one line, never a silently smaller sample). Per set and overall:
+or an id that is not in both is one line, never a silently smaller sample). Per set, and overall
+when there are several:
 each system's corpus WER, the difference with its interval from a paired bootstrap (the same
 resampled utterances for both systems, the corpus WER of each resample: summed errors over summed
 words, not a mean of utterance WERs; overall, each set resampled on its own), the share of
@@ -133,10 +134,11 @@ def compare(systems: list[System], resamples: int = 1000, seed: int = 0, level: 
     words = {name: np.array([systems[0].utterances[k].reference_words for k in keys[name]]) for name in sets}
     picks = {name: resample(len(keys[name]), resamples, rng) for name in sets}
     resampled = {name: (errors[name][:, picks[name]].sum(-1), words[name][picks[name]].sum(-1)) for name in sets}
-    resampled[OVERALL] = (sum(e for e, _ in resampled.values()), sum(w for _, w in resampled.values()))
+    if len(sets) > 1:  # all sets together, each resampled on its own
+        resampled[OVERALL] = (sum(e for e, _ in resampled.values()), sum(w for _, w in resampled.values()))
     result: dict[str, Any] = {"systems": [{"label": s.label, "source": s.source} for s in systems],
                               "resamples": resamples, "seed": seed, "level": level, "sets": {}}
-    for name in [*sets, OVERALL]:
+    for name in resampled:
         chosen = sets if name == OVERALL else [name]
         set_errors = np.concatenate([errors[n] for n in chosen], axis=1)  # [systems, utterances]
         set_words = np.concatenate([words[n] for n in chosen])
@@ -198,6 +200,14 @@ def text_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def short_name(source: str) -> str:
+    """A system's name for a legend: ``RUN step N`` for a run's ``utterances/step=N.tsv``, else the file's name."""
+    path = Path(source)
+    if path.parent.name == "utterances" and path.stem.startswith("step="):
+        return f"{path.parent.parent.name} step {path.stem.removeprefix('step=')}"
+    return path.name
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     """Each set's WER per system with its interval, side by side, into a PNG."""
     try:
@@ -209,19 +219,28 @@ def plot(result: dict[str, Any], path: Path) -> None:
         raise UsageError("--plot needs matplotlib: pip install -e \".[plot]\"") from error
     labels = [s["label"] for s in result["systems"]]
     names = list(result["sets"])
-    width = 0.8 / len(labels)
-    figure, axes = plt.subplots(figsize=(max(5.0, 1.6 * len(names) * len(labels) / 2 + 2), 4))
-    for i, label in enumerate(labels):
-        scores = [result["sets"][name]["systems"][label] for name in names]
+    width = 0.7 / len(labels)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(max(9.0, 2.4 * len(names) + 5), 3.8))
+
+    def draw(axes: Any, i: int, cells: list[dict[str, float]], value: str, label: str) -> None:
         x = np.arange(len(names)) + (i - (len(labels) - 1) / 2) * width
-        wer = np.array([100 * s["wer"] for s in scores])
-        spread = np.array([[100 * (s["wer"] - s["low"]) for s in scores],
-                           [100 * (s["high"] - s["wer"]) for s in scores]])  # [2, sets]: below and above
-        axes.bar(x, wer, width, yerr=spread, capsize=4, label=f"{label}: {Path(result['systems'][i]['source']).name}")
-    axes.set_xticks(np.arange(len(names)), names)
-    axes.set_ylabel(f"WER % ({100 * result['level']:g} % bootstrap interval)")
-    axes.legend(fontsize="small")
-    axes.set_title("Word error rate per evaluation set")
+        y = np.array([100 * c[value] for c in cells])
+        spread = np.array([[100 * c[value] - 100 * c["low"] for c in cells],
+                           [100 * c["high"] - 100 * c[value] for c in cells]])  # [2, sets]: below and above
+        axes.errorbar(x, y, yerr=spread, fmt="o", capsize=5, color=f"C{i}", label=label)
+
+    for i, (label, system) in enumerate(zip(labels, result["systems"])):
+        draw(left, i, [result["sets"][n]["systems"][label] for n in names], "wer",
+             f"{label}: {short_name(system['source'])}")
+        if i:
+            draw(right, i, [result["sets"][n]["against_first"][label] for n in names], "difference", label)
+    right.axhline(0, color="black", linewidth=0.8)
+    for axes, title in ((left, "WER %"), (right, f"WER difference with {labels[0]}, points")):
+        axes.set_xticks(np.arange(len(names)), names)
+        axes.set_xlim(-0.6, len(names) - 0.4)
+        axes.set_title(f"{title} ({100 * result['level']:g} % interval)", fontsize="medium")
+        axes.grid(axis="y", alpha=0.3)
+    left.legend(fontsize="small")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
