@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT, SMOKE, cli, cli_env, run_cli
 from tiny_audio_pl.cli import main
@@ -89,6 +90,9 @@ def test_fit_validate_and_resume_on_the_tiny_assets(workdir):
     out = _run(tmp_path, "validate", "-c", smoke, "--data.max_eval_samples", "4", "--ckpt_path", str(last))
     assert out.count("validation   WER ") == 1 and out.count("per-utterance results: ") == 1  # reported once
     assert "val/wer" not in out  # Lightning's own metrics table is not printed too
+    scored = EventAccumulator(str(tmp_path / "lightning_logs" / "version_1"))
+    scored.Reload()
+    assert [s.step for s in scored.Scalars("val/wer")] == [4]  # at the checkpoint's step, not at 0
 
     out = _run(tmp_path, "fit", "-c", smoke, *quick[2:], "--trainer.max_steps", "6", "--trainer.val_check_interval",
                "6", "--ckpt_path", "last")

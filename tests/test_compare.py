@@ -91,7 +91,7 @@ def test_word_errors_equal_sclites_on_a_real_validation(trained, tmp_path):
     sclite = subprocess.run([SCTK, "sclite", "-r", str(tmp_path / "trn/validation.ref.trn"), "trn", "-h",
                              str(tmp_path / "trn/validation.hyp.trn"), "trn", "-i", "spu_id", "-o", "rsum", "stdout"],
                             capture_output=True, text=True, check=True, timeout=60).stdout
-    total = next(line for line in sclite.splitlines() if line.strip().startswith("| Sum"))
+    total = next(line for line in sclite.splitlines() if re.match(r"\s*\|\s*Sum\s*\|", line))  # the totals row
     sentences, words, _, subs, dels, ins, errors, _ = (int(n) for n in re.findall(r"\d+", total))
     ours = [sum(getattr(row, k) for row in rows) for k in ("reference_words", "substitutions", "deletions",
                                                             "insertions", "errors")]

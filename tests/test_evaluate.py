@@ -4,6 +4,7 @@ import csv
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -27,11 +28,14 @@ def test_validate_scores_each_set_on_its_own_row(trained, workdir):
                      "--trainer.enable_progress_bar", "false")
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout[result.stdout.index("set "):].splitlines()
-    assert table[0].split() == ["set", "utterances", "hours", "WER", "%", "loss", "gain", "RTF"]
+    assert table[0].split() == ["set", "utterances", "hours", "WER", "%", "95", "%", "interval", "sub", "del", "ins",
+                                "loss", "gain", "RTF"]
     by_set = {line.split()[0]: line.split()[1:] for line in table[1:3]}
     assert by_set["tiny_dev"][0] == "4" and by_set["other.clean"][0] == "6"
-    for _, hours, wer, loss, gain, rtf in by_set.values():
+    for _, hours, wer, interval, sub, dele, ins, loss, gain, rtf in by_set.values():
+        low, high = (float(x) for x in interval.split("-"))
         assert 0 < float(hours) < 0.01 and 0 <= float(wer) and float(loss) > 0 and float(rtf) > 0
+        assert low <= float(wer) <= high and float(sub) + float(dele) + float(ins) == pytest.approx(float(wer), abs=0.2)
         assert abs(float(gain)) < float(loss)
 
     run = workdir / "lightning_logs" / "version_0"
