@@ -41,6 +41,7 @@ commands:
   fit          train the projector:  tiny-audio fit -c configs/smoke.yaml  [--ckpt_path last]
   validate     WER and loss of a checkpoint:  tiny-audio validate -c CONFIG --ckpt_path PATH
   compare      is B better than A (paired bootstrap):  tiny-audio compare RUN_A RUN_B [--plot wer.png]
+  demo         try a model in the browser:  tiny-audio demo --ckpt CHECKPOINT_OR_EXPORT
   transcribe   audio files to text:  tiny-audio transcribe AUDIO... --ckpt CHECKPOINT_OR_EXPORT
   export       the shareable model folder:  tiny-audio export --ckpt CHECKPOINT --out DIR
   download     models and data into the hub cache, for nodes without internet:  tiny-audio download -c CONFIG
@@ -97,6 +98,11 @@ def use_model(args: list[str]) -> None:
     versus.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
     versus.add_argument("--json", action="store_true", help="print the comparison as JSON")
     versus.add_argument("--plot", metavar="FILE.png", help="also draw each set's WER with its interval")
+    page = commands.add_parser("demo", help="try a model in the browser: upload or record audio, read the transcript")
+    page.add_argument("--ckpt", required=True, help="checkpoint of `tiny-audio fit` or folder of `tiny-audio export`")
+    page.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    page.add_argument("--port", type=positive_int, default=7860, help="port (default: 7860)")
+    page.add_argument("--max-minutes", type=float, default=5.0, help="longest audio the page accepts (default: 5)")
     fetch = commands.add_parser("download", help="fetch a config's models and data into the hub cache, for nodes "
                                 "without internet (then run with HF_HUB_OFFLINE=1)")
     fetch.add_argument("-c", "--config", action="append", required=True,
@@ -108,6 +114,17 @@ def use_model(args: list[str]) -> None:
         return download_config(options.config, overrides, options.max_files)
     if overrides:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    if options.command == "demo":
+        try:
+            import gradio  # noqa: F401 - an optional extra
+        except ImportError as error:
+            raise UsageError('the demo needs gradio: pip install -e ".[demo]"') from error
+        if not Path(options.ckpt).exists():
+            raise UsageError(f"--ckpt {options.ckpt}: no such file or folder")
+        quiet()
+        from tiny_audio_pl.demo import serve
+
+        return serve(options.ckpt, options.host, options.port, options.max_minutes)
     if options.command == "compare":
         from tiny_audio_pl.compare import run as compare
 
@@ -286,7 +303,7 @@ def main(args: list[str] | None = None) -> None:
         return
     try:
         check_config_files(argv)
-        if argv[0] in ("transcribe", "export", "compare", "download"):
+        if argv[0] in ("transcribe", "export", "compare", "demo", "download"):
             use_model(argv)
             return
         quiet()

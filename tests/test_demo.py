@@ -1,0 +1,126 @@
+"""``tiny-audio demo`` in a real browser: Debian's Chromium driven by Selenium, the app started and stopped here."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import ROOT, cli, cli_env, run_cli
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER and importlib.util.find_spec("gradio") and importlib.util.find_spec("selenium")),
+    reason="needs Debian's chromium and chromium-driver and the demo extra (.ci/run installs them)")
+CLIP = ROOT / "assets" / "clips" / "dev-0000.wav"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def demo(trained: Path) -> Iterator[str]:
+    """The demo on the smoke checkpoint, at the URL it prints (bounded wait), stopped after the test."""
+    port = _free_port()
+    process = subprocess.Popen(cli("demo", "--ckpt", str(trained), "--port", str(port), "--max-minutes", "1"),
+                               env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 90
+        line = ""
+        while time.time() < deadline and "tiny-audio demo: http" not in line:
+            line = process.stdout.readline()
+            assert line or process.poll() is None, "the demo stopped before serving"
+        assert "tiny-audio demo: http" in line, "the demo did not print its URL within 90 s"
+        yield line.split(": ", 1)[1].strip()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture
+def browser() -> Iterator:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _transcribe_in_page(driver, path: Path) -> tuple[str, str]:
+    """Upload ``path``, press the button, and read the transcript and the status line once the status changes."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def status(d) -> str:  # the status line once no request is in progress ("" while one is)
+        text = d.find_element(By.CSS_SELECTOR, "#status").text
+        return "" if "processing" in text or "queue" in text else text
+
+    before = status(driver)
+    driver.find_element(By.CSS_SELECTOR, "#audio input[type=file]").send_keys(str(path))
+    time.sleep(2)  # the component takes the file
+    driver.find_element(By.CSS_SELECTOR, "#transcribe").click()
+    WebDriverWait(driver, 90).until(lambda d: status(d) not in ("", before))
+    settled = WebDriverWait(driver, 30, poll_frequency=1.0)
+    seen: list[str] = []  # the same, finished, status twice in a row: the request is done
+    settled.until(lambda d: seen.append(status(d)) or (len(seen) > 1 and seen[-1] == seen[-2] != ""))
+    text = driver.find_element(By.CSS_SELECTOR, "#transcript textarea").get_attribute("value")
+    shown = seen[-1]
+    clear = driver.find_elements(By.CSS_SELECTOR, "#audio button[aria-label='Clear']")
+    if clear:  # ready for the next file
+        clear[0].click()
+    return text, shown
+
+
+def test_the_demo_transcribes_as_transcribe_does_and_explains_bad_audio(demo, browser, trained, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    expected = run_cli(tmp_path, "transcribe", str(CLIP), "--ckpt", str(trained)).stdout.split("\t", 1)[1].strip()
+    browser.get(demo)
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#transcribe"))
+    facts = browser.find_element(By.CSS_SELECTOR, "#facts").text
+    assert "assets/tiny-whisper" in facts and "trained 20 steps" in facts and "val/wer" in facts
+    text, status = _transcribe_in_page(browser, CLIP)
+    assert text == expected and "real-time factor" in status and "1 window" in status
+    browser.save_screenshot(str(tmp_path / "demo.png"))
+
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("this is not audio")
+    long = tmp_path / "ten-minutes.flac"
+    sf.write(long, np.zeros(600 * 16_000, dtype=np.float32) + 0.01, 16_000)
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, dtype=np.float32), 16_000)
+    for path, message in ((not_audio, "Cannot read"), (long, "more than this demo's 1 min"), (empty, "")):
+        _, status = _transcribe_in_page(browser, path)
+        assert ("No audio" in status or "Cannot" in status) if path == empty else message in status, status
+    text, _ = _transcribe_in_page(browser, CLIP)  # and it keeps serving
+    assert text == expected
+
+
+def test_the_demo_is_not_imported_by_training():
+    result = subprocess.run(["python", "-c", "import sys; import tiny_audio_pl.lightning_cli; "
+                             "print(sorted(m for m in sys.modules if m.startswith(('gradio', 'tiny_audio_pl.demo'))))"],
+                            env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stderr[-2000:]
