@@ -6,6 +6,7 @@ import importlib.util
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,7 +121,7 @@ def test_the_demo_transcribes_as_transcribe_does_and_explains_bad_audio(demo, br
 
 
 def test_the_demo_is_not_imported_by_training():
-    result = subprocess.run(["python", "-c", "import sys; import tiny_audio_pl.lightning_cli; "
+    result = subprocess.run([sys.executable, "-c", "import sys; import tiny_audio_pl.lightning_cli; "
                              "print(sorted(m for m in sys.modules if m.startswith(('gradio', 'tiny_audio_pl.demo'))))"],
                             env=cli_env(), capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "[]", result.stderr[-2000:]
