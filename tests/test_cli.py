@@ -173,9 +173,10 @@ print("imported:", heavy)
 
 @pytest.mark.parametrize("args", [["--help"], ["transcribe", "gone.wav", "--ckpt", "x.ckpt"], ["export", "--bogus"],
                                   ["transcribe", "--help"], ["download", "-c", "missing.yaml"],
-                                  ["fit", "-c", "missing.yaml"], ["compare", "a.tsv", "b.tsv"]],
+                                  ["fit", "-c", "missing.yaml"], ["compare", "a.tsv", "b.tsv"],
+                                  ["demo", "--ckpt", "missing.ckpt"]],
                          ids=["help", "missing-audio", "bad-option", "transcribe-help", "download-no-config",
-                              "fit-no-config", "compare-missing-file"])
+                              "fit-no-config", "compare-missing-file", "demo-missing-checkpoint"])
 def test_usage_and_usage_errors_are_answered_without_torch(tmp_path, args):
     """What a user gets at once: the command list, a command's usage, a one-line mistake; torch is never imported."""
     result = subprocess.run([sys.executable, "-c", NO_TORCH, *args], cwd=tmp_path, capture_output=True, text=True,

@@ -1,9 +1,10 @@
-"""The ``tiny-audio`` command: ``fit | validate | compare | transcribe | export | download``.
+"""The ``tiny-audio`` command: ``fit | validate | compare | demo | transcribe | export | download``.
 
 ``tiny-audio fit|validate -c configs/X.yaml [--section.key value ...]`` train and score (LightningCLI,
 ``lightning_cli.py``); ``tiny-audio transcribe AUDIO... --ckpt PATH`` and ``tiny-audio export --ckpt PATH
---out DIR`` use a trained model, ``tiny-audio compare A B`` tells whether B's WER differs from A's beyond
-noise, and ``tiny-audio download -c configs/X.yaml`` fetches what a config needs for a node without
+--out DIR`` use a trained model, ``tiny-audio demo --ckpt PATH`` serves it in a browser page,
+``tiny-audio compare A B`` tells whether B's WER differs from A's beyond noise, and ``tiny-audio
+download -c configs/X.yaml`` fetches what a config needs for a node without
 internet (plain argparse: no Trainer).
 
 This module imports neither torch nor Lightning nor transformers: each command imports what it
@@ -64,7 +65,7 @@ def positive_int(text: str) -> int:
 
 
 def use_model(args: list[str]) -> None:
-    """``tiny-audio transcribe``, ``export``, ``compare`` and ``download``: plain argparse, no Trainer involved."""
+    """``tiny-audio transcribe``, ``export``, ``compare``, ``demo`` and ``download``: plain argparse, no Trainer."""
     parser = OneLineParser(prog="tiny-audio")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     run = commands.add_parser("transcribe", help="transcribe audio files (wav, flac, ogg, mp3; any rate/channels)")
@@ -115,12 +116,10 @@ def use_model(args: list[str]) -> None:
     if overrides:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if options.command == "demo":
-        try:
-            import gradio  # noqa: F401 - an optional extra
-        except ImportError as error:
-            raise UsageError('the demo needs gradio: pip install -e ".[demo]"') from error
         if not Path(options.ckpt).exists():
             raise UsageError(f"--ckpt {options.ckpt}: no such file or folder")
+        if importlib.util.find_spec("gradio") is None:  # an optional extra
+            raise UsageError('the demo needs gradio: pip install -e ".[demo]"')
         quiet()
         from tiny_audio_pl.demo import serve
 

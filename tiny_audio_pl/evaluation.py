@@ -1,7 +1,7 @@
 """Scoring evaluation sets: WER after Whisper's normaliser, grounding losses, and the reports.
 
 The training loop hands each validation batch to :class:`Evaluation`, which runs the model on it
-(losses with the clip's own audio, a neighbour's and none; greedy transcripts) and adds the results
+(losses with the clip's own audio, a neighbour's and none; transcripts) and adds the results
 to a :class:`SetTally` per evaluation set. At the end of a pass the tallies of all ranks are merged
 and reported here: metrics per set, one row per set printed, every utterance worst first in a TSV
 file, a few clips with reference and hypothesis in TensorBoard. The corpus WER is the merged
@@ -105,7 +105,8 @@ class Evaluation:
 
     @torch.no_grad()
     def score(self, model: TinyAudioModel, batch: dict[str, Any], targets: list[list[int]]) -> None:
-        """Losses (grounding included), greedy transcripts and WER of one batch of the set ``batch["set"]``."""
+        """Losses (grounding included), transcripts (the model's decoding settings) and WER of one batch of the set
+        ``batch["set"]``."""
         start = time.perf_counter()
         size, prompts = len(batch["text"]), batch.get("prompt")
         audio, audio_lengths = model.embed_audio(batch["features"], batch["feature_lengths"])  # once for all
