@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import socket
 import subprocess
@@ -16,6 +17,8 @@ import pytest
 import soundfile as sf
 
 from conftest import ROOT, cli, cli_env, run_cli
+from tiny_audio_pl.compare import newest_utterances
+from tiny_audio_pl.scoring import read_utterances
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -32,10 +35,11 @@ def _free_port() -> int:
 
 @pytest.fixture
 def demo(trained: Path) -> Iterator[str]:
-    """The demo on the smoke checkpoint, at the URL it prints (bounded wait), stopped after the test."""
+    """The demo on the smoke checkpoint and its run, at the URL it prints (bounded wait), stopped after the test."""
     port = _free_port()
-    process = subprocess.Popen(cli("demo", "--ckpt", str(trained), "--port", str(port), "--max-minutes", "1"),
-                               env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(cli("demo", "--ckpt", str(trained), "--run", str(trained.parent.parent), "--port",
+                                   str(port), "--max-minutes", "1"), cwd=trained.parents[3], env=cli_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 90
         line = ""
@@ -125,3 +129,32 @@ def test_the_demo_is_not_imported_by_training():
                              "print(sorted(m for m in sys.modules if m.startswith(('gradio', 'tiny_audio_pl.demo'))))"],
                             env=cli_env(), capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "[]", result.stderr[-2000:]
+
+
+def test_the_error_browser_shows_the_worst_utterance_with_its_audio_and_marked_errors(demo, browser, trained, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    worst = read_utterances(newest_utterances(trained.parent.parent))
+    worst = max(worst, key=lambda u: u.errors)
+    browser.get(demo)
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#errors-tab-button, button[role=tab]"))
+    next(b for b in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text == "Errors").click()
+
+    def cells(d) -> list:
+        return [e for e in d.find_elements(By.XPATH, "//*[@id='errors-table']//span[contains(@class, 'text')]")
+                if e.is_displayed()]
+
+    WebDriverWait(browser, 30).until(lambda d: len(cells(d)) > 7)
+    shown = cells(browser)
+    headers = shown.index(next(c for c in shown if c.text == "hypothesis")) + 1
+    first = [c.text for c in shown[headers:headers + 4]]
+    assert first[2] == str(worst.errors) and first[3] == str(worst.reference_words)  # the worst row first
+    shown[headers + 1].click()
+    WebDriverWait(browser, 60).until(lambda d: "reference:" in d.find_element(By.CSS_SELECTOR, "#errors-diff").text)
+    diff = browser.find_element(By.CSS_SELECTOR, "#errors-diff").get_attribute("innerHTML")
+    assert diff.count('class="substitution"') + diff.count('class="deletion"') + diff.count('class="insertion"') > 0
+    # the clip's audio is loaded into the player: its duration shows
+    WebDriverWait(browser, 30).until(lambda d: re.search(r"0:0[1-9]|0:[1-5]\d", d.find_element(
+        By.CSS_SELECTOR, "#errors-audio").text))
+    browser.save_screenshot(str(tmp_path / "errors.png"))

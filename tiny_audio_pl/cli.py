@@ -100,7 +100,10 @@ def use_model(args: list[str]) -> None:
     versus.add_argument("--json", action="store_true", help="print the comparison as JSON")
     versus.add_argument("--plot", metavar="FILE.png", help="also draw each set's WER with its interval")
     page = commands.add_parser("demo", help="try a model in the browser: upload or record audio, read the transcript")
-    page.add_argument("--ckpt", required=True, help="checkpoint of `tiny-audio fit` or folder of `tiny-audio export`")
+    page.add_argument("--ckpt", help="checkpoint of `tiny-audio fit` or folder of `tiny-audio export`: a page to "
+                      "transcribe with it")
+    page.add_argument("--run", action="append", default=[], help="a run folder or per-utterance file: a page of its "
+                      "errors, worst first, with the audio; twice: two runs side by side, most different first")
     page.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
     page.add_argument("--port", type=positive_int, default=7860, help="port (default: 7860)")
     page.add_argument("--max-minutes", type=float, default=5.0, help="longest audio the page accepts (default: 5)")
@@ -116,14 +119,19 @@ def use_model(args: list[str]) -> None:
     if overrides:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if options.command == "demo":
-        if not Path(options.ckpt).exists():
-            raise UsageError(f"--ckpt {options.ckpt}: no such file or folder")
+        if not options.ckpt and not options.run:
+            parser.error("demo: give --ckpt (transcribe in the page), --run (a run's errors) or both")
+        if len(options.run) > 2:
+            parser.error("demo: --run at most twice (two runs side by side)")
+        for path in [options.ckpt, *options.run]:
+            if path and not Path(path).exists():
+                raise UsageError(f"{path}: no such file or folder")
         if importlib.util.find_spec("gradio") is None:  # an optional extra
             raise UsageError('the demo needs gradio: pip install -e ".[demo]"')
         quiet()
         from tiny_audio_pl.demo import serve
 
-        return serve(options.ckpt, options.host, options.port, options.max_minutes)
+        return serve(options.ckpt, options.run, options.host, options.port, options.max_minutes)
     if options.command == "compare":
         from tiny_audio_pl.compare import run as compare
 
