@@ -158,3 +158,24 @@ def test_the_error_browser_shows_the_worst_utterance_with_its_audio_and_marked_e
     WebDriverWait(browser, 30).until(lambda d: re.search(r"0:0[1-9]|0:[1-5]\d", d.find_element(
         By.CSS_SELECTOR, "#errors-audio").text))
     browser.save_screenshot(str(tmp_path / "errors.png"))
+
+
+def test_two_runs_side_by_side_most_different_first_and_filtered(tmp_path):
+    from tiny_audio_pl.demo import RunErrors, marked
+    from tiny_audio_pl.scoring import score, write_utterances
+
+    reference = ["the red fox", "a small dog", "the old man", "my sister"]
+    first = [score("dev", f"u{i}", r, h) for i, (r, h) in enumerate(zip(reference, ["the red fox", "a small cat",
+                                                                                    "", "my sister"]))]
+    second = [score("dev", f"u{i}", r, h) for i, (r, h) in enumerate(zip(reference, ["the red box", "a small cat",
+                                                                                     "the old man", "my sister"]))]
+    write_utterances(first, tmp_path / "a" / "utterances" / "step=5.tsv")
+    write_utterances(second, tmp_path / "b.tsv")
+    errors = RunErrors([str(tmp_path / "a"), str(tmp_path / "b.tsv")])
+    rows = errors.table("all", "")
+    assert [row[1] for row in rows][:2] == ["u2", "u0"]  # 3 -> 0 errors, then 0 -> 1
+    assert rows[0][2:4] == [3, 0] and rows[0][6] == "" and rows[0][7] == "the old man"
+    assert [row[1] for row in errors.table("all", "cat")] == ["u1"] and errors.table("other", "") == []
+    html = marked("the red fox", "the red box jumps")
+    assert '<span class="substitution">fox</span>' in html and '<ins class="insertion">jumps</ins>' in html
+    assert errors.audio(("dev", "u0")) is None  # no run config beside a bare file: no audio, not an error
