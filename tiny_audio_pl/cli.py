@@ -158,12 +158,12 @@ def use_model(args: list[str]) -> None:
         from tqdm import tqdm
 
         from tiny_audio_pl.export import load_model
+        from tiny_audio_pl.modeling import DECODING
         from tiny_audio_pl.transcribe import pick_device, transcribe_files
 
         device = pick_device(options.device)
         model = load_model(options.ckpt, options.dtype or ("float32" if device.type == "cpu" else None)).to(device)
-        decoding = {name: getattr(options, name) for name in ("max_new_tokens", "beam_size", "no_repeat_ngram",
-                                                              "max_tokens_per_second") if getattr(options, name)}
+        decoding = {name: getattr(options, name) for name in DECODING if getattr(options, name)}
         with model.decoding(**decoding):  # the model's own settings, but for those given here
             for result in transcribe_files(model, files, options.batch_size):
                 if result.error:

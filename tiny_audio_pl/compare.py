@@ -2,7 +2,8 @@
 
 Each system is a per-utterance file of ``tiny-audio validate`` or ``fit`` (``utterances/step=N.tsv``),
 a run folder (its newest such file), or a training checkpoint, which is validated first with the
-config its run saved (``config.yaml`` of its run folder) into a temporary folder.
+config its run saved (``config.yaml`` of its run folder), from the folder the run was started in (its
+relative model and dataset folders are found from there), into a temporary folder.
 
 Every other system is compared with the first on the same utterances, matched by set and id (a set
 or an id that is not in both is one line, never a silently smaller sample). Per set, and overall
@@ -29,6 +30,7 @@ import numpy as np
 import yaml
 
 from tiny_audio_pl.errors import UsageError
+from tiny_audio_pl.hub import local_folder
 from tiny_audio_pl.scoring import Utterance, corpus_wer, read_utterances, resample
 
 OVERALL = "overall"
@@ -68,14 +70,15 @@ def validate_checkpoint(checkpoint: Path, into: Path) -> Path:
 
 
 def _started_in(config: Path, checkpoint: Path) -> Path:
-    """Where the run was started, so that the relative folders its config names (models, dataset) are found:
-    of the current folder and those above the checkpoint, the first from which most of them exist."""
+    """Where the run was started, so that the relative folders its config and checkpoint name (models, dataset) are
+    found: the folder from which :func:`~tiny_audio_pl.hub.local_folder` finds the first of them, else this one."""
     settings = yaml.safe_load(config.read_text()) or {}
-    names = [(settings.get(section) or {}).get(key) for section, key in
-             (("model", "encoder"), ("model", "decoder"), ("data", "dataset"))]
-    relative = [name for name in names if isinstance(name, str) and not Path(name).is_absolute()]
-    bases = [Path.cwd(), *checkpoint.resolve().parents]
-    return max(bases, key=lambda base: sum((base / name).exists() for name in relative))  # ties: the first
+    for section, key in (("model", "encoder"), ("model", "decoder"), ("data", "dataset")):
+        name = (settings.get(section) or {}).get(key)
+        found = local_folder(name, checkpoint) if isinstance(name, str) and not Path(name).is_absolute() else None
+        if found:
+            return found.parents[len(Path(name).parts) - 1]  # found is that folder / name
+    return Path.cwd()
 
 
 def load_system(label: str, path: str, scratch: Path) -> System:

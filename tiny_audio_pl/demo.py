@@ -30,6 +30,7 @@ from tiny_audio_pl.checkpoint import read_training_checkpoint
 from tiny_audio_pl.compare import newest_utterances, short_name
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.export import load_model
+from tiny_audio_pl.hub import local_folder
 from tiny_audio_pl.modeling import TinyAudioModel
 from tiny_audio_pl.processing import decode_audio
 from tiny_audio_pl.scoring import normalize_for_wer, read_utterances
@@ -75,7 +76,7 @@ def transcribe_audio(model: TinyAudioModel, path: str | None, max_seconds: float
     except ValueError as error:
         return "", "", f"Cannot transcribe this audio: {error}."
     start = time.perf_counter()
-    texts = [model.transcribe_windows([[window]], 1)[0] for window in windows]
+    texts = model.transcribe_windows([[window] for window in windows], len(windows))  # each window's own text
     compute = time.perf_counter() - start
     transcript = " ".join(text for text in texts if text)
     shown = "\n".join(f"{i + 1}. {text or '(nothing)'}" for i, text in enumerate(texts))
@@ -154,10 +155,9 @@ class RunErrors:
         if not self.config.is_file():
             return {}
         data = (yaml.safe_load(self.config.read_text()) or {}).get("data") or {}
-        dataset = data.get("dataset")
-        if dataset and not Path(dataset).is_absolute():  # relative to where the run was started
-            bases = [Path.cwd(), *self.files[0].resolve().parents]
-            data["dataset"] = str(next((b / dataset for b in bases if (b / dataset).is_dir()), dataset))
+        found = local_folder(data["dataset"], self.files[0]) if data.get("dataset") else None
+        if found:  # a folder named relative to where the run was started
+            data["dataset"] = str(found)
         module = SpeechDataModule(**data)
         wanted, found = set(self.keys), {}
         for source in module.evaluation_sets():

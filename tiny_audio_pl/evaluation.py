@@ -141,16 +141,16 @@ class Evaluation:
         return {name: SetTally.merge([g[name] for g in gathered if name in g]) for name in self.tallies}
 
 
-def metrics(tallies: dict[str, SetTally]) -> dict[str, float]:
-    """Every set's metrics under its name: ``val/wer`` (the default set), ``val/<name>/wer`` ..."""
-    return {f"{metric_prefix(name)}{key}": value for name, tally in tallies.items()
-            for key, value in tally.metrics().items()}
+def metrics(per_set: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Every set's metrics (``SetTally.metrics``) by name: ``val/wer`` (the default set), ``val/<name>/wer`` ..."""
+    return {f"{metric_prefix(name)}{key}": value for name, scores in per_set.items() for key, value in scores.items()}
 
 
-def report(tallies: dict[str, SetTally], folder: Path, step: int, loggers: list[Logger]) -> Path:
-    """The results table printed and sent to every logger with each set's examples, every utterance into
-    ``folder/utterances/step=N.tsv`` (returned)."""
-    table = results_table(tallies)
+def report(tallies: dict[str, SetTally], per_set: dict[str, dict[str, float]], folder: Path, step: int,
+           loggers: list[Logger]) -> Path:
+    """The results table (``per_set``: each tally's metrics) printed and sent to every logger with each set's
+    examples, every utterance into ``folder/utterances/step=N.tsv`` (returned)."""
+    table = results_table(tallies, per_set)
     print(table)
     path = folder / "utterances" / f"step={step}.tsv"
     write_utterances([row for tally in tallies.values() for row in tally.rows], path)
@@ -160,13 +160,13 @@ def report(tallies: dict[str, SetTally], folder: Path, step: int, loggers: list[
     return path
 
 
-def results_table(tallies: dict[str, SetTally]) -> str:
+def results_table(tallies: dict[str, SetTally], per_set: dict[str, dict[str, float]]) -> str:
     """One row per set: utterances, hours, WER with its 95 % bootstrap interval, its substitution / deletion /
-    insertion shares, loss, audio gain, real-time factor."""
+    insertion shares, loss, audio gain, real-time factor (``per_set``: each tally's metrics)."""
     lines = [f"{'set':<20} {'utterances':>10} {'hours':>7} {'WER %':>7} {'95 % interval':>15} {'sub':>5} {'del':>5} "
              f"{'ins':>5} {'loss':>7} {'gain':>7} {'RTF':>6}"]
     for name, tally in tallies.items():
-        m = tally.metrics()
+        m = per_set[name]
         interval = f"{100 * m['wer_low']:.1f}-{100 * m['wer_high']:.1f}"
         lines.append(f"{name:<20} {tally.utterances:>10} {m['hours']:>7.3f} {100 * m['wer']:>7.2f} {interval:>15} "
                      f"{100 * m['substitutions_rate']:>5.1f} {100 * m['deletions_rate']:>5.1f} "

@@ -28,6 +28,7 @@ from typing import Any
 
 from tiny_audio_pl.checkpoint import give_usual_mode, read_training_checkpoint, trained_weights
 from tiny_audio_pl.errors import UsageError
+from tiny_audio_pl.hub import local_folder
 from tiny_audio_pl.modeling import (
     SETTINGS,
     WEIGHTS,
@@ -84,10 +85,8 @@ def model_settings(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
     """
     settings = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in SETTINGS}
     for name in ("encoder", "decoder"):
-        if not Path(settings[name]).is_absolute():
-            found = [base / settings[name] for base in (Path.cwd(), *path.resolve().parents)
-                     if (base / settings[name]).is_dir()]
-            settings[name] = str(found[0].resolve()) if found else settings[name]  # else a hub id
+        found = local_folder(settings[name], path)
+        settings[name] = str(found.resolve()) if found else settings[name]  # else a hub id
     return settings
 
 

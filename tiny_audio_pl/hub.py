@@ -31,6 +31,15 @@ MODEL_SUFFIXES = (".json", ".txt", ".jinja", ".model", ".tiktoken", ".safetensor
 FETCH_HINT = "fetch it where there is internet with `tiny-audio download -c CONFIG`, or pass a local folder"
 
 
+def local_folder(name: str, near: Path) -> Path | None:
+    """A folder a run named relative to where it was started: found from the current folder or from any folder
+    above ``near`` (a run writes ``lightning_logs/version_N/...`` under the folder it ran in); None when it is
+    not a folder here (a hub id)."""
+    if Path(name).is_absolute():
+        return Path(name) if Path(name).is_dir() else None
+    return next((base / name for base in (Path.cwd(), *near.resolve().parents) if (base / name).is_dir()), None)
+
+
 def find_parquet_files(root: str | Path, config_name: str | None, split: str,
                        fs: AbstractFileSystem | None = None) -> list[str]:
     """Parquet files of ``split`` in a folder laid out as ``[config/]split/*.parquet`` or ``[config/]split-*.parquet``

@@ -47,7 +47,7 @@ from tiny_audio_pl.cli import missing_tracker
 from tiny_audio_pl.data import SpeechDataModule
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.model import SpeechLLM
-from tiny_audio_pl.modeling import SETTINGS, Settings
+from tiny_audio_pl.modeling import DECODING, SETTINGS, Settings
 from tiny_audio_pl.scoring import read_utterances, write_trn
 
 # save_dir "." (the default) means trainer.default_root_dir when that is set, as for Lightning's own logger.
@@ -211,6 +211,16 @@ class TinyAudioCLI(LightningCLI):
         if subcommand == "fit" and logger is not None and found.parent.name == "checkpoints":
             run_argument = RUN_LAYOUT.get(logger.class_path.rsplit(".", 1)[-1], (None, None, "version"))[2]
             logger.init_args[run_argument] = found.parent.parent.name  # keep logging into the same run
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning rebuilds the model from a checkpoint's hyperparameters, over the command's own ``model.*``;
+        the decoding settings stay the command's: how to decode is not part of what was trained."""
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].model if subcommand else None
+        decoding = {name: model[name] for name in DECODING} if model else {}
+        super()._parse_ckpt_path()
+        for name, value in decoding.items():
+            self.config[subcommand].model[name] = value
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

@@ -183,7 +183,8 @@ class SpeechLLM(LightningModule):
         if not self.trainer.sanity_checking:
             self._validated_at = self.global_step  # Lightning fills callback_metrics after this hook
         tallies = self.evaluation.merged()
-        scores = metrics(tallies)
+        per_set = {name: tally.metrics() for name, tally in tallies.items()}  # the bootstrap intervals, once
+        scores = metrics(per_set)
         for key, value in scores.items():  # the same merged totals on every rank: for checkpoints and the summary
             self.log(key, value, logger=False)
         if self.global_rank == 0 and not self.trainer.sanity_checking:
@@ -191,7 +192,7 @@ class SpeechLLM(LightningModule):
             # moves after validation) and at step 0 in validate.
             for logger in self.loggers:
                 logger.log_metrics(scores, step=self.trained_steps)
-            self.utterances_file = report(tallies, run_folder(self.trainer), self.trained_steps, self.loggers)
+            self.utterances_file = report(tallies, per_set, run_folder(self.trainer), self.trained_steps, self.loggers)
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = self.trainer.estimated_stepping_batches

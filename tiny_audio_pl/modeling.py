@@ -165,6 +165,8 @@ class EndAfter(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         done = self.limits <= input_ids.shape[1]  # [B * beams]: generated tokens so far (inputs_embeds: none given)
+        if not done.any():  # a host read of B booleans; the [B, V] copy below only once a row is done
+            return scores
         ended = torch.full_like(scores, -math.inf)
         ended[:, self.end_id] = 0.0
         return torch.where(done[:, None], ended, scores)
