@@ -52,7 +52,7 @@ def _sc_stats_verdict(a: list[Utterance], b: list[Utterance], folder: Path) -> s
                                   "stdout"], capture_output=True, text=True, check=True, timeout=60)
         sgml.append(aligned.stdout)
     stats = subprocess.run([SCTK, "sc_stats", "-p", "-t", "mapsswe", "-u", "-n", "-"], input="".join(sgml),
-                           capture_output=True, text=True, check=True, timeout=60)
+                           capture_output=True, text=True, check=True, timeout=60, cwd=folder)  # it writes A.sts, B.sts
     row = next(line for line in stats.stdout.splitlines() if re.search(r"\|\s+MP\s+\|\|\s+A\s+\|", line))
     cell = row.split("|")[5].strip()  # the A-row's B column: "B    <0.001   ***" or "~ ..."
     return cell.split()[0] if cell else "~"
