@@ -11,12 +11,17 @@ Added to a real ``tiny-audio fit`` with ``--trainer.callbacks+=ddp_callback.Rank
 - ``{"event": "val_reduced", ...}``: the ``val/wer`` and ``val/loss`` logged from the merged tallies;
 - ``{"event": "train_end", "weights_sum": ..., "weights_moved": ...}``: the sum of the trained
   weights (equal on every rank when DDP averages the gradients) and how far they moved in this run.
+
+Every record names the process and, inside a Slurm job, the task it is (``slurm_procid``).
+``--trainer.callbacks.pause S`` sleeps S seconds after each training batch: a job that outlasts its
+time limit without keeping the CPUs busy.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +32,15 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 class RankRecorder(Callback):
     """Appends what this rank trains on and its validation numbers to ``dirpath/rank{R}.jsonl``."""
 
-    def __init__(self, dirpath: str) -> None:
+    def __init__(self, dirpath: str, pause: float = 0.0) -> None:
         self.dirpath = Path(dirpath)
+        self.pause = pause
         self._start: list[torch.Tensor] = []
 
     def _write(self, trainer: Trainer, record: dict[str, Any]) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        record = {"rank": trainer.global_rank, "world": trainer.world_size, "pid": os.getpid(), **record}
+        record = {"rank": trainer.global_rank, "world": trainer.world_size, "pid": os.getpid(),
+                  "slurm_procid": os.environ.get("SLURM_PROCID"), **record}
         with open(self.dirpath / f"rank{trainer.global_rank}.jsonl", "a") as file:
             file.write(json.dumps(record) + "\n")
 
@@ -54,6 +61,10 @@ class RankRecorder(Callback):
                              batch_idx: int) -> None:
         self._write(trainer, {"event": "train_batch", "step": trainer.global_step, "epoch": trainer.current_epoch,
                               "ids": list(batch["id"])})
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        time.sleep(self.pause)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Runs before the module's own hook merges the ranks' tallies: they are still this rank's own.

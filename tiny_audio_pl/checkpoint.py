@@ -5,11 +5,12 @@
   folder, flushes it to disk and renames it over the target: the old file stays whole until the
   new one is complete.
 - Cloud GPU providers, Slurm, systemd and ``docker stop`` send SIGTERM (to the whole process
-  group: the dataloader workers ignore it, see ``stream.ignore_sigterm``). Lightning then stops after the current
-  batch; :class:`Checkpoint` holds that stop back to the end of the optimizer step when gradients
-  are being accumulated (a checkpoint between micro-batches would drop the gradients gathered so
-  far, and the resumed run would differ), saves that step (and ``last``) and the process exits 0.
-  It saves only on SIGTERM and when the data host stops answering (``network.DataUnavailable``:
+  group: the dataloader workers ignore it, see ``stream.ignore_sigterm``); Slurm sends its requeue
+  signal before a time limit. The run stops at the end of the optimizer step in progress, on every
+  rank together (``cluster.StopSignals``: a checkpoint between micro-batches would drop the
+  gradients gathered so far, and the resumed run would differ); :class:`Checkpoint` saves that step
+  (and ``last``), a Slurm job is requeued after its requeue signal, and the process exits 0. It
+  saves only on these signals and when the data host stops answering (``network.DataUnavailable``:
   the loader stops between two optimizer steps, so the step saved is complete); a crash from bad
   numerics must not overwrite the last good checkpoint.
 - ``last.ckpt`` is a link to the newest step's file (``checkpoint.save_last: link``), replaced
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from tiny_audio_pl.cluster import StopSignals
 from tiny_audio_pl.errors import DataUnavailable, UsageError
 
 _UMASK = os.umask(0)  # read the process umask (there is no getter) ...
@@ -123,14 +126,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class Checkpoint(ModelCheckpoint):
-    """ModelCheckpoint that writes atomically, saves on SIGTERM, and keeps the scores of a validation.
+    """ModelCheckpoint that writes atomically, saves on a stop signal, and keeps the scores of a validation.
 
     Lightning saves a step's checkpoint before that step's validation runs; the checkpoint is
     written again after it, so the validation scores travel with the weights (``tiny-audio export``
     puts them in the model card).
     """
-
-    _sigterm_held = False
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the saved paths only for the same folder (Lightning would warn on every ``validate``)."""
@@ -149,16 +150,16 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        """Let a SIGTERM stop the run only once the optimizer step in progress is complete (see module docstring)."""
-        signals = trainer._signal_connector  # Lightning checks its flag right after this hook
-        if signals.received_sigterm and trainer.fit_loop.epoch_loop._should_accumulate():
-            signals.received_sigterm, self._sigterm_held = False, True
-        elif self._sigterm_held and not trainer.fit_loop.epoch_loop._should_accumulate():
-            signals.received_sigterm = True
+        """Once an optimizer step is complete, the ranks agree whether a signal stops the run after it."""
+        if not trainer.fit_loop.epoch_loop._should_accumulate():
+            self._signals.agree()
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if not isinstance(trainer._signal_connector, StopSignals):  # before the trainer registers its handlers
+            trainer._signal_connector = StopSignals(trainer)
+        self._signals = trainer._signal_connector
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a user's own CheckpointIO
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
@@ -199,7 +200,10 @@ class Checkpoint(ModelCheckpoint):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             self._save_current_step(trainer)
-            print(f"SIGTERM: saved step {trainer.global_step}; continue with --ckpt_path last")
+            requeued = self._signals.requeue()
+            if trainer.is_global_zero:
+                names = "+".join(signal.Signals(s).name for s in sorted(self._signals.agreed)) or "stopped"
+                print(f"{names}: saved step {trainer.global_step}; {requeued or 'continue with --ckpt_path last'}")
         elif isinstance(exception, DataUnavailable) and trainer.state.fn == TrainerFn.FITTING:
             self._save_current_step(trainer)
             print(f"data unavailable: saved step {trainer.global_step}")

@@ -262,6 +262,11 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
     warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated")  # torchdata 0.11 on torch >= 2.9
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # lightning 2.6 on torch 2.13
+    # Lightning's hint on a machine with Slurm installed, e.g. a login node; inside a job, cluster.check_job
+    # tells a command started without srun, as one line.
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
+    # The val/* values are merged over the ranks before they are logged (Evaluation.merged): no sync_dist needed.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
     # SpeechLLM keeps the lengths on the CPU on purpose (model.py), whatever the data module.
     warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device`")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(

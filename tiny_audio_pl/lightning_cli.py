@@ -41,9 +41,11 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from tiny_audio_pl.checkpoint import Checkpoint, read_training_checkpoint, run_folder
 from tiny_audio_pl.cli import missing_tracker
+from tiny_audio_pl.cluster import check_job, note_early_signals
 from tiny_audio_pl.data import SpeechDataModule
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.model import SpeechLLM
@@ -185,6 +187,7 @@ class TinyAudioCLI(LightningCLI):
         path = config.get("ckpt_path")
         if path and path not in ("best", "hpc") and not path.startswith("registry"):
             read_training_checkpoint(path, mmap=True, what="--ckpt_path")  # Lightning reads it in full later
+        check_job(config.trainer.devices, config.trainer.num_nodes)  # a Slurm job's tasks against the trainer's
         Settings(**{name: config.model[name] for name in SETTINGS})  # its checks, before anything loads
         SpeechDataModule(**config.data.as_dict()).check(subcommand)  # opens no audio, loads no model
         check_writable(self.log_root, "the run folder (set --trainer.default_root_dir to a folder you can write)")
@@ -236,7 +239,10 @@ class TinyAudioCLI(LightningCLI):
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks = [*callbacks, StepProgressBar()]
         kwargs["callbacks"] = callbacks
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (ValueError, MisconfigurationException) as error:  # Lightning's checks of the trainer's settings
+            raise UsageError(f"trainer: {error}") from error
 
     def after_fit(self) -> None:
         self._write_sclite()
@@ -308,6 +314,7 @@ class RunConfig(SaveConfigCallback):
 
 def run(args: list[str] | None, description: str) -> None:
     """Parse ``fit`` / ``validate`` arguments and run the command."""
+    note_early_signals()
     # The model builds its own optimizer over the trained weights alone, so no --optimizer / --lr_scheduler.
     TinyAudioCLI(SpeechLLM, SpeechDataModule, args=args,
                  trainer_defaults={"logger": LOGGER, "enable_model_summary": False},  # SpeechLLM.setup prints its own

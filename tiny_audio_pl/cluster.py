@@ -1,0 +1,130 @@
+"""Runs under a scheduler: the signals a run stops on, the ranks agreeing to stop, Slurm's requeue and job checks.
+
+- **SIGTERM** (cloud providers, Slurm at a time limit, ``scancel``, systemd, ``docker stop``): stop
+  after the optimizer step in progress, save it, exit 0 (``checkpoint.Checkpoint`` saves).
+- **Slurm's requeue signal** (SIGUSR1, what ``#SBATCH --signal=USR1@120`` sends before the time
+  limit, or ``scancel --signal=USR1``): the same, then ``scontrol requeue`` of this job, whose script
+  starts again and resumes with ``--ckpt_path auto`` in the same run folder.
+
+Lightning's own handling is replaced (:class:`StopSignals`), for two reasons. Its SLURM handler
+saves an ``hpc_ckpt_N.ckpt`` from inside the signal handler, whatever the loop was doing (between
+two micro-batches too), into ``default_root_dir``, while the SIGTERM that follows the requeue makes
+this package save the step again: two files that disagree, and the requeued run would pick the
+first. And its SIGTERM handler broadcasts from inside the handler, a collective each rank enters at
+a different point of its own sequence of collectives. Here a handler only notes the signal; at the
+end of each optimizer step the ranks agree (one all-reduce of a flag) to stop together, so every
+rank stops after the same step, and one file, ``step=N.ckpt`` (``last.ckpt`` links to it), is
+written. ``SLURMEnvironment(auto_requeue=False)`` in ``--trainer.plugins`` keeps the save and the
+stop but not the requeue, as it does in Lightning.
+
+A Slurm job whose shape does not match the trainer (tasks per node against ``trainer.devices``,
+nodes against ``trainer.num_nodes``, a multi-task job started without ``srun``, which would wait
+forever for ranks that never start) is one line in the first second (:func:`check_job`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from types import FrameType
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch import Trainer
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+
+from tiny_audio_pl.errors import UsageError
+
+REQUEUE_SIGNAL = signal.SIGUSR1  # Lightning's default for SLURMEnvironment, and the job script's --signal
+_early: set[int] = set()  # signals that came before a trainer took the handlers over
+
+
+def _note_early(signum: int, frame: FrameType | None) -> None:
+    _early.add(signum)
+
+
+def note_early_signals() -> None:
+    """Inside a Slurm job, keep a requeue signal that comes while the models load (its default action kills)."""
+    if os.environ.get("SLURM_JOB_ID"):
+        signal.signal(REQUEUE_SIGNAL, _note_early)
+
+
+def slurm_job(trainer: Trainer) -> SLURMEnvironment | None:
+    """The trainer's Slurm environment, when it runs as the tasks of a Slurm job."""
+    environment = trainer._accelerator_connector.cluster_environment
+    return environment if isinstance(environment, SLURMEnvironment) else None
+
+
+class StopSignals(_SignalConnector):
+    """Lightning's signal connector, replaced: a handler notes the signal; :meth:`agree` stops every rank together."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        super().__init__(trainer)
+        self.received: set[int] = set()  # on this rank
+        self.agreed: set[int] = set()  # on any rank, as of the last optimizer step
+
+    def register_signal_handlers(self) -> None:
+        self.received_sigterm = False  # Lightning's flag: set only once the ranks agreed (see agree)
+        self._original_handlers = self._get_current_signal_handlers()
+        self.received |= _early
+        _early.clear()
+        for signum in self._signals():
+            self._register_signal(signum, self._note)
+
+    def _signals(self) -> tuple[int, int]:
+        job = slurm_job(self.trainer)
+        return signal.SIGTERM, job.requeue_signal if job else REQUEUE_SIGNAL
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.received.add(signum)
+
+    def agree(self) -> bool:
+        """Whether any rank got a stop signal; every rank calls this after the same optimizer step. Sets
+        Lightning's flag, so that the loop stops once the step's hooks have run."""
+        signals = self._signals()
+        flags = torch.tensor([float(s in self.received) for s in signals], device=self.trainer.strategy.root_device)
+        if self.trainer.world_size > 1:
+            flags = self.trainer.strategy.reduce(flags, reduce_op="max")
+        self.agreed = {s for s, flag in zip(signals, flags.tolist()) if flag}
+        self.received_sigterm = bool(self.agreed)
+        return self.received_sigterm
+
+    def requeue(self) -> str | None:
+        """After a requeue signal, in a Slurm job that allows it (``auto_requeue``): requeue the job (rank 0)."""
+        job = slurm_job(self.trainer)
+        if job is None or not job.auto_requeue or job.requeue_signal not in self.agreed:
+            return None
+        if not self.trainer.is_global_zero:
+            return None
+        job_id = os.environ["SLURM_JOB_ID"]
+        if os.environ.get("SLURM_ARRAY_JOB_ID"):  # an array task is requeued by its own id
+            job_id = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            return f"could not requeue Slurm job {job_id}: {result.stderr.strip()}; submit it again to resume"
+        return f"requeued Slurm job {job_id}, which resumes from this step"
+
+
+def check_job(devices: Any, num_nodes: int) -> None:
+    """One line when this Slurm job's tasks do not match ``trainer.devices`` and ``trainer.num_nodes``."""
+    if "SLURM_NTASKS" not in os.environ or SLURMEnvironment.job_name() in ("bash", "interactive"):
+        return  # not the tasks of a job (Lightning's own rule, SLURMEnvironment.detect)
+    tasks = int(os.environ["SLURM_NTASKS"])
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE")
+    if tasks > 1 and "SLURM_STEP_ID" not in os.environ:
+        raise UsageError(f"this Slurm job has {tasks} tasks but the command was not started by srun: each rank would "
+                         "wait for the others forever. Start it as `srun tiny-audio fit ...` in the job script")
+    if tasks > 1 and per_node is None:
+        raise UsageError(f"this Slurm job asks for --ntasks={tasks}: ask for --ntasks-per-node (one task per device) "
+                         "and --nodes instead, so that every node runs the same number of ranks")
+    count = len(devices) if isinstance(devices, list) else int(devices) if str(devices).isdigit() else None
+    if per_node is not None and count is not None and int(per_node) != count:
+        raise UsageError(f"this Slurm job runs {per_node} task(s) per node but trainer.devices is {devices}: set "
+                         f"--trainer.devices {per_node} (one task per device; the job script passes "
+                         "$SLURM_NTASKS_PER_NODE)")
+    nodes = os.environ.get("SLURM_NNODES")
+    if nodes is not None and int(nodes) != num_nodes:
+        raise UsageError(f"this Slurm job has {nodes} node(s) but trainer.num_nodes is {num_nodes}: set "
+                         f"--trainer.num_nodes {nodes} (the job script passes $SLURM_NNODES)")
