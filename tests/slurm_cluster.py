@@ -45,7 +45,10 @@ def _free_port() -> int:
 
 
 class SlurmCluster:
-    """slurmctld + slurmd + munged for one node (this machine) with ``cpus`` CPUs, under ``folder``."""
+    """slurmctld + slurmd + munged for one node (this machine) with ``cpus`` CPUs, under ``folder``.
+
+    ``cpus`` may be more than the machine has (``config_overrides``): jobs that mostly wait can then
+    run side by side."""
 
     def __init__(self, folder: Path, cpus: int = 2) -> None:
         self.folder = folder.absolute()
@@ -97,6 +100,7 @@ SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
+SlurmdParameters=config_overrides
 KillWait=30
 MinJobAge=300
 InactiveLimit=0

@@ -46,8 +46,21 @@ JOB = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
-    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as running:
+    """4 CPUs on the 2-core machine: the time-limited job, which mostly sleeps, runs beside the others."""
+    with SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=4) as running:
         yield running
+
+
+@pytest.fixture(scope="module", autouse=True)
+def time_limited(cluster, tmp_path_factory) -> tuple[str, Path, Path]:
+    """Submitted before the other tests, as it waits for its time limit (60-90 s: Slurm checks every 30 s): the
+    job script without --signal, so that Slurm's SIGTERM at the limit is the only warning (SIGKILL 30 s later).
+    20 s a step: the job would need 2 minutes. Its id, folder and script."""
+    workdir = make_workdir(tmp_path_factory.mktemp("time-limited"))
+    script = workdir / "no-signal.sbatch"
+    script.write_text(re.sub(r"(?m)^#SBATCH --(signal|requeue).*\n", "", SCRIPT.read_text()))
+    job = _submit(cluster, workdir, "records", "--time=1", script=script, fit=("--trainer.callbacks.pause", "20"))
+    return job, workdir, script
 
 
 def _env(cluster: SlurmCluster) -> dict[str, str]:
@@ -168,13 +181,8 @@ def test_the_requeue_signal_saves_once_requeues_and_the_job_resumes_exactly(clus
     assert_same_training(_last(workdir), _last(uninterrupted))
 
 
-def test_a_job_at_its_time_limit_saves_and_the_next_submission_continues(cluster, uninterrupted, tmp_path):
-    """The script without --signal: Slurm's SIGTERM at the limit is the only warning (then SIGKILL after 30 s)."""
-    workdir = make_workdir(tmp_path)
-    script = workdir / "no-signal.sbatch"
-    script.write_text(re.sub(r"(?m)^#SBATCH --(signal|requeue).*\n", "", SCRIPT.read_text()))
-    # 20 s a step: the job would need 2 minutes; Slurm ends it after 60-90 s (its time checks run every 30 s)
-    job = _submit(cluster, workdir, "records", "--time=1", script=script, fit=("--trainer.callbacks.pause", "20"))
+def test_a_job_at_its_time_limit_saves_and_the_next_submission_continues(cluster, uninterrupted, time_limited):
+    job, workdir, script = time_limited
     fields, output = _finish(cluster, job, workdir, timeout=180)
     assert fields["JobState"] == "TIMEOUT", f"{fields}\n{output[-3000:]}"
     saved = int(re.search(r"SIGTERM: saved step (\d+); continue with --ckpt_path last", output).group(1))
@@ -183,7 +191,7 @@ def test_a_job_at_its_time_limit_saves_and_the_next_submission_continues(cluster
     again = _submit(cluster, workdir, "records", script=script)  # the same script again: --ckpt_path auto
     fields, output = _finish(cluster, again, workdir)
     assert fields["JobState"] == "COMPLETED", f"{fields}\n{output[-3000:]}"
-    assert "resuming from" in output
+    assert f"resuming from {Path('runs/exp/lightning_logs/version_0/checkpoints/last.ckpt')}" in output
     for rank, rows in _records(workdir / "records").items():
         assert [r["step"] for r in rows if r["event"] == "train_batch"] == list(range(STEPS)), rank
     assert_same_training(_last(workdir), _last(uninterrupted))
