@@ -12,7 +12,7 @@ Added to a real ``tiny-audio fit`` with ``--trainer.callbacks+=ddp_callback.Rank
 - ``{"event": "train_end", "weights_sum": ..., "weights_moved": ...}``: the sum of the trained
   weights (equal on every rank when DDP averages the gradients) and how far they moved in this run.
 
-Every record names the process and, inside a Slurm job, the task it is (``slurm_procid``).
+Every record names the process and, inside a Slurm job, the task it is (``slurm_procid``), and its ``time``.
 ``--trainer.callbacks.pause S`` sleeps S seconds after each training batch: a job that outlasts its
 time limit without keeping the CPUs busy.
 """
@@ -40,7 +40,7 @@ class RankRecorder(Callback):
     def _write(self, trainer: Trainer, record: dict[str, Any]) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
         record = {"rank": trainer.global_rank, "world": trainer.world_size, "pid": os.getpid(),
-                  "slurm_procid": os.environ.get("SLURM_PROCID"), **record}
+                  "slurm_procid": os.environ.get("SLURM_PROCID"), "time": time.time(), **record}
         with open(self.dirpath / f"rank{trainer.global_rank}.jsonl", "a") as file:
             file.write(json.dumps(record) + "\n")
 

@@ -9,7 +9,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "tiny_audio_pl"
 MODEL_PART = {"modeling", "processing", "pipeline", "encoder", "projector", "errors"}  # copied into exports
 DATA_PART = {"data", "clips", "stream", "network", "hub"}
-TRAINING_PART = {"model", "checkpoint"}
+TRAINING_PART = {"model", "checkpoint", "cluster"}
 
 
 def package_imports(name: str) -> tuple[set[str], set[str]]:

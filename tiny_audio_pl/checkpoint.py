@@ -5,7 +5,7 @@
   folder, flushes it to disk and renames it over the target: the old file stays whole until the
   new one is complete.
 - Cloud GPU providers, Slurm, systemd and ``docker stop`` send SIGTERM (to the whole process
-  group: the dataloader workers ignore it, see ``stream.ignore_sigterm``); Slurm sends its requeue
+  group: the dataloader workers ignore it, see ``stream.ignore_stop_signals``); Slurm sends its requeue
   signal before a time limit. The run stops at the end of the optimizer step in progress, on every
   rank together (``cluster.StopSignals``: a checkpoint between micro-batches would drop the
   gradients gathered so far, and the resumed run would differ); :class:`Checkpoint` saves that step
@@ -198,13 +198,15 @@ class Checkpoint(ModelCheckpoint):
         self._save_current_step(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
         if isinstance(exception, SIGTERMException):
             self._save_current_step(trainer)
             requeued = self._signals.requeue()
             if trainer.is_global_zero:
-                names = "+".join(signal.Signals(s).name for s in sorted(self._signals.agreed)) or "stopped"
+                stops = self._signals.agreed | self._signals.received
+                names = "+".join(signal.Signals(s).name for s in sorted(stops)) or "stopped"
                 print(f"{names}: saved step {trainer.global_step}; {requeued or 'continue with --ckpt_path last'}")
-        elif isinstance(exception, DataUnavailable) and trainer.state.fn == TrainerFn.FITTING:
+        elif isinstance(exception, DataUnavailable):
             self._save_current_step(trainer)
             print(f"data unavailable: saved step {trainer.global_step}")
-

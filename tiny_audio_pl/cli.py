@@ -334,7 +334,7 @@ def main(args: list[str] | None = None) -> None:
         # 75 (EX_TEMPFAIL): try again later, for restart loops around `--ckpt_path auto`
         raise SystemExit(75 if isinstance(error, DataUnavailable) else 2) from None
     finally:
-        # Dataloader workers ignore SIGTERM (stream.ignore_sigterm), so a run that stops on an error
+        # Dataloader workers ignore SIGTERM (stream.ignore_stop_signals), so a run that stops on an error
         # while they wait on the network would hang in multiprocessing's exit, which only terminates them.
         for worker in multiprocessing.active_children():
             worker.kill()

@@ -37,7 +37,9 @@ from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnect
 
 from tiny_audio_pl.errors import UsageError
 
-REQUEUE_SIGNAL = signal.SIGUSR1  # Lightning's default for SLURMEnvironment, and the job script's --signal
+# Lightning's default for SLURMEnvironment and the job script's --signal; dataloader workers ignore it too
+# (stream.ignore_stop_signals).
+REQUEUE_SIGNAL = signal.SIGUSR1
 _early: set[int] = set()  # signals that came before a trainer took the handlers over
 
 
@@ -79,6 +81,8 @@ class StopSignals(_SignalConnector):
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self.received.add(signum)
+        if not self.trainer.training:  # validation, the sanity check, `validate`: stop at the next batch
+            self.received_sigterm = True
 
     def agree(self) -> bool:
         """Whether any rank got a stop signal; every rank calls this after the same optimizer step. Sets
@@ -94,7 +98,7 @@ class StopSignals(_SignalConnector):
     def requeue(self) -> str | None:
         """After a requeue signal, in a Slurm job that allows it (``auto_requeue``): requeue the job (rank 0)."""
         job = slurm_job(self.trainer)
-        if job is None or not job.auto_requeue or job.requeue_signal not in self.agreed:
+        if job is None or not job.auto_requeue or job.requeue_signal not in self.agreed | self.received:
             return None
         if not self.trainer.is_global_zero:
             return None

@@ -45,7 +45,7 @@ from tiny_audio_pl.stream import (
     WindowShuffled,
     budget_batches,
     count_batches,
-    ignore_sigterm,
+    ignore_stop_signals,
 )
 
 DEFAULT_SET = "validation"  # the evaluation set data.val_split makes when data.eval_sets is unset (metrics val/*)
@@ -362,7 +362,7 @@ class SpeechDataModule(LightningDataModule):
         batch_size = None if kind is TrainLoader else self.hparams.batch_size  # training batches come whole
         return kind(dataset, batch_size=batch_size, collate_fn=partial(collate, name=name),
                     num_workers=min(self.hparams.num_workers, shards), pin_memory=torch.cuda.is_available(),
-                    worker_init_fn=ignore_sigterm, **kwargs)
+                    worker_init_fn=ignore_stop_signals, **kwargs)
 
     def train_dataloader(self) -> TrainLoader:
         """The training batches, fetched a whole optimizer step at a time (see :class:`TrainLoader`)."""

@@ -236,10 +236,12 @@ class TrainLoader(StatefulDataLoader):
         super().load_state_dict(state_dict["loader"])
 
 
-def ignore_sigterm(worker_id: int) -> None:
-    """Dataloader workers ignore SIGTERM: the main process saves the step, then stops them itself.
+def ignore_stop_signals(worker_id: int) -> None:
+    """Dataloader workers ignore SIGTERM and Slurm's requeue signal (SIGUSR1, ``cluster.REQUEUE_SIGNAL``): the
+    main process saves the step, then stops them itself.
 
-    Slurm, systemd and ``docker stop`` signal the whole process group. A worker that died of the
-    signal would take the run down with it before the main process could save the current step.
+    Slurm, systemd and ``docker stop`` signal every process of the job or the group. A worker that died
+    of the signal would take the run down with it before the main process could save the current step.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
