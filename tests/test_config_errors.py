@@ -91,6 +91,7 @@ MISTAKES = {
                                 "data.group_by_length false has no effect with data.batch_seconds"),
     "weight on an eval set": (["--data.eval_sets", "[{name: dev, weight: 2}]"], "weight mixes data.train_sources only"),
     "run folder under a file": (["--trainer.default_root_dir", "a-file/runs"], "cannot write a-file/runs"),
+    "sharding strategy": (["--trainer.strategy", "fsdp"], "trainer.strategy fsdp is not supported"),
     "unreachable decoder offline": (["--model.decoder", "HuggingFaceTB/SmolLM3-3B"],
                                     "cannot load the decoder 'HuggingFaceTB/SmolLM3-3B'"),
 }

@@ -103,6 +103,15 @@ def check_writable(folder: Path, what: str) -> None:
         raise UsageError(f"cannot write {folder}: {error.strerror or error}; {what}") from error
 
 
+def check_strategy(strategy: Any) -> None:
+    """One line for a strategy that shards the weights: checkpoints hold the trained weights as one whole copy."""
+    name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", type(strategy).__name__)
+    if any(word in str(name).lower() for word in ("fsdp", "deepspeed")):
+        raise UsageError(f"trainer.strategy {name} is not supported: the checkpoints hold the trained weights "
+                         "whole, and this strategy shards them. Use ddp: only the projector (and LoRA adapters) "
+                         "train, a few MB every rank holds")
+
+
 class StepProgressBar(RichProgressBar):
     """Progress in optimizer steps out of ``trainer.max_steps`` (a stream has no epochs), with loss and LR."""
 
@@ -187,6 +196,7 @@ class TinyAudioCLI(LightningCLI):
         path = config.get("ckpt_path")
         if path and path not in ("best", "hpc") and not path.startswith("registry"):
             read_training_checkpoint(path, mmap=True, what="--ckpt_path")  # Lightning reads it in full later
+        check_strategy(config.trainer.strategy)
         check_job(config.trainer.devices, config.trainer.num_nodes)  # a Slurm job's tasks against the trainer's
         Settings(**{name: config.model[name] for name in SETTINGS})  # its checks, before anything loads
         SpeechDataModule(**config.data.as_dict()).check(subcommand)  # opens no audio, loads no model
