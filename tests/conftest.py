@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # the CLI, run in this process, then leaves the thread count alone
@@ -96,11 +97,24 @@ def dev_batch():
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> Path:
-    """``last.ckpt`` of 20 smoke steps with one validation, trained through the real CLI."""
-    workdir = make_workdir(tmp_path_factory.mktemp("trained"))
-    result = run_cli(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "20", "--trainer.val_check_interval", "20",
-                     "--checkpoint.every_n_train_steps", "20", "--data.max_eval_samples", "4",
-                     "--model.max_new_tokens", "8", "--trainer.enable_progress_bar", "false")
-    assert result.returncode == 0, result.stderr[-2000:]
-    return workdir / "lightning_logs/version_0/checkpoints/last.ckpt"
+def trained(tmp_path_factory, worker_id: str) -> Path:
+    """``last.ckpt`` of 20 smoke steps with one validation, trained through the real CLI: once per session, by
+    the first xdist worker that asks (under a lock); the others read it. Tests only read its run folder."""
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared if worker_id == "master" else shared.parent  # the session's folder, above each worker's own
+    workdir = shared / "trained"
+    checkpoint = workdir / "lightning_logs/version_0/checkpoints/last.ckpt"
+    with FileLock(shared / "trained.lock"):
+        if not checkpoint.exists():
+            make_workdir(workdir)
+            result = run_cli(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "20", "--trainer.val_check_interval",
+                             "20", "--checkpoint.every_n_train_steps", "20", "--data.max_eval_samples", "4",
+                             "--model.max_new_tokens", "8", "--trainer.enable_progress_bar", "false")
+            assert result.returncode == 0, result.stderr[-2000:]
+    return checkpoint
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The Slurm tests first: they wait a minute or more on Slurm's clock (a time limit), which the other
+    worker spends on the rest of the suite instead of idling at its end."""
+    items.sort(key=lambda item: item.path.name != "test_slurm.py")  # a stable sort: the rest keep their order

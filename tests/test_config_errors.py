@@ -103,6 +103,31 @@ def test_a_config_mistake_is_one_line_and_writes_nothing(mistake, here, capfd):
     assert message in _one_line_error(capfd, here, "fit", "-c", SMOKE, *args)
 
 
+# What srun sets for each task of a job of 2 tasks per node on 1 node (read off Slurm 22.05), and what is changed.
+SLURM_TASK = {"SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "fit.sbatch", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
+              "SLURM_NNODES": "1", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+JOB_MISTAKES = {
+    "devices": ({}, ["--trainer.devices", "1"], "runs 2 task(s) per node but trainer.devices is 1: set "
+                                                "--trainer.devices 2"),
+    "nodes": ({}, ["--trainer.devices", "2", "--trainer.num_nodes", "2"],
+              "has 1 node(s) but trainer.num_nodes is 2: set --trainer.num_nodes 1"),
+    "ntasks": ({"SLURM_NTASKS_PER_NODE": None}, [], "asks for --ntasks=2: ask for --ntasks-per-node"),
+    "no srun": ({"SLURM_STEP_ID": None}, [], "has 2 tasks but the command was not started by srun"),
+}
+
+
+@pytest.mark.parametrize("mistake", JOB_MISTAKES)
+def test_a_slurm_job_that_does_not_match_the_trainer_is_one_line(mistake, here, capfd, monkeypatch):
+    """The job itself runs on a real Slurm in test_slurm.py; here each mismatch, with the variables Slurm sets."""
+    changes, args, message = JOB_MISTAKES[mistake]
+    for name, value in {**SLURM_TASK, **changes}.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert message in _one_line_error(capfd, here, "fit", "-c", SMOKE, *args)
+
+
 def test_the_production_config_offline_is_one_line(here, capfd):
     err = _one_line_error(capfd, here, "fit", "-c", str(ROOT / "configs" / "whisper.yaml"))
     assert "speechbrain/LoquaciousSet" in err and "HF_HUB_OFFLINE" in err and "tiny-audio download -c CONFIG" in err

@@ -206,7 +206,9 @@ class Checkpoint(ModelCheckpoint):
             if trainer.is_global_zero:
                 stops = self._signals.agreed | self._signals.received
                 names = "+".join(signal.Signals(s).name for s in sorted(stops)) or "stopped"
-                print(f"{names}: saved step {trainer.global_step}; {requeued or 'continue with --ckpt_path last'}")
+                done, again = ("stopped before training", "auto") if trainer.sanity_checking else (
+                    f"saved step {trainer.global_step}", "last")
+                print(f"{names}: {done}; {requeued or f'continue with --ckpt_path {again}'}")
         elif isinstance(exception, DataUnavailable):
             self._save_current_step(trainer)
             print(f"data unavailable: saved step {trainer.global_step}")

@@ -98,9 +98,8 @@ class StopSignals(_SignalConnector):
     def requeue(self) -> str | None:
         """After a requeue signal, in a Slurm job that allows it (``auto_requeue``): requeue the job (rank 0)."""
         job = slurm_job(self.trainer)
-        if job is None or not job.auto_requeue or job.requeue_signal not in self.agreed | self.received:
-            return None
-        if not self.trainer.is_global_zero:
+        asked = job is not None and job.auto_requeue and job.requeue_signal in self.agreed | self.received
+        if not asked or not self.trainer.is_global_zero:
             return None
         job_id = os.environ["SLURM_JOB_ID"]
         if os.environ.get("SLURM_ARRAY_JOB_ID"):  # an array task is requeued by its own id
