@@ -5,14 +5,15 @@ CPUs (DDP over gloo, ranks from Slurm) on the smoke config; only the GPU and CPU
 run's length are changed on the command line. ``tests/ddp_callback.py`` records what each rank
 trained on. The tests check that:
 
-1. a job runs to the end and ends where a plain 2-process run (Lightning's own launcher) ends;
-2. a job sent Slurm's requeue signal (``scancel --signal=USR1``, what ``--signal=USR1@120`` sends
-   before a time limit) saves its step once, requeues itself, and the requeued job resumes in the same
-   run folder at that step and data position and ends with the uninterrupted job's weights and Adam
-   moments (1e-6), no ``hpc_ckpt`` anywhere;
-3. a job that runs into its time limit without a warning signal (the script without ``--signal``)
+1. a job's ranks are its Slurm tasks and train on disjoint data; sent Slurm's requeue signal
+   (``scancel --signal=USR1``, what ``--signal=USR1@120`` sends before a time limit) mid-run, it saves
+   its step once, requeues itself, and the requeued job resumes in the same run folder at that step
+   and data position and runs to the end; it trains on the same clips and ends with the same weights,
+   Adam moments and LR schedule (1e-6) as a plain 2-process run (Lightning's own launcher, no
+   scheduler); no ``hpc_ckpt`` anywhere;
+2. a job that runs into its time limit without a warning signal (the script without ``--signal``)
    saves on Slurm's SIGTERM, and the next submission continues to the same end;
-4. a job script that starts the command without ``srun`` fails in seconds with one line (the other
+3. a job script that starts the command without ``srun`` fails in seconds with one line (the other
    mismatches of a job and the trainer are in ``test_config_errors.py``).
 """
 
@@ -63,19 +64,23 @@ def time_limited(cluster, tmp_path_factory) -> tuple[str, Path, Path]:
     return job, workdir, script
 
 
-def _env(cluster: SlurmCluster) -> dict[str, str]:
-    """The job's environment (sbatch passes it on): this Python first on PATH, the test callback importable."""
-    return cluster.env(**cli_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                                 PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests"),
-                                                                          os.environ.get("PYTHONPATH")])),
-                                 CONFIG=SMOKE, RUNS="runs/exp"))
+def _env(**extra: str) -> dict[str, str]:
+    """The CLI's test environment with the test callback importable and no Slurm job's variables."""
+    python_path = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
+    return {k: v for k, v in cli_env(PYTHONPATH=python_path, **extra).items() if not k.startswith("SLURM_")}
+
+
+def _job_env(cluster: SlurmCluster) -> dict[str, str]:
+    """A job's environment (sbatch passes it on): this Python first on PATH, the job script's two settings."""
+    return cluster.env(**_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", CONFIG=SMOKE,
+                              RUNS="runs/exp"))
 
 
 def _submit(cluster: SlurmCluster, workdir: Path, records: str, *args: str, script: Path = SCRIPT,
             fit: tuple[str, ...] = ()) -> str:
     """``sbatch [args] SCRIPT FIT...`` in ``workdir``: the job id."""
     result = subprocess.run(["sbatch", "--parsable", *JOB, *args, str(script), *FIT, records, *fit], cwd=workdir,
-                            env=_env(cluster), capture_output=True, text=True, timeout=30)
+                            env=_job_env(cluster), capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().split(";")[0]
 
@@ -99,9 +104,8 @@ def _records(folder: Path) -> dict[int, list[dict]]:
             for f in sorted(folder.glob("rank*.jsonl"))}
 
 
-def _trained(records: list[dict], steps: range | None = None) -> list[str]:
-    return [i for r in records if r["event"] == "train_batch" and (steps is None or r["step"] in steps)
-            for i in r["ids"]]
+def _trained(records: list[dict]) -> list[str]:
+    return [i for r in records if r["event"] == "train_batch" for i in r["ids"]]
 
 
 def _last(workdir: Path) -> dict:
@@ -117,37 +121,15 @@ def _only_our_checkpoints(workdir: Path, steps: set[int]) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(cluster, tmp_path_factory) -> Path:
-    """A job that runs to the end: the reference of the other tests."""
-    workdir = make_workdir(tmp_path_factory.mktemp("uninterrupted"))
-    fields, output = _finish(cluster, _submit(cluster, workdir, "records"), workdir)
-    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}\n{output[-3000:]}"
-    return workdir
-
-
-def test_a_job_trains_its_ranks_on_disjoint_data_and_ends_as_a_plain_two_process_run(uninterrupted, tmp_path):
-    records = _records(uninterrupted / "records")
-    assert sorted(records) == [0, 1]
-    for rank, rows in records.items():  # two processes, each the Slurm task of its rank
-        assert {(r["world"], r["slurm_procid"]) for r in rows} == {(2, str(rank))}
-        assert [r["step"] for r in rows if r["event"] == "train_batch"] == list(range(STEPS))
-    seen = {rank: _trained(rows) for rank, rows in records.items()}
-    assert all(len(ids) == len(set(ids)) == STEPS * 4 for ids in seen.values()), seen
-    assert not set(seen[0]) & set(seen[1])
-    _only_our_checkpoints(uninterrupted, {2, 4, 6})
-
-    plain = make_workdir(tmp_path / "plain")  # the same run started by Lightning's launcher, no scheduler
+def plain(tmp_path_factory) -> Path:
+    """The same run started by Lightning's own launcher, no scheduler: what every job must end with."""
+    workdir = make_workdir(tmp_path_factory.mktemp("plain"))
     result = subprocess.run(cli("fit", "-c", SMOKE, "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                                "--trainer.default_root_dir", "runs/exp", *FIT, "records"), cwd=plain,
-                            env=_env_without_slurm(), capture_output=True, text=True, timeout=180)
+                                "--trainer.default_root_dir", "runs/exp", *FIT, "records"), cwd=workdir, env=_env(),
+                            capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert {rank: _trained(rows) for rank, rows in _records(plain / "records").items()} == seen
-    assert_same_training(_last(uninterrupted), _last(plain))
-
-
-def _env_without_slurm() -> dict[str, str]:
-    return {k: v for k, v in cli_env(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get(
-        "PYTHONPATH")]))).items() if not k.startswith("SLURM_")}
+    _only_our_checkpoints(workdir, {2, 4, 6})
+    return workdir
 
 
 def _wait_for(path: Path, cluster: SlurmCluster, job: str, timeout: float = 120) -> None:
@@ -158,7 +140,7 @@ def _wait_for(path: Path, cluster: SlurmCluster, job: str, timeout: float = 120)
         time.sleep(0.1)
 
 
-def test_the_requeue_signal_saves_once_requeues_and_the_job_resumes_exactly(cluster, uninterrupted, tmp_path):
+def test_a_job_requeued_by_its_signal_resumes_exactly_and_ends_as_a_plain_two_process_run(cluster, plain, tmp_path):
     workdir = make_workdir(tmp_path)
     job = _submit(cluster, workdir, "records", fit=("--trainer.callbacks.pause", "0.5"))
     _wait_for(_run(workdir) / "checkpoints" / "step=2.ckpt", cluster, job)
@@ -173,15 +155,21 @@ def test_the_requeue_signal_saves_once_requeues_and_the_job_resumes_exactly(clus
     assert output.count("saved step") == 1  # rank 0 says it, once
     assert f"resuming from {Path('runs/exp/lightning_logs/version_0/checkpoints/last.ckpt')}" in output
     records = _records(workdir / "records")
-    for rank, rows in records.items():  # the requeued start went on from the saved step and data position
+    assert sorted(records) == [0, 1]
+    for rank, rows in records.items():  # two starts of two processes, each the Slurm task of its rank
+        assert {(r["world"], r["slurm_procid"]) for r in rows} == {(2, str(rank))}
+        assert len({r["pid"] for r in rows}) == 2
         steps = [r["step"] for r in rows if r["event"] == "train_batch"]
-        assert steps == list(range(STEPS)), (rank, steps)
-        assert _trained(rows) == _trained(_records(uninterrupted / "records")[rank]), rank
+        assert steps == list(range(STEPS)), (rank, steps)  # the requeued start went on from the saved step
+    seen = {rank: _trained(rows) for rank, rows in records.items()}
+    assert all(len(ids) == len(set(ids)) == STEPS * 4 for ids in seen.values()), seen
+    assert not set(seen[0]) & set(seen[1])
+    assert seen == {rank: _trained(rows) for rank, rows in _records(plain / "records").items()}  # data position
     _only_our_checkpoints(workdir, {2, 4, 6} | {saved})
-    assert_same_training(_last(workdir), _last(uninterrupted))
+    assert_same_training(_last(workdir), _last(plain))
 
 
-def test_a_job_at_its_time_limit_saves_and_the_next_submission_continues(cluster, uninterrupted, time_limited):
+def test_a_job_at_its_time_limit_saves_and_the_next_submission_continues(cluster, plain, time_limited):
     job, workdir, script = time_limited
     fields, output = _finish(cluster, job, workdir, timeout=180)
     assert fields["JobState"] == "TIMEOUT", f"{fields}\n{output[-3000:]}"
@@ -194,7 +182,7 @@ def test_a_job_at_its_time_limit_saves_and_the_next_submission_continues(cluster
     assert f"resuming from {Path('runs/exp/lightning_logs/version_0/checkpoints/last.ckpt')}" in output
     for rank, rows in _records(workdir / "records").items():
         assert [r["step"] for r in rows if r["event"] == "train_batch"] == list(range(STEPS)), rank
-    assert_same_training(_last(workdir), _last(uninterrupted))
+    assert_same_training(_last(workdir), _last(plain))
 
 
 def test_a_job_script_without_srun_fails_in_seconds_with_one_line(cluster, tmp_path):
