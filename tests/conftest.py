@@ -115,6 +115,6 @@ def trained(tmp_path_factory, worker_id: str) -> Path:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The Slurm tests first: they wait a minute or more on Slurm's clock (a time limit), which the other
-    worker spends on the rest of the suite instead of idling at its end."""
-    items.sort(key=lambda item: item.path.name != "test_slurm.py")  # a stable sort: the rest keep their order
+    """The DDP and Slurm tests first: they wait a minute or more on Slurm's clock (a time limit), which the
+    other worker spends on the rest of the suite instead of idling at its end."""
+    items.sort(key=lambda item: item.path.name != "test_ddp.py")  # a stable sort: the rest keep their order

@@ -13,8 +13,8 @@ Added to a real ``tiny-audio fit`` with ``--trainer.callbacks+=ddp_callback.Rank
   weights (equal on every rank when DDP averages the gradients) and how far they moved in this run.
 
 Every record names the process and, inside a Slurm job, the task it is (``slurm_procid``), and its ``time``.
-``--trainer.callbacks.pause S`` sleeps S seconds after each training batch: a job that outlasts its
-time limit without keeping the CPUs busy.
+``--trainer.callbacks.pause S`` sleeps S seconds after each training batch, or until the rank gets a
+stop signal: a job that outlasts its time limit without keeping the CPUs busy.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ class RankRecorder(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        time.sleep(self.pause)
+        end = time.monotonic() + self.pause
+        while time.monotonic() < end and not getattr(trainer._signal_connector, "received", None):
+            time.sleep(0.05)  # cut short by a stop signal, as a real step would end
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Runs before the module's own hook merges the ranks' tallies: they are still this rank's own.

@@ -118,7 +118,7 @@ JOB_MISTAKES = {
 
 @pytest.mark.parametrize("mistake", JOB_MISTAKES)
 def test_a_slurm_job_that_does_not_match_the_trainer_is_one_line(mistake, here, capfd, monkeypatch):
-    """The job itself runs on a real Slurm in test_slurm.py; here each mismatch, with the variables Slurm sets."""
+    """The job itself runs on a real Slurm in test_ddp.py; here each mismatch, with the variables Slurm sets."""
     changes, args, message = JOB_MISTAKES[mistake]
     for name, value in {**SLURM_TASK, **changes}.items():
         if value is None:
