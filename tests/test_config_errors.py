@@ -128,6 +128,17 @@ def test_a_slurm_job_that_does_not_match_the_trainer_is_one_line(mistake, here, 
     assert message in _one_line_error(capfd, here, "fit", "-c", SMOKE, *args)
 
 
+def test_a_trainer_setting_lightning_refuses_is_one_line(here, capfd):
+    """Lightning checks these when it builds the trainer, after the model: its own message, as one line."""
+    from tiny_audio_pl.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", SMOKE, "--trainer.strategy", "nonsense"])
+    err = capfd.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("tiny-audio fit: error: trainer: You selected an invalid strategy")
+
+
 def test_the_production_config_offline_is_one_line(here, capfd):
     err = _one_line_error(capfd, here, "fit", "-c", str(ROOT / "configs" / "whisper.yaml"))
     assert "speechbrain/LoquaciousSet" in err and "HF_HUB_OFFLINE" in err and "tiny-audio download -c CONFIG" in err

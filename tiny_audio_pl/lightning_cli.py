@@ -20,7 +20,11 @@ Beyond the stock LightningCLI it adds:
 - checks that fail in the first second, before any weights load or any folder is written, with one
   line that names the setting and the fix (:class:`UsageError`): a YAML syntax error, a value out
   of range, ``trainer.max_steps`` unset, a checkpoint that is a folder or not a Lightning checkpoint,
-  a dataset folder without the split or the columns, a run folder that cannot be written;
+  a dataset folder without the split or the columns, a run folder that cannot be written, a strategy
+  that shards the weights (FSDP, DeepSpeed), a Slurm job whose tasks do not match the trainer
+  (``cluster.check_job``); what Lightning refuses when it builds the trainer is one line too;
+- a stop signal (SIGTERM, Slurm's requeue signal) ends the run after the optimizer step in progress,
+  saved, on every rank (``cluster.py``);
 - no more compute threads than cores: the main process gets the cores the dataloader workers do not;
 - ``validate --sclite DIR`` writes the last validation as NIST sclite ``trn`` files;
 - at the end of ``fit`` and ``validate``, a summary: the run folder, the last checkpoint, the last
