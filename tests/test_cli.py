@@ -102,16 +102,7 @@ def test_fit_validate_and_resume_on_the_tiny_assets(workdir):
     assert not (tmp_path / "lightning_logs" / "version_2").exists()
 
 
-def test_resume_without_a_checkpoint_says_so(workdir):
-    result = run_cli(workdir, "fit", "-c", SMOKE, "--ckpt_path", "last")
-    assert result.returncode != 0
-    assert "no last.ckpt" in result.stderr
-
-
 def test_auto_resume_starts_fresh_only_when_asked_and_runs_go_under_default_root_dir(workdir):
-    result = run_cli(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "-1")
-    assert result.returncode == 2 and "set --trainer.max_steps" in result.stderr
-    assert "Loading weights" not in result.stderr  # failed before any model was loaded
     quick = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
              "--trainer.default_root_dir", "runs"]
     result = run_cli(workdir, "fit", "-c", SMOKE, *quick, "--ckpt_path", "auto")

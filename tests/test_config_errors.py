@@ -76,6 +76,7 @@ def here(workdir: Path, monkeypatch) -> Path:
     torch.save({"weights": torch.ones(3)}, workdir / "plain.pt")
     save_file({"weights": torch.ones(3)}, workdir / "model.safetensors")
     (workdir / "broken.yaml").write_text("trainer:\n  max_steps: [1\n")
+    (workdir / "corrupt.ckpt").write_bytes(b"\x80\x04not a checkpoint")
     return workdir
 
 
@@ -86,6 +87,9 @@ MISTAKES = {
     "YAML syntax error": (["-c", "broken.yaml"], "broken.yaml is not valid YAML at line 3"),
     "not a Lightning checkpoint": (["--ckpt_path", "plain.pt"], "plain.pt is a torch file but not a checkpoint"),
     "checkpoint is a folder": (["--ckpt_path", "empty"], "checkpoint empty is a folder"),
+    "corrupt checkpoint": (["--ckpt_path", "corrupt.ckpt"], "cannot read checkpoint corrupt.ckpt"),
+    "nothing to resume": (["--ckpt_path", "last"], "--ckpt_path last: no last.ckpt under"),
+    "no length": (["--trainer.max_steps", "-1"], "set --trainer.max_steps"),
     "exported weights": (["--ckpt_path", "model.safetensors"], "model.safetensors holds a model's weights"),
     "ignored length grouping": (["--data.batch_seconds", "60", "--data.group_by_length", "false"],
                                 "data.group_by_length false has no effect with data.batch_seconds"),
