@@ -1,6 +1,6 @@
 """A real one-node Slurm cluster for the tests: Debian's ``munge`` and ``slurm-wlm``, in a folder of its own.
 
-:class:`SlurmCluster` writes a ``slurm.conf`` for this machine as a single node with 2 CPUs, a munge
+:class:`SlurmCluster` writes a ``slurm.conf`` for this machine as a single node with ``cpus`` CPUs, a munge
 key, and starts ``munged``, ``slurmctld`` and ``slurmd`` on free loopback ports, every file (state,
 spool, logs, sockets) under its folder, so nothing of the host's ``/etc/slurm`` is read or changed
 and two clusters never meet. No cgroups are needed (``proctrack/linuxproc``, ``task/none``). Jobs
@@ -19,6 +19,7 @@ until Enter is pressed.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -56,6 +57,7 @@ class SlurmCluster:
         self.node = socket.gethostname().split(".")[0]
         self.conf = self.folder / "slurm.conf"
         self.munge_socket = self.folder / "munge" / "munge.socket"
+        self.user = pwd.getpwuid(os.getuid()).pw_name  # the daemons run as the user running the tests
         self._processes: list[subprocess.Popen] = []
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -70,14 +72,13 @@ class SlurmCluster:
         key = self.folder / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o400)
-        user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
         self.conf.write_text(f"""\
 ClusterName=tinyaudio
 SlurmctldHost={self.node}(127.0.0.1)
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
-SlurmUser={user}
-SlurmdUser={user}
+SlurmUser={self.user}
+SlurmdUser={self.user}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.munge_socket}
@@ -151,14 +152,6 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             raise RuntimeError(f"scontrol {' '.join(args)}: {result.stderr.strip()}")
         return result.stdout
 
-    def submit(self, *args: str, cwd: Path) -> str:
-        """``sbatch --parsable ARGS`` in ``cwd``: the job id."""
-        result = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=self.env(), capture_output=True,
-                                text=True, timeout=30)
-        if result.returncode != 0:
-            raise RuntimeError(f"sbatch {' '.join(args)}: {result.stderr.strip()}")
-        return result.stdout.strip().split(";")[0]
-
     def job(self, job_id: str) -> dict[str, str]:
         """``scontrol show job``'s fields (``JobState``, ``Restarts``, ``ExitCode`` ...)."""
         text = self.scontrol("show", "job", "--oneliner", job_id)
@@ -181,10 +174,16 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         self.scontrol("update", f"JobId={job_id}", "StartTime=now")
 
     def stop(self) -> None:
-        """Cancel every job, stop the daemons (SIGTERM, then SIGKILL after 10 s)."""
-        if self.conf.exists() and self._processes:
-            subprocess.run(["scancel", "--full", "--user", str(os.getuid())], env=self.env(), capture_output=True,
-                           timeout=30)
+        """Kill every job (SIGKILL to its steps and batch shell; slurmstepd outlives the daemons otherwise), wait
+        until Slurm has let them go, then stop the daemons (SIGTERM, SIGKILL after 10 s)."""
+        if any(p.poll() is None for p in self._processes):
+            subprocess.run(["scancel", "--signal=KILL", "--full", "--user", self.user], env=self.env(),
+                           capture_output=True, timeout=30)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and subprocess.run(
+                    ["squeue", "--noheader", "--user", self.user], env=self.env(), capture_output=True, text=True,
+                    timeout=30).stdout.strip():
+                time.sleep(0.5)
         for process in reversed(self._processes):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
