@@ -204,10 +204,11 @@ class Checkpoint(ModelCheckpoint):
             self._save_current_step(trainer)
             requeued = self._signals.requeue()
             if trainer.is_global_zero:
-                stops = self._signals.agreed | self._signals.received
-                names = "+".join(signal.Signals(s).name for s in sorted(stops)) or "stopped"
-                done, again = ("stopped before training", "auto") if trainer.sanity_checking else (
-                    f"saved step {trainer.global_step}", "last")
+                names = "+".join(signal.Signals(s).name for s in sorted(self._signals.stops)) or "stopped"
+                if trainer.sanity_checking:
+                    done, again = "stopped before training", "auto"
+                else:
+                    done, again = f"saved step {trainer.global_step}", "last"
                 print(f"{names}: {done}; {requeued or f'continue with --ckpt_path {again}'}")
         elif isinstance(exception, DataUnavailable):
             self._save_current_step(trainer)

@@ -64,20 +64,24 @@ class StopSignals(_SignalConnector):
 
     def __init__(self, trainer: Trainer) -> None:
         super().__init__(trainer)
+        self.signals: tuple[int, ...] = ()  # SIGTERM and the requeue signal, once registered
         self.received: set[int] = set()  # on this rank
         self.agreed: set[int] = set()  # on any rank, as of the last optimizer step
+
+    @property
+    def stops(self) -> set[int]:
+        """The stop signals this run got: agreed on by the ranks, or this rank's own (a stop outside training)."""
+        return self.agreed | self.received
 
     def register_signal_handlers(self) -> None:
         self.received_sigterm = False  # Lightning's flag: set only once the ranks agreed (see agree)
         self._original_handlers = self._get_current_signal_handlers()
+        job = slurm_job(self.trainer)
+        self.signals = (signal.SIGTERM, job.requeue_signal if job else REQUEUE_SIGNAL)
         self.received |= _early
         _early.clear()
-        for signum in self._signals():
+        for signum in self.signals:
             self._register_signal(signum, self._note)
-
-    def _signals(self) -> tuple[int, int]:
-        job = slurm_job(self.trainer)
-        return signal.SIGTERM, job.requeue_signal if job else REQUEUE_SIGNAL
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self.received.add(signum)
@@ -86,19 +90,21 @@ class StopSignals(_SignalConnector):
 
     def agree(self) -> bool:
         """Whether any rank got a stop signal; every rank calls this after the same optimizer step. Sets
-        Lightning's flag, so that the loop stops once the step's hooks have run."""
-        signals = self._signals()
-        flags = torch.tensor([float(s in self.received) for s in signals], device=self.trainer.strategy.root_device)
+        Lightning's flag, so that the loop stops once the step's hooks have run. One process: no tensor, no
+        device sync; several: one all-reduce of a flag per signal."""
+        self.agreed = set(self.received)
         if self.trainer.world_size > 1:
+            flags = torch.tensor([float(s in self.received) for s in self.signals],
+                                 device=self.trainer.strategy.root_device)
             flags = self.trainer.strategy.reduce(flags, reduce_op="max")
-        self.agreed = {s for s, flag in zip(signals, flags.tolist()) if flag}
+            self.agreed = {s for s, flag in zip(self.signals, flags.tolist()) if flag}
         self.received_sigterm = bool(self.agreed)
         return self.received_sigterm
 
     def requeue(self) -> str | None:
         """After a requeue signal, in a Slurm job that allows it (``auto_requeue``): requeue the job (rank 0)."""
         job = slurm_job(self.trainer)
-        asked = job is not None and job.auto_requeue and job.requeue_signal in self.agreed | self.received
+        asked = job is not None and job.auto_requeue and job.requeue_signal in self.stops
         if not asked or not self.trainer.is_global_zero:
             return None
         job_id = os.environ["SLURM_JOB_ID"]
@@ -111,7 +117,11 @@ class StopSignals(_SignalConnector):
 
 
 def check_job(devices: Any, num_nodes: int) -> None:
-    """One line when this Slurm job's tasks do not match ``trainer.devices`` and ``trainer.num_nodes``."""
+    """One line when this Slurm job's tasks do not match ``trainer.devices`` and ``trainer.num_nodes``.
+
+    Lightning checks tasks against devices and nodes too (``SLURMEnvironment.validate_settings``), but only
+    once the models are loaded, in its own terms (``Trainer(devices=...)``); here it is before anything
+    loads, in the command's options. Lightning does not check that the command was started by ``srun``."""
     if "SLURM_NTASKS" not in os.environ or SLURMEnvironment.job_name() in ("bash", "interactive"):
         return  # not the tasks of a job (Lightning's own rule, SLURMEnvironment.detect)
     tasks = int(os.environ["SLURM_NTASKS"])

@@ -354,7 +354,6 @@ class TinyAudioModel(PreTrainedModel):
         """Batched decoding of a padded batch (:meth:`generate_from_audio`): the answer's token ids ``[B, T]``."""
         return self.generate_from_audio(*self.embed_audio(input_features, feature_lengths), prompts)
 
-    @torch.no_grad()
     @contextmanager
     def decoding(self, **options: Any) -> Iterator[None]:
         """The decoding settings (``DECODING``) changed while the block runs, e.g. ``beam_size=4`` for one call."""
@@ -369,6 +368,7 @@ class TinyAudioModel(PreTrainedModel):
         finally:
             vars(self.config).update(saved)
 
+    @torch.no_grad()
     def generate_from_audio(self, audio: torch.Tensor, audio_lengths: list[int],
                             prompts: list[str | None] | None = None) -> torch.Tensor:
         """Batched decoding from projected audio ``[B, N, D]`` (from :meth:`embed_audio`), as the settings say:

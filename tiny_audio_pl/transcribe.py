@@ -43,7 +43,6 @@ def transcribe_files(model: TinyAudioModel, files: list[str], batch_size: int = 
     shown = None if progress and len(files) > 1 else True
     bar = tqdm(total=len(files), desc="transcribing", unit="file", disable=shown)
     pending: list[tuple[Transcript, list[np.ndarray]]] = []  # each file's result and its windows' features
-    waiting = 0  # windows in pending
     for path in files:
         result, windows = Transcript(str(path), "", 0.0, 0), []
         try:
@@ -54,11 +53,10 @@ def transcribe_files(model: TinyAudioModel, files: list[str], batch_size: int = 
             result.error = f"cannot read: {error}" if isinstance(error, sf.LibsndfileError) else str(error)
         result.windows = len(windows)
         pending.append((result, windows))
-        waiting += len(windows)
-        if waiting >= batch_size * chunk_batches:
+        if sum(r.windows for r, _ in pending) >= batch_size * chunk_batches:  # a few dozen entries at most
             yield from _decode(model, pending, batch_size)
             bar.update(len(pending))
-            pending, waiting = [], 0
+            pending = []
     yield from _decode(model, pending, batch_size)
     bar.update(len(pending))
     bar.close()
