@@ -40,8 +40,7 @@ JOB = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task
 
 def _job(cluster: SlurmCluster, workdir: Path, steps: int, pause: float) -> str:
     (workdir / "assets").symlink_to(ROOT / "assets")
-    env = cluster.env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                      PYTHONPATH=str(ROOT / "tests"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+    env = cluster.env(PYTHONPATH=str(ROOT / "tests"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                       CONFIG=str(ROOT / "configs" / "smoke.yaml"), RUNS="runs/exp")
     fit = ["--trainer.accelerator", "cpu", "--trainer.max_steps", str(steps), "--checkpoint.every_n_train_steps", "2",
            "--data.batch_size", "4", "--data.num_workers", "1", "--trainer.limit_val_batches", "0",

@@ -61,9 +61,11 @@ class SlurmCluster:
         self._processes: list[subprocess.Popen] = []
 
     def env(self, **extra: str) -> dict[str, str]:
-        """The environment for ``sbatch``, ``scontrol`` ... of this cluster (and for its jobs: sbatch passes it on)."""
+        """The environment for ``sbatch``, ``scontrol`` ... of this cluster, and for its jobs (sbatch passes it on):
+        this Python's folder first on ``PATH``, so that a job's ``tiny-audio`` is the one under test."""
         clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # never a job's own
-        return {**clean, "SLURM_CONF": str(self.conf), **extra}
+        path = os.pathsep.join([str(Path(sys.executable).parent), extra.pop("PATH", os.environ.get("PATH", ""))])
+        return {**clean, **extra, "PATH": path, "SLURM_CONF": str(self.conf)}
 
     def _write_config(self) -> None:
         for sub in ("munge", "state", "spool", "log"):

@@ -34,7 +34,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -239,10 +238,9 @@ def time_limited(cluster, uneven, tmp_path_factory) -> tuple[str, Path, Path] | 
 
 def _submit(cluster: SlurmCluster, workdir: Path, uneven: Path, *args: str, script: Path = SCRIPT,
             pause: float = 0) -> str:
-    """``sbatch [args] SCRIPT`` in ``workdir`` for the plain run's training (to SECOND, records in ``records/``),
-    with this Python first on PATH: the job id."""
-    env = cluster.env(**_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", CONFIG=SMOKE,
-                             RUNS="runs/exp"))
+    """``sbatch [args] SCRIPT`` in ``workdir`` for the plain run's training (to SECOND, records in ``records/``):
+    the job id."""
+    env = cluster.env(**_env(CONFIG=SMOKE, RUNS="runs/exp"))
     fit = [*TRAIN, *_data(uneven), "--trainer.max_steps", str(SECOND), "--trainer.callbacks.dirpath", "records",
            "--trainer.callbacks.pause", str(pause)]
     result = subprocess.run(["sbatch", "--parsable", *JOB, *args, str(script), *fit], cwd=workdir, env=env,
