@@ -34,7 +34,9 @@ def step_seconds(checkout: Path, fit_args: list[str], steps: int, skip: int) -> 
                    "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
                    "--trainer.default_root_dir", runs]
         env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
-        subprocess.run(command, cwd=checkout, env=env, check=True, capture_output=True, text=True)
+        run = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True)
+        if run.returncode:
+            sys.exit(f"tiny-audio fit failed in {checkout}:\n{run.stderr[-3000:]}")
         events = EventAccumulator(str(next(Path(runs).rglob("events.out.tfevents.*")).parent))
         events.Reload()
         times = [event.wall_time for event in events.Scalars("train/loss")]
@@ -49,9 +51,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     parser.add_argument("--skip", type=int, default=3, help="first steps left out of the timing")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("fit_args", nargs=argparse.REMAINDER, help="-- then the tiny-audio fit arguments")
-    args = parser.parse_args()
-    fit_args = args.fit_args[1:] if args.fit_args[:1] == ["--"] else args.fit_args
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)  # after --: the tiny-audio fit arguments
+    args, fit_args = parser.parse_args(argv[:split]), argv[split + 1:]
     seconds: dict[str, list[list[float]]] = {"before": [], "after": []}
     for round_ in range(args.rounds):
         for name in ("before", "after"):

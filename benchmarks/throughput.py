@@ -37,7 +37,8 @@ words spoken in it as the transcript (``data_pipeline.make_clips``).
 
 Useful FLOPs (for model-FLOPs utilisation) are counted analytically and only for work a perfect
 implementation must do: the encoder's forward over each clip's real frames, the projector's forward
-and backward, the decoder's forward and input-gradient backward over non-padding positions, and the
+and backward, the decoder's forward and input-gradient backward over non-padding positions past the shared
+prompt (whose keys and values a frozen decoder computes once per run), and the
 LM head at labelled positions only. Usage::
 
     python benchmarks/throughput.py --size tiny [--json PATH]
@@ -221,6 +222,7 @@ def useful_flops(model: SpeechLLM, batch: dict[str, Any]) -> float:
     dec_linear = 2 * dec.num_hidden_layers * (d * q + 2 * d * kv + q * d + 3 * d * dec.intermediate_size)
     proj_params = sum(p.numel() for p in net.projector.parameters())
     total = 0.0
+    shared = len(net.processor.prompt.prefix_ids)  # the shared prompt: computed once per run (frozen decoder)
     lengths, audio, targets = decoder_lengths(model, batch)
     frames = net.encoder.frame_lengths(batch["feature_lengths"]).tolist()
     for n, length, a, t in zip(frames, lengths, audio, targets):
@@ -228,8 +230,8 @@ def useful_flops(model: SpeechLLM, batch: dict[str, Any]) -> float:
         total += 2 * (enc.num_mel_bins * 3 * e) * 2 * n + 2 * (3 * e * e) * n  # the two convs over 2n, n frames
         total += enc.encoder_layers * (2 * (4 * e * e + 2 * e * enc.encoder_ffn_dim) * n + 4 * n * n * e)
         total += 3 * 2 * proj_params * a  # projector forward + backward (weights and inputs)
-        attention = dec.num_hidden_layers * 2 * length * length * q  # causal: half of QK^T and AV
-        total += 2 * dec_linear * length + 3 * attention  # forward + input-gradient backward
+        attention = dec.num_hidden_layers * 2 * (length * length - shared * shared) * q  # causal: half of QK^T, AV
+        total += 2 * dec_linear * (length - shared) + 3 * attention  # forward + input-gradient backward
         total += 2 * 2 * d * dec.vocab_size * t  # LM head at labelled positions, forward + input gradient
     return total
 
