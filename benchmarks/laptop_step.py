@@ -55,7 +55,7 @@ from tiny_audio_pl.stream import length_grouped
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sgemm_gflops(size: int = 2048, repeats: int = 10) -> float:
+def sgemm_gflops(size: int = 2048, repeats: int = 4) -> float:
     """This machine's fp32 matmul rate at the current thread count: the best of three timings of ``repeats`` products."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
