@@ -12,6 +12,13 @@ import torch
 from filelock import FileLock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# What a user's shell exports must not steer the suite (read before datasets or transformers is imported): the
+# Hub tests go online through the stand-in, which datasets' and transformers' own offline switches would refuse,
+# and no test may read a user's cache or token or write to their tracker server.
+USERS_OWN = ("HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_TOKEN",
+             "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT")
+for variable in [n for n in os.environ if n in USERS_OWN or n.startswith(("WANDB_", "MLFLOW_"))]:
+    del os.environ[variable]
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # the CLI, run in this process, then leaves the thread count alone
 torch.set_num_threads(1)
 
