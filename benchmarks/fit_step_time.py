@@ -9,7 +9,8 @@ past the last step). Usage::
 
     git worktree add /tmp/before 62be8ad
     python benchmarks/fit_step_time.py /tmp/before . --rounds 2 -- -c configs/laptop.yaml \\
-        --model.encoder DIR/whisper-tiny.en --model.decoder DIR/smollm2-135m --data.dataset SPEECH --data.config_name null
+        --model.encoder DIR/whisper-tiny.en --model.decoder DIR/smollm2-135m \\
+        --data.dataset SPEECH --data.config_name null
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 
 def step_seconds(checkout: Path, fit_args: list[str], steps: int, skip: int) -> list[float]:
-    """Run ``tiny-audio fit`` from ``checkout`` for ``steps`` steps; the seconds of each step after the first ``skip``."""
+    """``tiny-audio fit`` from ``checkout`` for ``steps`` steps: the seconds of each step after the first ``skip``."""
     with tempfile.TemporaryDirectory() as runs:
         command = [sys.executable, "-m", "tiny_audio_pl.cli", "fit", *fit_args, "--trainer.max_steps", str(steps),
                    "--trainer.val_check_interval", str(steps + 1), "--trainer.num_sanity_val_steps", "0",

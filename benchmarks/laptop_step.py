@@ -1,4 +1,4 @@
-"""The laptop recipe's training step on a CPU: seconds, useful FLOP/s against this machine's own matmul peak, and where it goes.
+"""The laptop recipe's training step on a CPU: seconds, useful FLOP/s against the machine's own peak, where it goes.
 
 ``configs/laptop.yaml``'s step (Whisper tiny.en + SmolLM2-135M-Instruct, k 4, hidden 5120, output bias,
 LoRA r16, AdamW, 8 clips a step, length-grouped as the training stream groups them) trained by the
@@ -24,7 +24,7 @@ prompt once per step for a batch of one (forward and backward when LoRA adapters
 when only the projector does: its keys and values never change), the adapters' own products, and
 the LM head at labelled positions. Usage::
 
-    python benchmarks/laptop_step.py [--models DIR] [--steps 8] [--profile] [--json PATH]
+    python benchmarks/laptop_step.py [--models DIR] [--steps 8] [--profile] [--try CHANGE] [--json PATH]
 """
 
 from __future__ import annotations
@@ -44,8 +44,10 @@ import numpy as np
 import torch
 import yaml
 from lightning.pytorch import Callback, Trainer
+from torch.nn.attention import SDPBackend
 from torch.utils.data import DataLoader
 
+import tiny_audio_pl.modeling as modeling
 from data_pipeline import make_clips
 from tiny_audio_pl.cli import quiet
 from tiny_audio_pl.clips import ClipPreparer, collate
@@ -56,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sgemm_gflops(size: int = 2048, repeats: int = 4) -> float:
-    """This machine's fp32 matmul rate at the current thread count: the best of three timings of ``repeats`` products."""
+    """This machine's fp32 matmul GFLOP/s at the current thread count: the best of 3 timings of ``repeats`` products."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
     best = float("inf")
@@ -104,8 +106,9 @@ def useful_flops(model: SpeechLLM, batch: dict[str, Any]) -> dict[str, float]:
     q, kv = dec.num_attention_heads * head_dim, dec.num_key_value_heads * head_dim
     per_position = 2 * layers * (d * q + 2 * d * kv + q * d + 3 * d * dec.intermediate_size)  # forward, linear layers
     lora = model.hparams.get("lora_rank", 0)
-    shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "gate_proj": (d, dec.intermediate_size),
-              "up_proj": (d, dec.intermediate_size), "down_proj": (dec.intermediate_size, d)}
+    mlp = dec.intermediate_size
+    shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "gate_proj": (d, mlp),
+              "up_proj": (d, mlp), "down_proj": (mlp, d)}
     targets = model.hparams.get("lora_targets") or ["q_proj", "k_proj", "v_proj", "o_proj"]
     per_position_lora = 2 * layers * lora * sum(sum(shapes[t]) for t in targets)  # forward of x A and (x A) B
     rows = parts["prompt_per_row"] + parts["audio"] + parts["suffix"] + parts["labels"]
@@ -126,8 +129,36 @@ def useful_flops(model: SpeechLLM, batch: dict[str, Any]) -> dict[str, float]:
         length = c.length(a) + len(t)
         attention += layers * 2 * (length * length - parts["shared_prompt"] ** 2) * q
     return {"encoder": encoder, "projector": projector,
-            "decoder": 2 * (per_position + 3 * per_position_lora) * (rows + prefix) + 3 * attention,
+            "decoder": (2 * per_position + 3 * per_position_lora) * (rows + prefix) + 3 * attention,
             "lm_head": 2 * 2 * d * dec.vocab_size * parts["labels"]}
+
+
+def adamw_step_ms(params: list[torch.Tensor], fused: bool, repeats: int = 10) -> float:
+    """Milliseconds of one AdamW step over tensors shaped like ``params`` (random gradients), median of ``repeats``."""
+    weights = [torch.nn.Parameter(torch.randn_like(p)) for p in params]
+    for weight in weights:
+        weight.grad = torch.randn_like(weight) * 1e-3
+    optimizer = torch.optim.AdamW(weights, lr=1e-4, fused=fused)
+    optimizer.step()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        optimizer.step()
+        seconds.append(time.perf_counter() - start)
+    return 1000 * statistics.median(seconds)
+
+
+def apply_change(change: str | None, model: SpeechLLM) -> None:
+    """One of the changes measured and not kept, for ``--try``."""
+    if change == "math-attention":
+        modeling.ATTENTION_KERNELS = [SDPBackend.MATH]  # read by TinyAudioModel.attention() at every call
+    elif change == "flush-denormal":
+        torch.set_flush_denormal(True)
+    elif change == "compile-norms":
+        decoder = model.model.decoder.get_decoder()
+        for module in [m for m in decoder.modules() if type(m).__name__.endswith("RMSNorm")] + [
+                layer.mlp for layer in decoder.layers]:
+            module.compile(dynamic=True)
 
 
 def load_settings(models: Path | None, tiny: bool) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -141,8 +172,8 @@ def load_settings(models: Path | None, tiny: bool) -> tuple[dict[str, Any], dict
         if models is None:
             models = Path("/tmp/laptop-size-models")
             if not (models / "smollm2-135m").is_dir():
-                subprocess.run([sys.executable, str(ROOT / "scripts/make_real_size_models.py"), str(models), "--laptop"],
-                               check=True)
+                subprocess.run([sys.executable, str(ROOT / "scripts/make_real_size_models.py"), str(models),
+                                "--laptop"], check=True)
         model.update(encoder=str(models / "whisper-tiny.en"), decoder=str(models / "smollm2-135m"))
     return model, data
 
@@ -156,6 +187,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="compute threads (the CLI gives the main process every core: 2 here)")
     parser.add_argument("--profile", action="store_true", help="then profile two steps and print the top rows")
+    parser.add_argument("--try", dest="change", choices=["math-attention", "flush-denormal", "compile-norms"],
+                        help="run the step with one change measured and not kept")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -166,6 +199,7 @@ def main() -> None:
     settings, data = load_settings(args.models, args.tiny)
     torch.manual_seed(0)
     model = SpeechLLM(**settings)
+    apply_change(args.change, model)
     preparer = ClipPreparer(model.model.processor, min_duration=0.1, max_duration=30.0, max_target_tokens=10_000,
                             text_normalization="lower")
     batch_size, warmup = data["batch_size"], 2
@@ -182,6 +216,9 @@ def main() -> None:
     loader = DataLoader(clips, batch_sampler=batches, collate_fn=collate)
     trainer.fit(model, train_dataloaders=loader)
     peak = max(peak_before, sgemm_gflops())
+    trained = list(model.model.trainable_parameters().values())
+    adamw = {"fused": round(adamw_step_ms(trained, fused=True), 1),
+             "for_loop": round(adamw_step_ms(trained, fused=False), 1)}
 
     timed = [collate([clips[i] for i in b]) for b in batches[warmup:]]
     flops = [useful_flops(model, batch) for batch in timed]
@@ -192,15 +229,17 @@ def main() -> None:
     useful = sum(per_step.values()) / seconds
     report = {
         "device": f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "models": "tiny assets" if args.tiny else str(args.models or "random weights"),
+        "torch": torch.__version__, "change": args.change,
+        "models": "tiny assets" if args.tiny else str(args.models or "random weights"),
         "settings": {k: settings[k] for k in ("projector_stack", "projector_hidden", "projector_bias", "lora_rank")},
         "batch_size": batch_size, "timed_steps": args.steps,
-        "clip_s_mean": round(float(np.mean([c["duration"] for b in batches[warmup:] for c in (clips[i] for i in b)])), 2),
+        "clip_s_mean": round(float(np.mean([clips[i]["duration"] for b in batches[warmup:] for i in b])), 2),
         "seconds_per_step": round(seconds, 3), "seconds_each": [round(s, 3) for s in times.seconds[warmup:]],
         "useful_gflop_per_step": {k: round(v, 3) for k, v in per_step.items()},
         "useful_gflops": round(useful, 1), "sgemm_peak_gflops": round(peak, 1),
         "share_of_peak": round(useful / peak, 3),
         "decoder_positions_per_step": {k: round(v, 1) for k, v in parts.items()},
+        "adamw_step_ms": adamw,
     }
     print(json.dumps(report, indent=2), flush=True)
     if args.profile:

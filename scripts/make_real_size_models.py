@@ -5,7 +5,8 @@
 published shapes with random weights, in bf16. The decoder borrows the tiny asset's tokenizer and
 chat template (its ids are valid in the 128k vocabulary). Throughput and memory of a training step
 depend only on the shapes, so ``tiny-audio fit -c configs/whisper.yaml --model.encoder OUT/whisper
---model.decoder OUT/smollm3 ...`` measures the real recipe offline. ``--laptop`` writes ``configs/laptop.yaml``'s models instead, in fp32:
+--model.decoder OUT/smollm3 ...`` measures the real recipe offline. ``--laptop`` writes ``configs/laptop.yaml``'s
+models instead, in fp32:
 Whisper tiny.en (``OUT/whisper-tiny.en``) and SmolLM2-135M-Instruct (``OUT/smollm2-135m``), whose chat
 template, like SmolLM2's, writes a default system message when none is given (the tiny tokenizer makes it
 longer in tokens than SmolLM2's 29). Usage::
@@ -46,7 +47,8 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
 # SmolLM2-Instruct's behaviour: its default system message when the conversation has none.
 SMOLLM2_TEMPLATE = ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful AI assistant "
                     "named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}"
-                    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+                    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+                    "{%- endfor %}"
                     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 TINY_DECODER = Path(__file__).resolve().parents[1] / "assets" / "tiny-smollm3"
 

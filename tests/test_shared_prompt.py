@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig
 
 from conftest import DECODER, HUBERT, WHISPER
-from tiny_audio_pl.modeling import Settings, TinyAudioConfig, TinyAudioModel
+from tiny_audio_pl.modeling import TinyAudioConfig, TinyAudioModel
 
 PROMPTS = [None, "Say what you hear: <audio>", None, "Is the speaker male (M) or female (F)? <audio>"]
 
@@ -24,7 +24,8 @@ def _model(encoder: str, lora_rank: int) -> TinyAudioModel:
 def _inputs(net: TinyAudioModel) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
     """Four clips of 0.6-1.9 s of noise (their features padded) and four targets of different lengths."""
     rng = np.random.default_rng(0)
-    inputs = net.processor([rng.standard_normal(int(s * 16_000)).astype(np.float32) * 0.1 for s in (1.9, 0.6, 1.2, 0.9)])
+    noise = [rng.standard_normal(int(s * 16_000)).astype(np.float32) * 0.1 for s in (1.9, 0.6, 1.2, 0.9)]
+    inputs = net.processor(noise)
     targets = net.processor.targets(["the cat sat on the mat", "a dog", "hello there world", "m"])
     return inputs["input_features"], inputs["feature_lengths"], targets
 
@@ -66,9 +67,13 @@ def test_the_prompt_is_computed_once_for_the_life_of_a_frozen_decoder_and_per_ca
     for lora_rank, expected in ((0, 1), (4, 3)):
         net = _model(WHISPER, lora_rank)
         features, feature_lengths, targets = _inputs(net)
-        runs = []
-        run_prompt = net._run_prompt
-        net._run_prompt = lambda ids: runs.append(ids) or run_prompt(ids)
+        runs: list[tuple[int, ...]] = []
+
+        def counted(ids: tuple[int, ...], run_prompt=net._run_prompt, runs=runs) -> list:
+            runs.append(ids)
+            return run_prompt(ids)
+
+        net._run_prompt = counted
         audio, lengths = net.embed_audio(features, feature_lengths)
         for _ in range(3):
             net.loss(audio[:1], lengths[:1], targets[:1])  # one prompt: the whole prefix is shared
@@ -84,8 +89,8 @@ def test_decoding_from_the_shared_prompt_writes_what_the_whole_prompts_write(bea
         audio, lengths = net.embed_audio(features, feature_lengths)
         cached = net.generate_from_audio(audio, lengths, PROMPTS)
         layout = net.assemble(audio, lengths, net.chat_prompts(PROMPTS, len(lengths)), padding="left")
-        config = GenerationConfig(max_new_tokens=12, do_sample=False, num_beams=beams, eos_token_id=net.processor.end_id,
-                                  pad_token_id=net.processor.tokenizer.pad_token_id)
+        config = GenerationConfig(max_new_tokens=12, do_sample=False, num_beams=beams,
+                                  eos_token_id=net.processor.end_id, pad_token_id=net.processor.tokenizer.pad_token_id)
         whole = net.decoder.generate(inputs_embeds=layout.embeds, attention_mask=layout.mask, generation_config=config)
     assert torch.equal(cached, whole)
     assert len(set(map(tuple, cached.tolist()))) > 1  # the rows say different things: a check that can fail

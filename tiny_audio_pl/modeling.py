@@ -220,7 +220,7 @@ class TinyAudioModel(PreTrainedModel):
         if config.lora_rank > 0:
             self._add_lora(config.lora_rank, config.lora_alpha, config.lora_targets or ["q_proj", "k_proj", "v_proj",
                                                                                           "o_proj"])
-        # The decoder's cache argument is ``cache`` in transformers 5.25, ``past_key_values`` before: whichever it takes.
+        # The decoder's cache argument: ``cache`` in transformers 5.25, ``past_key_values`` before. Pass what it takes.
         takes = inspect.signature(self.decoder.get_decoder().forward).parameters
         self._cache_argument = "cache" if "cache" in takes else "past_key_values"
         self._prompt_memo: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # see prompt_cache
