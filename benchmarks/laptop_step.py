@@ -52,6 +52,7 @@ from data_pipeline import make_clips
 from tiny_audio_pl.cli import quiet
 from tiny_audio_pl.clips import ClipPreparer, collate
 from tiny_audio_pl.model import SpeechLLM
+from tiny_audio_pl.shared_prompt import common_prefix
 from tiny_audio_pl.stream import length_grouped
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def positions(model: SpeechLLM, batch: dict[str, Any]) -> dict[str, int]:
     """The decoder's positions in one batch, by part."""
     net = model.model
     chats = net.chat_prompts(batch["prompt"], len(batch["text"]))
-    shared = len(net.shared_prompt(chats))
+    shared = len(common_prefix(chats))
     audio = net.projector.output_lengths(net.encoder.frame_lengths(batch["feature_lengths"])).tolist()
     labels = [len(t) for t in batch["targets"]]
     rows = [c.length(a) - shared + t for c, a, t in zip(chats, audio, labels)]

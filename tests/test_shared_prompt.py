@@ -8,6 +8,7 @@ from transformers import GenerationConfig
 
 from conftest import DECODER, HUBERT, WHISPER
 from tiny_audio_pl.modeling import TinyAudioConfig, TinyAudioModel
+from tiny_audio_pl.shared_prompt import common_prefix
 
 PROMPTS = [None, "Say what you hear: <audio>", None, "Is the speaker male (M) or female (F)? <audio>"]
 
@@ -45,7 +46,7 @@ def test_loss_and_every_trained_gradient_equal_the_whole_prompts(encoder, lora_r
     net = _model(encoder, lora_rank)
     features, feature_lengths, targets = _inputs(net)
     chats = net.chat_prompts(PROMPTS, len(targets))
-    assert 0 < len(net.shared_prompt(chats)) < min(len(c.prefix_ids) for c in chats)  # several prompts: the common part
+    assert 0 < len(common_prefix(chats)) < min(len(c.prefix_ids) for c in chats)  # several prompts: the common part
 
     results = []
     for loss_of in (lambda a, n: net.loss(a, n, targets, PROMPTS, reduction="sum"),
@@ -69,11 +70,11 @@ def test_the_prompt_is_computed_once_for_the_life_of_a_frozen_decoder_and_per_ca
         features, feature_lengths, targets = _inputs(net)
         runs: list[tuple[int, ...]] = []
 
-        def counted(ids: tuple[int, ...], run_prompt=net._run_prompt, runs=runs) -> list:
+        def counted(ids: tuple[int, ...], run_prompt=net.shared_prompt._run, runs=runs) -> list:
             runs.append(ids)
             return run_prompt(ids)
 
-        net._run_prompt = counted
+        net.shared_prompt._run = counted
         audio, lengths = net.embed_audio(features, feature_lengths)
         for _ in range(3):
             net.loss(audio[:1], lengths[:1], targets[:1])  # one prompt: the whole prefix is shared

@@ -59,7 +59,7 @@ def test_export_writes_the_trained_weights_the_processor_and_the_code(trained, t
     files = {str(p.relative_to(out)) for p in out.rglob("*")}
     assert {"config.json", "model.safetensors", "README.md", "processor/preprocessor_config.json",
             "processor/processor_config.json", "processor/tokenizer.json", "modeling.py", "processing.py",
-            "pipeline.py", "encoder.py", "projector.py"} <= files
+            "configuration.py", "shared_prompt.py", "pipeline.py", "encoder.py", "projector.py"} <= files
     assert not [name for name in files if name.endswith((".ckpt", ".bin"))]
     checkpoint = read_checkpoint(trained)
     weights = load_file(out / "model.safetensors")

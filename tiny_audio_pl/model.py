@@ -200,9 +200,9 @@ class SpeechLLM(LightningModule):
             raise UsageError("set trainer.max_steps: a streaming dataset has no length, so the LR schedule "
                              "cannot be sized from epochs")
         params = list(self.model.trainable_parameters().values())
-        # Fused (one pass over the weights, not a kernel per operation and tensor: 12 ms against 56 ms a step for the
-        # laptop recipe's 20.5 M trained parameters on 2 CPU cores), except under mixed precision, where Lightning
-        # refuses to clip the gradients of a fused optimizer (there the step is a negligible part of a GPU step).
+        # Fused (one pass over the weights, not a kernel per operation and tensor: 14 ms against 48 ms a step for the
+        # laptop recipe's 20.5 M trained parameters on 2 CPU cores, benchmarks/laptop_step.py), except under mixed
+        # precision, where Lightning refuses to clip a fused optimizer's gradients (there the step costs little).
         fused = "mixed" not in str(self.trainer.precision)
         optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay,
                                       fused=fused)

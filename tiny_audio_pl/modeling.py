@@ -8,7 +8,7 @@ One example becomes the decoder input::
 and the next-token loss covers only the answer and the end-of-turn token. The chat prefix before the
 audio is the same for every clip (the system message, SmolLM2's or SmolLM3's default header, the
 user turn's opening), and the decoder is frozen, so its keys and values are computed once for a batch
-of one (:meth:`TinyAudioModel.prompt_cache`) and the decoder runs over the rest of each row only: on
+of one (``shared_prompt.py``) and the decoder runs over the rest of each row only: on
 the laptop recipe the prefix was 27 % of the decoder's positions. Only the projector is
 trained (optionally LoRA adapters in the decoder too): the encoder runs without autograd, the decoder
 passes gradients through to its input embeddings, and both stay in eval mode (no dropout). The LM
@@ -25,12 +25,11 @@ and ``pipeline("automatic-speech-recognition", model=folder, trust_remote_code=T
 
 from __future__ import annotations
 
-import inspect
 import math
 import shutil
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,112 +40,29 @@ from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (
     AutoModelForCausalLM,
-    DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
-    PretrainedConfig,
     PreTrainedModel,
 )
 
+from .configuration import DECODING, SETTINGS, Settings, TinyAudioConfig
 from .encoder import AudioEncoder, encoder_config
 from .errors import UsageError, explained_loading
 from .processing import ChatPrompt, TinyAudioProcessor
 from .projector import Projector
+from .shared_prompt import SharedPrompt, common_prefix
 
 IGNORE = -100
 WEIGHTS = "model.safetensors"
 PROCESSOR = "processor"  # the processor's files, in a folder of their own: the Auto classes would read config.json
 # The files an exported folder needs besides its config, weights and processor files: this model's code.
-CODE = ("modeling.py", "processing.py", "pipeline.py", "encoder.py", "projector.py", "errors.py")
+CODE = ("modeling.py", "configuration.py", "shared_prompt.py", "processing.py", "pipeline.py", "encoder.py",
+        "projector.py", "errors.py")
 # Attention kernels for the frozen models. Not cuDNN's: it builds an execution plan for every new
 # input shape, and with batches of varying length nearly every batch is a new shape (measured on an
 # H100: see docs/benchmarks.md). Flash / memory-efficient kernels take any shape at no setup cost.
 ATTENTION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-@dataclass
-class Settings:
-    """What rebuilds a :class:`TinyAudioModel` around its trained weights, defined once: the ``model.*``
-    options of a training run (``SpeechLLM`` passes them through) and the ``config.json`` of an export.
-
-    Args:
-        encoder: speech encoder, hub id or local directory (Whisper, HuBERT, wav2vec2, ...).
-        decoder: causal LM with a chat template, hub id or local directory.
-        projector_stack: k, encoder frames stacked into one audio token (50/k tokens per second).
-        projector_hidden: hidden width of the projector's SwiGLU.
-        projector_bias: give the projector a trained output bias that starts at the decoder's mean
-            token embedding (and its output RMS at the embeddings' spread about it). An LLM's token
-            embeddings share a common direction (SmolLM2-135M: median cosine 0.70 with their mean);
-            without it the audio vectors start, and stay, nearly orthogonal to it (docs/experiments.md).
-        system_prompt: system message (``/no_think`` turns off SmolLM3's reasoning); empty for none.
-        prompt: user message; ``<audio>`` marks where the audio embeddings go.
-        max_new_tokens: generation limit when decoding for WER and transcription.
-        beam_size: beam search with this many beams (1: greedy decoding).
-        no_repeat_ngram: above 0, no n-gram of this many tokens is generated twice in a transcript (a guard
-            against a decoder that loops on a phrase).
-        max_tokens_per_second: above 0, end each clip's transcript after this many tokens per second of
-            its audio (plus one), under ``max_new_tokens``: normal speech needs about 4 (docs/experiments.md).
-        whisper_full_window: feed Whisper every clip padded to 30 s, as in its pretraining (slower);
-            by default each batch is padded only to its longest clip.
-        frozen_dtype: dtype the frozen encoder and decoder are held in (``bfloat16`` halves their
-            memory on a GPU; the projector always keeps float32 weights).
-        trust_remote_code: let the encoder or decoder checkpoint run its own Python code (off: only
-            architectures built into transformers load).
-        lora_rank: above 0, also train LoRA adapters of this rank in the decoder (needs ``peft``:
-            ``pip install -e ".[lora]"``); checkpoints and exports then hold adapters + projector.
-        lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_rank``).
-        lora_targets: decoder module names that get adapters (default: the attention's
-            ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``).
-    """
-
-    encoder: str = "openai/whisper-large-v3-turbo"
-    decoder: str = "HuggingFaceTB/SmolLM3-3B"
-    projector_stack: int = 2
-    projector_hidden: int = 5120
-    projector_bias: bool = False
-    system_prompt: str = "/no_think"
-    prompt: str = "Transcribe: <audio>"
-    max_new_tokens: int = 128
-    beam_size: int = 1
-    no_repeat_ngram: int = 0
-    max_tokens_per_second: float = 0.0
-    whisper_full_window: bool = False
-    frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
-    lora_rank: int = 0
-    lora_alpha: float = 32.0
-    lora_targets: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("projector_stack", "projector_hidden", "max_new_tokens", "beam_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.no_repeat_ngram < 0 or self.max_tokens_per_second < 0:
-            raise UsageError(f"model.no_repeat_ngram and model.max_tokens_per_second must be >= 0, got "
-                             f"{self.no_repeat_ngram} and {self.max_tokens_per_second}")
-        if self.lora_rank < 0 or self.lora_alpha <= 0:
-            raise UsageError(f"model.lora_rank must be >= 0 and model.lora_alpha > 0, got {self.lora_rank} and "
-                             f"{self.lora_alpha}")
-        if self.frozen_dtype not in ("float32", "bfloat16", "float16"):
-            raise UsageError(f"model.frozen_dtype must be float32, bfloat16 or float16, got {self.frozen_dtype!r}")
-
-
-SETTINGS = tuple(f.name for f in fields(Settings))
-# The decoding settings, which a call may change (``TinyAudioModel.decoding``). Not named as transformers' generation
-# options (num_beams, no_repeat_ngram_size): transformers refuses those in a model's config.json.
-DECODING = ("max_new_tokens", "beam_size", "no_repeat_ngram", "max_tokens_per_second")
-
-
-class TinyAudioConfig(PretrainedConfig):
-    """The ``transformers`` config of a :class:`TinyAudioModel`: its :class:`Settings` as attributes."""
-
-    model_type = "tiny_audio"
-
-    def __init__(self, **kwargs: Any) -> None:
-        """The :class:`Settings` given (their defaults for the others) and ``PretrainedConfig``'s own arguments."""
-        vars(self).update(asdict(Settings(**{name: kwargs.pop(name) for name in SETTINGS if name in kwargs})))
-        super().__init__(**kwargs)
 
 
 def build_processor(config: TinyAudioConfig) -> TinyAudioProcessor:
@@ -220,10 +136,7 @@ class TinyAudioModel(PreTrainedModel):
         if config.lora_rank > 0:
             self._add_lora(config.lora_rank, config.lora_alpha, config.lora_targets or ["q_proj", "k_proj", "v_proj",
                                                                                           "o_proj"])
-        # The decoder's cache argument: ``cache`` in transformers 5.25, ``past_key_values`` before. Pass what it takes.
-        takes = inspect.signature(self.decoder.get_decoder().forward).parameters
-        self._cache_argument = "cache" if "cache" in takes else "past_key_values"
-        self._prompt_memo: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # see prompt_cache
+        self.shared_prompt = SharedPrompt(self.decoder, adapted=config.lora_rank > 0)
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         """Nothing to do: the frozen weights come from their checkpoints, the projector initialises itself."""
@@ -310,7 +223,7 @@ class TinyAudioModel(PreTrainedModel):
             padding: ``right`` for training (causal attention needs no mask then), ``left`` for
                 generation (every row's next token is at the end).
             skip: leave out every row's first ``skip`` prompt tokens (the shared prompt, whose keys and
-                values come from :meth:`prompt_cache`).
+                values come from the :class:`SharedPrompt`).
         """
         targets = targets or [[] for _ in audio_lengths]
         batch, slots = len(audio_lengths), audio.shape[1]
@@ -341,51 +254,6 @@ class TinyAudioModel(PreTrainedModel):
         embeds = torch.where(source[..., None] >= 0, placed, tokens) * mask[..., None].to(tokens.dtype)
         return Layout(embeds, mask, labels, predicting)
 
-    @staticmethod
-    def shared_prompt(prompts: list[ChatPrompt]) -> tuple[int, ...]:
-        """The prompt token ids every row starts with: all of the prefix before the audio with one prompt,
-        what the prompts of a mixed-task batch have in common (the system message) otherwise."""
-        first = prompts[0].prefix_ids
-        shared = len(first)
-        for prompt in prompts[1:]:
-            ids = prompt.prefix_ids
-            shared = next((i for i in range(min(shared, len(ids))) if ids[i] != first[i]), min(shared, len(ids)))
-        return tuple(first[:shared])
-
-    def prompt_cache(self, ids: tuple[int, ...], rows: int) -> DynamicCache | None:
-        """The decoder's keys and values over the shared prompt ``ids``, the same for each of ``rows`` rows.
-
-        Every clip's decoder input starts with these tokens and the decoder is frozen, so they are
-        computed for a batch of one. Without LoRA adapters they never change, and are kept for the
-        model's life (per device, dtype and autocast dtype). With adapters they depend on trained
-        weights: they are computed once per call, inside the autograd graph when gradients are on,
-        and the adapters' gradient through them is the sum over the rows, as when each row computed
-        its own. ``None`` when ``ids`` is empty.
-        """
-        if not ids:
-            return None
-        adapted = any(p.requires_grad for p in self.decoder.parameters())
-        autocast = torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) else None
-        key = (ids, self.device, self.decoder.dtype, autocast)
-        keys_values = None if adapted else self._prompt_memo.get(key)
-        if keys_values is None:
-            with torch.set_grad_enabled(adapted and torch.is_grad_enabled()):
-                keys_values = self._run_prompt(ids)
-            if not adapted:
-                self._prompt_memo[key] = keys_values
-        cache = DynamicCache(config=self.decoder.config)
-        for layer, (keys, values) in enumerate(keys_values):  # [1, H_kv, P, head_dim] each
-            cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), layer)
-        return cache
-
-    def _run_prompt(self, ids: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each decoder layer's keys and values ``[1, H_kv, P, head_dim]`` over the token ids ``ids``."""
-        cache = DynamicCache(config=self.decoder.config)
-        embeds = self.decoder.get_input_embeddings()(torch.tensor([ids], device=self.device))  # [1, P, D]
-        with self.attention():
-            self.decoder.get_decoder()(inputs_embeds=embeds, use_cache=True, **{self._cache_argument: cache})
-        return [(layer.keys, layer.values) for layer in cache.layers]
-
     def loss(self, audio: torch.Tensor, audio_lengths: list[int], targets: list[list[int]],
              prompts: list[str | None] | None = None, reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
         """Next-token loss of the ``targets`` given projected audio ``[B, N, D]`` (from :meth:`embed_audio`).
@@ -393,14 +261,14 @@ class TinyAudioModel(PreTrainedModel):
         ``reduction``: the mean over the target tokens, or their sum.
         """
         chats = self.chat_prompts(prompts, len(targets))
-        shared = self.shared_prompt(chats)
-        cache = self.prompt_cache(shared, len(targets))
+        shared = common_prefix(chats)
         layout = self.assemble(audio, audio_lengths, chats, targets, skip=len(shared))
         # Rows are right-padded and attention is causal, so no real position can see padding: no padding
         # mask is needed. Padded positions compute garbage nobody reads.
         with self.attention():
+            cache = self.shared_prompt.cache(shared, len(targets))
             hidden = self.decoder.get_decoder()(inputs_embeds=layout.embeds, use_cache=cache is not None,
-                                                **{self._cache_argument: cache}).last_hidden_state
+                                                **self.shared_prompt.argument(cache)).last_hidden_state
         # The LM head runs only at the positions whose next token is a label: [N_labels, V], not [B, L, V].
         logits = self.decoder.get_output_embeddings()(hidden.flatten(0, 1)[layout.predicting])
         return F.cross_entropy(logits.float(), layout.labels.flatten()[layout.predicting + 1], reduction=reduction)
@@ -437,7 +305,7 @@ class TinyAudioModel(PreTrainedModel):
         greedy or beam search (``beam_size``), a repetition guard (``no_repeat_ngram``) and a cap on each
         clip's new tokens from its duration (``max_tokens_per_second``) under ``max_new_tokens``."""
         chats = self.chat_prompts(prompts, len(audio_lengths))
-        shared = self.shared_prompt(chats)
+        shared = common_prefix(chats)
         layout = self.assemble(audio, audio_lengths, chats, padding="left", skip=len(shared))
         end, pad = self.processor.end_id, self.processor.tokenizer.pad_token_id
         settings = self.config
@@ -452,12 +320,12 @@ class TinyAudioModel(PreTrainedModel):
         # Each row is [shared prompt (cached)] [left padding] [rest]: transformers takes the embeddings of the
         # whole rows and computes only those past the cache; the mask keeps the padding out and the positions
         # (its running count) are those of an unpadded row.
-        cache = self.prompt_cache(shared, len(audio_lengths) * settings.beam_size)  # beams: rows of their own
         embeds = F.pad(layout.embeds, (0, 0, len(shared), 0))  # [B, P + L, D], the first P never read
         mask = F.pad(layout.mask, (len(shared), 0), value=1)  # [B, P + L]
         with self.attention():
+            cache = self.shared_prompt.cache(shared, len(audio_lengths) * settings.beam_size)  # beams: own rows
             return self.decoder.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
-                                         logits_processor=processors, **{self._cache_argument: cache})
+                                         logits_processor=processors, **self.shared_prompt.argument(cache))
 
     def transcribe(self, input_features: torch.Tensor, feature_lengths: torch.Tensor,
                    prompts: list[str | None] | None = None) -> list[str]:
