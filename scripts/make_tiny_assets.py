@@ -9,9 +9,11 @@ versions of everything the production recipe downloads:
   guess them: the audio has to carry the words.
 - ``assets/clips``: the first two dev clips as plain WAV files, with their transcripts.
 - ``assets/tiny-smollm3``: a SmolLM3-architecture decoder with a byte-level BPE tokenizer trained
-  on the grammar's text and a ChatML chat template, pretrained briefly to repeat a sentence shown in
+  on the grammar's text, pretrained briefly under a plain ChatML layout to repeat a sentence shown in
   its context (see ``make_decoder``), so that, like a real instruct model, it can read its input,
-  answers in the assistant turn and stops with ``<|im_end|>``.
+  answers in the assistant turn and stops with ``<|im_end|>``. It is saved with the tracked
+  ``chat_template.jinja``, a stand-in for SmolLM3's (the dated metadata block, the reasoning switch, the
+  empty think pair, ``/system_override``), so the tests meet the prompt the recipe trains on.
 - ``assets/tiny-whisper``: a full Whisper-architecture checkpoint (encoder and decoder, as
   ``openai/whisper-large-v3-turbo`` is published), 128 mel bins, pretrained briefly as a speech
   recogniser on other synthesized sentences (only its encoder is used here).
@@ -122,7 +124,7 @@ def make_clips(count: int = 2) -> None:
     print(f"clips: {count} dev clips as WAV in {out}")
 
 
-CHAT_TEMPLATE = (
+PRETRAINING_TEMPLATE = (  # the plain ChatML layout the tiny decoder was pretrained on
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endfor %}"
@@ -144,7 +146,7 @@ def make_decoder(steps: int = 2500) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, SmolLM3Config, SmolLM3ForCausalLM
 
-    from tiny_audio_pl.processing import ChatPrompt, end_of_turn
+    from tiny_audio_pl.processing import end_of_turn, render_chat
 
     rng = random.Random(1)
     torch.manual_seed(1)
@@ -157,8 +159,8 @@ def make_decoder(steps: int = 2500) -> None:
     bpe.train_from_iterator(corpus + prompts * 100, trainers.BpeTrainer(
         vocab_size=512, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=None, eos_token="<|im_end|>",
-                                        pad_token="<|pad|>", chat_template=CHAT_TEMPLATE)
-    prompt = ChatPrompt(tokenizer, "/no_think", "Transcribe: <audio>")
+                                        pad_token="<|pad|>", chat_template=PRETRAINING_TEMPLATE)
+    prompt = render_chat(tokenizer, "/no_think", "Transcribe: <audio>")
     placeholder = tokenizer("<audio>", add_special_tokens=False).input_ids
 
     def example() -> tuple[list[int], list[int]]:
@@ -190,6 +192,7 @@ def make_decoder(steps: int = 2500) -> None:
         if step % 250 == 0 or step == steps - 1:
             print(f"decoder step {step} loss {loss.item():.3f}")
     out = ASSETS / "tiny-smollm3"
+    tokenizer.chat_template = (out / "chat_template.jinja").read_text()  # the tracked stand-in of SmolLM3's
     shutil.rmtree(out, ignore_errors=True)
     model.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)

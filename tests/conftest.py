@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +41,22 @@ def cli(*args: str) -> list[str]:
 def cli_env(**extra: str) -> dict[str, str]:
     """Offline, one thread, unbuffered output."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def later_day(days: int) -> datetime.date:
+    """The first day at least ``days`` from today whose date, as SmolLM3's template writes it ("06 December 2026"),
+    is of another length than today's: the prompt's length changes too."""
+    today, day = datetime.date.today(), datetime.date.today() + datetime.timedelta(days=days)
+    while len(f"{day:%d %B %Y}") == len(f"{today:%d %B %Y}"):
+        day += datetime.timedelta(days=1)
+    return day
+
+
+def on_day(date: datetime.date, command: list[str]) -> list[str]:
+    """``command`` run with its clock moved to noon of ``date`` (Debian's faketime; the clock runs on from there)."""
+    if shutil.which("faketime") is None:
+        pytest.skip("faketime is not installed (apt-get install faketime): a test that moves the clock needs it")
+    return ["faketime", "-f", f"@{date.isoformat()} 12:00:00", *command]
 
 
 def run_cli(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:

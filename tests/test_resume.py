@@ -4,18 +4,31 @@ One uninterrupted run is the reference for every interrupted one. An epoch of th
 clips = 10 batches of 8 = 5 optimizer steps at 2 batches per step, so 14 steps run into a third pass.
 """
 
+import json
 import os
 import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from conftest import SMOKE, assert_same_training, cli, cli_env, last_checkpoint, make_workdir
+from conftest import (
+    DECODER,
+    SMOKE,
+    assert_same_training,
+    cli,
+    cli_env,
+    last_checkpoint,
+    later_day,
+    make_workdir,
+    on_day,
+)
 
 STEPS = 14
 # 2 batches per optimizer step, a checkpoint every 2 steps, 2 dataloader workers (smoke.yaml), window shuffle
@@ -73,6 +86,30 @@ def test_resume_in_a_later_pass_equals_an_uninterrupted_run(straight, tmp_path, 
     _assert_same_training(last_checkpoint(resumed), last_checkpoint(straight))
     later = sorted(p.name for p in _checkpoints(straight).glob("step=*.ckpt") if int(p.stem[5:]) > step)
     assert sorted(p.name for p in _checkpoints(resumed).glob("step=*.ckpt")) == later
+
+
+def test_a_resume_on_another_day_trains_on_the_prompt_the_run_started_with(straight, tmp_path):
+    """The tiny SmolLM3's chat template, like SmolLM3's, writes the day's date into every prompt. Resumed on a later
+    day, whose date is longer or shorter, the run still trains on the token ids of the day it started."""
+    day = later_day(40)
+    resumed = make_workdir(tmp_path / "resumed")
+    start = resumed / "start.ckpt"
+    shutil.copy(_checkpoints(straight) / "step=6.ckpt", start)
+    subprocess.run(on_day(day, _command("--ckpt_path", str(start))), cwd=resumed, env=ENV, check=True,
+                   capture_output=True)
+    _assert_same_training(last_checkpoint(resumed), last_checkpoint(straight))
+    kept = last_checkpoint(straight)["hyper_parameters"]["prompt_ids"]
+    assert last_checkpoint(resumed)["hyper_parameters"]["prompt_ids"] == kept
+    config = yaml.safe_load((resumed / "lightning_logs/version_0/config.yaml").read_text())
+    assert config["model"]["prompt_ids"] == kept
+    # That day's own rendering is another prompt: what a resume that rendered the template again would train on.
+    render = ("import json; from transformers import AutoTokenizer; from tiny_audio_pl.processing import render_chat; "
+              f"chat = render_chat(AutoTokenizer.from_pretrained({DECODER!r}), '/no_think', 'Transcribe: <audio>'); "
+              "print(json.dumps([chat.prefix_ids, chat.suffix_ids]))")
+    rendered = subprocess.run(on_day(day, [sys.executable, "-c", render]), env=ENV, check=True, capture_output=True,
+                              text=True).stdout
+    assert json.loads(rendered)[0] != kept["prompts"]["Transcribe: <audio>"][0]
+    assert len(json.loads(rendered)[0]) != len(kept["prompts"]["Transcribe: <audio>"][0])
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(straight, tmp_path):

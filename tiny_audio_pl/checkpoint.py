@@ -96,6 +96,14 @@ def read_training_checkpoint(path: str | Path, mmap: bool = False, what: str = "
     return checkpoint
 
 
+def note_unkept_prompt(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """One line when a checkpoint keeps no prompt token ids (written before they were kept): its prompt is
+    rendered from the decoder's chat template now, which may differ from the one it trained on (a date)."""
+    if checkpoint["hyper_parameters"].get("prompt_ids") is None:
+        print(f"{path} keeps no prompt token ids (written before they were kept): using the prompt rendered from "
+              "the decoder's chat template today")
+
+
 def trained_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A training checkpoint's trained tensors under the model's own names (``projector.*``, ``decoder.*lora*``):
     what ``TinyAudioModel.load_trained`` reads. The loop saves them under its ``model.`` attribute."""

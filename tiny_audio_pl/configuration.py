@@ -29,6 +29,10 @@ class Settings:
             without it the audio vectors start, and stay, nearly orthogonal to it (docs/experiments.md).
         system_prompt: system message (``/no_think`` turns off SmolLM3's reasoning); empty for none.
         prompt: user message; ``<audio>`` marks where the audio embeddings go.
+        prompt_ids: the prompts' token ids, kept for the model's life. Leave null: a run renders the decoder's chat
+            template when it starts (SmolLM3's writes that day's date into every prompt) and keeps the ids in its
+            config.yaml, its checkpoints and its exports, which resume, ``validate``, ``transcribe`` and the
+            exported pipeline then use. Set it back to null to render the prompt again (docs/configuration.md).
         max_new_tokens: generation limit when decoding for WER and transcription.
         beam_size: beam search with this many beams (1: greedy decoding).
         no_repeat_ngram: above 0, no n-gram of this many tokens is generated twice in a transcript (a guard
@@ -55,6 +59,7 @@ class Settings:
     projector_bias: bool = False
     system_prompt: str = "/no_think"
     prompt: str = "Transcribe: <audio>"
+    prompt_ids: dict[str, Any] | None = None
     max_new_tokens: int = 128
     beam_size: int = 1
     no_repeat_ngram: int = 0

@@ -235,8 +235,11 @@ class SpeechDataModule(LightningDataModule):
         self.retries = 0  # network retries so far, all processes together
 
     def connect(self, processor: TinyAudioProcessor) -> None:
-        """Prepare clips with the model's own processor (its feature extractor and tokenizer)."""
+        """Prepare clips with the model's own processor (its feature extractor and tokenizer), and have it render
+        every source's own prompt now, so that the run keeps their token ids from its start (``model.prompt_ids``)."""
         self.processor = processor
+        for source in self.train_sources + self.eval_sets:
+            processor.chat(source.prompt)
 
     def _defaults(self, split: str, max_samples: int | None) -> dict[str, Any]:
         hp = self.hparams

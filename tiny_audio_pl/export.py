@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tiny_audio_pl.checkpoint import give_usual_mode, read_training_checkpoint, trained_weights
+from tiny_audio_pl.checkpoint import give_usual_mode, note_unkept_prompt, read_training_checkpoint, trained_weights
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.hub import local_folder
 from tiny_audio_pl.modeling import (
@@ -83,6 +83,7 @@ def model_settings(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
     Relative folders are looked up from the current folder, then from each folder above the
     checkpoint (a run writes ``lightning_logs/version_N/checkpoints/`` under the folder it ran in).
     """
+    note_unkept_prompt(checkpoint, path)
     settings = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in SETTINGS}
     for name in ("encoder", "decoder"):
         found = local_folder(settings[name], path)

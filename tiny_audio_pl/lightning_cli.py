@@ -47,7 +47,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from tiny_audio_pl.checkpoint import Checkpoint, read_training_checkpoint, run_folder
+from tiny_audio_pl.checkpoint import Checkpoint, note_unkept_prompt, read_training_checkpoint, run_folder
 from tiny_audio_pl.cli import missing_tracker
 from tiny_audio_pl.cluster import check_job, note_early_signals
 from tiny_audio_pl.data import SpeechDataModule
@@ -199,7 +199,8 @@ class TinyAudioCLI(LightningCLI):
         self._resolve_ckpt_path(subcommand, config, self.loggers[0] if self.loggers else None)
         path = config.get("ckpt_path")
         if path and path not in ("best", "hpc") and not path.startswith("registry"):
-            read_training_checkpoint(path, mmap=True, what="--ckpt_path")  # Lightning reads it in full later
+            checkpoint = read_training_checkpoint(path, mmap=True, what="--ckpt_path")  # Lightning reads it later
+            note_unkept_prompt(checkpoint, path)
         check_strategy(config.trainer.strategy)
         check_job(config.trainer.devices, config.trainer.num_nodes)  # a Slurm job's tasks against the trainer's
         Settings(**{name: config.model[name] for name in SETTINGS})  # its checks, before anything loads
@@ -313,7 +314,8 @@ class TinyAudioCLI(LightningCLI):
 
 class RunConfig(SaveConfigCallback):
     """``config.yaml`` in the run's own folder (:func:`~tiny_audio_pl.checkpoint.run_folder`), whatever the logger:
-    Lightning's would write it into a W&B or MLflow ``save_dir`` shared by every run."""
+    Lightning's would write it into a W&B or MLflow ``save_dir`` shared by every run. It holds the prompts' token
+    ids the run uses (``model.prompt_ids``), so ``fit -c`` that file trains on the same prompt."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
@@ -321,6 +323,7 @@ class RunConfig(SaveConfigCallback):
         folder = run_folder(trainer)
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
+            self.config.model.prompt_ids = pl_module.model.processor.prompt_ids  # as rendered when the run started
             self.parser.save(self.config, folder / self.config_filename, skip_none=False, overwrite=True,
                              multifile=self.multifile)
             self.already_saved = True

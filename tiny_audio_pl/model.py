@@ -73,6 +73,7 @@ class SpeechLLM(LightningModule):
         self.save_hyperparameters()
         self.hparams.update(asdict(network))  # every setting, given or default: the export reads them
         self.model = TinyAudioModel(TinyAudioConfig(**asdict(network)))
+        self.hparams.prompt_ids = self.model.processor.prompt_ids  # rendered now, or the ones given
         self.evaluation = Evaluation(num_logged_examples)
         self.strict_loading = False  # checkpoints carry only the trained weights; on_load_checkpoint reads them
         self._validation: dict[str, Any] = {}  # the last validation's step and scores, kept in checkpoints
@@ -222,6 +223,9 @@ class SpeechLLM(LightningModule):
             self._validation = {"step": self._validated_at, "metrics": {
                 k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}}
         checkpoint["validation"] = self._validation  # for the model card of `tiny-audio export`
+        # The prompts' token ids as rendered when the run started, with any prompt met since: a resumed run,
+        # `validate`, `transcribe` and an export rebuild the processor from them, never from a new rendering.
+        checkpoint["hyper_parameters"]["prompt_ids"] = self.model.processor.prompt_ids
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Load the trained weights through the model's own reader (all of them, or one line), and nothing else."""

@@ -72,7 +72,7 @@ def build_processor(config: TinyAudioConfig) -> TinyAudioProcessor:
     export`` writes it into the folder, and training hands the model's to the data module.
     """
     return TinyAudioProcessor.from_models(config.encoder, config.decoder, config.system_prompt, config.prompt,
-                                          config.trust_remote_code)
+                                          config.trust_remote_code, config.prompt_ids)
 
 
 class EndAfter(LogitsProcessor):
@@ -120,6 +120,7 @@ class TinyAudioModel(PreTrainedModel):
         remote = config.trust_remote_code
         encoder_config(config.encoder, remote)  # a wrong encoder fails here, before any weights are read
         self.processor = processor or build_processor(config)
+        config.prompt_ids = self.processor.prompt_ids  # the rendering this model uses from now on
         dtype = getattr(torch, config.frozen_dtype)
         self.encoder = AudioEncoder(config.encoder, config.whisper_full_window, dtype, remote)
         with explained_loading(config.decoder, "decoder"):
@@ -385,6 +386,7 @@ def write_model_folder(folder: str | Path, config: TinyAudioConfig, weights: dic
     """Write a loadable model folder: ``config.json`` (with the ``auto_map`` and the custom pipeline that
     point ``transformers`` at the code), ``model.safetensors`` (``weights``), the processor's files and the code."""
     folder = Path(folder)
+    config.prompt_ids = processor.prompt_ids  # with any prompt rendered since the model was built
     config.auto_map = {"AutoConfig": "modeling.TinyAudioConfig", "AutoModel": "modeling.TinyAudioModel"}
     config.custom_pipelines = {"automatic-speech-recognition": {"impl": "pipeline.TinyAudioPipeline",
                                                                 "pt": ["AutoModel"], "type": "audio"}}

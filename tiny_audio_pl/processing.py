@@ -11,7 +11,9 @@ soundfile, and soxr when audio must be resampled).
 - Features come from the encoder's own feature extractor, one clip at a time and unpadded; batches
   are padded to their longest clip only (not to Whisper's 30 s), with the true lengths alongside.
 - The prompt comes from the decoder's chat template, split at the ``<audio>`` placeholder, so
-  training sees exactly what generation sees; the end-of-turn token is read off the template.
+  training sees exactly what generation sees; the end-of-turn token is read off the template. It is
+  rendered once and its token ids kept for the model's life (:attr:`TinyAudioProcessor.prompt_ids`):
+  SmolLM3's template writes the day's date into every prompt.
 - Any input a user hands over (a file, encoded bytes, a ``datasets`` row, a waveform at any rate,
   stereo) becomes a mono waveform at the encoder's rate in one place (:meth:`TinyAudioProcessor.load`),
   and audio longer than the encoder's 30 s window is cut into windows at pauses in one place
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,24 +113,34 @@ def split_windows(audio: np.ndarray, sample_rate: int, window_s: float = WHISPER
     return [piece for piece in pieces if len(piece)]
 
 
+@dataclass
 class ChatPrompt:
-    """Token ids around the audio, derived from the decoder's chat template."""
+    """Token ids around the audio: ``prefix_ids`` [audio embeddings] ``suffix_ids``, then the answer."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, system_prompt: str, prompt: str) -> None:
-        if prompt.count(AUDIO_PLACEHOLDER) != 1:
-            raise UsageError(f"model.prompt must contain '{AUDIO_PLACEHOLDER}' exactly once, got {prompt!r}")
-        if not tokenizer.chat_template:
-            raise UsageError("the decoder's tokenizer has no chat template: use an instruct/chat model")
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        before, after = text.split(AUDIO_PLACEHOLDER)
-        self.prefix_ids: list[int] = tokenizer(before, add_special_tokens=False).input_ids
-        self.suffix_ids: list[int] = tokenizer(after, add_special_tokens=False).input_ids
+    prefix_ids: list[int]
+    suffix_ids: list[int]
 
     def length(self, audio_tokens: int) -> int:
         """Decoder positions of the prompt around ``audio_tokens`` audio embeddings (before the answer)."""
         return len(self.prefix_ids) + audio_tokens + len(self.suffix_ids)
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, system_prompt: str, prompt: str) -> ChatPrompt:
+    """The decoder's chat template rendered now around the ``<audio>`` placeholder, as token ids.
+
+    Now matters: a template may write the day's date into the prompt (SmolLM3's does), so a rendering
+    is made once and then kept (:attr:`TinyAudioProcessor.prompt_ids`).
+    """
+    if prompt.count(AUDIO_PLACEHOLDER) != 1:
+        raise UsageError(f"model.prompt must contain '{AUDIO_PLACEHOLDER}' exactly once, got {prompt!r}")
+    if not tokenizer.chat_template:
+        raise UsageError("the decoder's tokenizer has no chat template: use an instruct/chat model")
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    before, after = text.split(AUDIO_PLACEHOLDER)
+    return ChatPrompt(tokenizer(before, add_special_tokens=False).input_ids,
+                      tokenizer(after, add_special_tokens=False).input_ids)
 
 
 def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -142,7 +156,7 @@ class TinyAudioProcessor:
     """The encoder's feature extractor and the decoder's tokenizer, with the chat layout around the audio."""
 
     def __init__(self, feature_extractor: Any, tokenizer: PreTrainedTokenizerBase, system_prompt: str = "",
-                 prompt: str = f"Transcribe: {AUDIO_PLACEHOLDER}") -> None:
+                 prompt: str = f"Transcribe: {AUDIO_PLACEHOLDER}", prompt_ids: dict[str, Any] | None = None) -> None:
         """Wrap the two.
 
         Args:
@@ -150,40 +164,72 @@ class TinyAudioProcessor:
             tokenizer: the decoder's, with a chat template.
             system_prompt: system message of the chat ("" for none).
             prompt: user message; ``<audio>`` marks where the audio embeddings go.
+            prompt_ids: a rendering kept from before (:attr:`prompt_ids`), used instead of rendering the chat
+                template again; ``None``: render it now.
         """
         self.feature_extractor, self.tokenizer = feature_extractor, tokenizer
         self.system_prompt, self.user_prompt = system_prompt, prompt
         self.sample_rate: int = feature_extractor.sampling_rate
         self._input_name = feature_extractor.model_input_names[0]  # input_features (log-mel) or input_values
-        self.prompt = ChatPrompt(tokenizer, system_prompt, prompt)  # checks the template
-        self.end_id = end_of_turn(tokenizer)
-        self._prompts: dict[str, ChatPrompt] = {prompt: self.prompt}  # other prompts met in the data
+        self._prompts: dict[str, ChatPrompt] = {}  # by user prompt: the configured one and those met in the data
+        self.end_id = end_of_turn(tokenizer) if prompt_ids is None else self._restore(prompt_ids)
+        self.prompt = self.chat(prompt)  # checks the template
+
+    def _restore(self, stored: dict[str, Any]) -> int:
+        """Take the prompts of a kept rendering; its end-of-turn id."""
+        try:
+            if stored["system_prompt"] != self.system_prompt:
+                raise UsageError(f"model.prompt_ids were rendered for the system prompt {stored['system_prompt']!r}, "
+                                 f"not {self.system_prompt!r}: to change the prompt on purpose, set model.prompt_ids "
+                                 "to null (it is rendered again when the run starts; docs/configuration.md)")
+            self._prompts = {text: ChatPrompt([int(i) for i in before], [int(i) for i in after])
+                             for text, (before, after) in stored["prompts"].items()}
+            return int(stored["end_of_turn"])
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise UsageError(f"model.prompt_ids is not a kept rendering ({type(error).__name__}: {error}): set it to "
+                             "null to render the prompt from the decoder's chat template") from error
+
+    @property
+    def prompt_ids(self) -> dict[str, Any]:
+        """The rendering in use, as settings, checkpoints and exports keep it (``model.prompt_ids``).
+
+        Rendered once and then kept for the model's life: a chat template may write the day's date into
+        every prompt (SmolLM3's does), so rendering it again on another day (a resumed run, ``transcribe``
+        next month) would feed the decoder other tokens than those it was trained with. Holds the system
+        prompt it was rendered for, the end-of-turn id, and each user prompt's ids before and after the audio.
+        """
+        return {"system_prompt": self.system_prompt, "end_of_turn": self.end_id,
+                "prompts": {text: [chat.prefix_ids, chat.suffix_ids] for text, chat in self._prompts.items()}}
 
     @classmethod
     def from_models(cls, encoder: str, decoder: str, system_prompt: str = "",
-                    prompt: str = f"Transcribe: {AUDIO_PLACEHOLDER}", trust_remote_code: bool = False
-                    ) -> TinyAudioProcessor:
+                    prompt: str = f"Transcribe: {AUDIO_PLACEHOLDER}", trust_remote_code: bool = False,
+                    prompt_ids: dict[str, Any] | None = None) -> TinyAudioProcessor:
         """The processor of an encoder and a decoder named by hub id or local folder (no weights are read)."""
         with explained_loading(encoder, "encoder"):
             features = AutoFeatureExtractor.from_pretrained(encoder, trust_remote_code=trust_remote_code)
         with explained_loading(decoder, "decoder"):
             tokenizer = AutoTokenizer.from_pretrained(decoder, trust_remote_code=trust_remote_code)
-        return cls(features, tokenizer, system_prompt, prompt)
+        return cls(features, tokenizer, system_prompt, prompt, prompt_ids)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> TinyAudioProcessor:
         """The processor saved in a model folder by :meth:`save_pretrained`."""
         settings = json.loads((Path(folder) / PROCESSOR_FILE).read_text())
+        if settings.get("prompt_ids") is None:
+            logging.getLogger(__name__).warning(
+                "%s keeps no prompt token ids (saved before they were kept): using the prompt rendered from its chat "
+                "template today", folder)
         return cls(AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=False),
                    AutoTokenizer.from_pretrained(folder, trust_remote_code=False),
-                   settings["system_prompt"], settings["prompt"])
+                   settings["system_prompt"], settings["prompt"], settings.get("prompt_ids"))
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """The feature extractor's and tokenizer's files, and the prompts, into ``folder`` (made if need be)."""
+        """The feature extractor's and tokenizer's files, and the prompts with their ids, into ``folder``."""
         Path(folder).mkdir(parents=True, exist_ok=True)
         self.feature_extractor.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
-        settings = {"system_prompt": self.system_prompt, "prompt": self.user_prompt}
+        settings = {"system_prompt": self.system_prompt, "prompt": self.user_prompt, "prompt_ids": self.prompt_ids}
         (Path(folder) / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
     # ------------------------------------------------------------------------------------- audio
@@ -241,10 +287,9 @@ class TinyAudioProcessor:
     # -------------------------------------------------------------------------------------- text
     def chat(self, prompt: str | None) -> ChatPrompt:
         """The chat layout for a user prompt (``None``: the default one)."""
-        if prompt is None:
-            return self.prompt
-        if prompt not in self._prompts:
-            self._prompts[prompt] = ChatPrompt(self.tokenizer, self.system_prompt, prompt)
+        prompt = self.user_prompt if prompt is None else prompt
+        if prompt not in self._prompts:  # rendered once, then kept with the others (prompt_ids)
+            self._prompts[prompt] = render_chat(self.tokenizer, self.system_prompt, prompt)
         return self._prompts[prompt]
 
     def targets(self, texts: list[str]) -> list[list[int]]:
