@@ -45,12 +45,8 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
                     rope_theta=100_000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
 # SmolLM2-Instruct's behaviour: its default system message when the conversation has none.
-SMOLLM2_TEMPLATE = ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful AI assistant "
-                    "named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}"
-                    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-                    "{%- endfor %}"
-                    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-TINY_DECODER = Path(__file__).resolve().parents[1] / "assets" / "tiny-smollm3"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+TINY_DECODER = ASSETS / "tiny-smollm3"
 
 
 def main(out: Path) -> None:
@@ -77,7 +73,7 @@ def laptop(out: Path) -> None:
     decoder.save_pretrained(out / "smollm2-135m")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TINY_DECODER / name, out / "smollm2-135m" / name)
-    (out / "smollm2-135m" / "chat_template.jinja").write_text(SMOLLM2_TEMPLATE)
+    shutil.copy(ASSETS / "smollm2_chat_template.jinja", out / "smollm2-135m" / "chat_template.jinja")
     print(f"wrote {out}/whisper-tiny.en and {out}/smollm2-135m")
 
 

@@ -10,7 +10,6 @@ from tiny_audio_pl.encoder import AudioEncoder
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.evaluation import Evaluation
 from tiny_audio_pl.modeling import IGNORE, TinyAudioConfig, TinyAudioModel
-from tiny_audio_pl.processing import ChatPrompt, end_of_turn
 
 
 @pytest.mark.parametrize("path, prefix", [(WHISPER, "model.encoder."), (HUBERT, "hubert.")])
@@ -23,18 +22,6 @@ def test_encoder_weights_are_the_checkpoints(path, prefix):
     assert len(common) >= len(saved) - 1  # HuBERT's unused masked_spec_embed may be absent
     for key in common:
         assert torch.equal(loaded[key], saved[key]), key
-
-
-def test_chat_prompt_splits_the_template_at_the_audio(tiny_model):
-    tokenizer = tiny_model.model.processor.tokenizer
-    prompt = ChatPrompt(tokenizer, "/no_think", "Transcribe: <audio>")
-    prefix = tokenizer.decode(prompt.prefix_ids)
-    suffix = tokenizer.decode(prompt.suffix_ids)
-    assert prefix == "<|im_start|>system\n/no_think<|im_end|>\n<|im_start|>user\nTranscribe: "
-    assert suffix == "<|im_end|>\n<|im_start|>assistant\n"
-    assert tokenizer.convert_ids_to_tokens([end_of_turn(tokenizer)]) == ["<|im_end|>"]
-    with pytest.raises(UsageError, match="exactly once"):
-        ChatPrompt(tokenizer, "", "Transcribe this")
 
 
 def test_labels_cover_only_the_transcript_and_end_of_turn(tiny_model):

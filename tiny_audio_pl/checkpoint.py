@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ def note_unkept_prompt(checkpoint: dict[str, Any], path: str | Path) -> None:
     rendered from the decoder's chat template now, which may differ from the one it trained on (a date)."""
     if checkpoint["hyper_parameters"].get("prompt_ids") is None:
         print(f"{path} keeps no prompt token ids (written before they were kept): using the prompt rendered from "
-              "the decoder's chat template today")
+              "the decoder's chat template today", file=sys.stderr)
 
 
 def trained_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
