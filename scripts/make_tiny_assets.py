@@ -29,13 +29,16 @@ package installed (``pip install -e .``), whose prompt and encoder code the pret
 
 from __future__ import annotations
 
+import datetime
 import io
 import random
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -141,12 +144,13 @@ def make_decoder(steps: int = 2500) -> None:
     tokens each repeated 1-5 times (50 %, so it learns to read slow, stretched input as audio
     embeddings are), or the bare ``<audio>`` placeholder (20 %, so it knows the language of the
     grammar), and the assistant answers with the sentence and ``<|im_end|>``. The loss is on the
-    answer only.
+    answer only. This runs under a plain ChatML layout; :func:`adapt_decoder` then teaches it its own
+    template's prompt.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, SmolLM3Config, SmolLM3ForCausalLM
 
-    from tiny_audio_pl.processing import end_of_turn, render_chat
+    from tiny_audio_pl.processing import render_chat
 
     rng = random.Random(1)
     torch.manual_seed(1)
@@ -161,42 +165,89 @@ def make_decoder(steps: int = 2500) -> None:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=None, eos_token="<|im_end|>",
                                         pad_token="<|pad|>", chat_template=PRETRAINING_TEMPLATE)
     prompt = render_chat(tokenizer, "/no_think", "Transcribe: <audio>")
-    placeholder = tokenizer("<audio>", add_special_tokens=False).input_ids
-
-    def example() -> tuple[list[int], list[int]]:
-        ids = tokenizer(rng.choice(corpus), add_special_tokens=False).input_ids
-        draw = rng.random()
-        shown = placeholder if draw < 0.2 else ids if draw < 0.5 else [i for i in ids for _ in range(rng.randint(1, 5))]
-        context = prompt.prefix_ids + shown + prompt.suffix_ids
-        answer = ids + [end_of_turn(tokenizer)]
-        return context + answer, [-100] * len(context) + answer
-
     config = SmolLM3Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                            bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     model = SmolLM3ForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    model.train()
-    for step in range(steps):
-        rows = [example() for _ in range(32)]
-        width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.tensor([ids + [config.pad_token_id] * (width - len(ids)) for ids, _ in rows])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
-        loss = model(input_ids=input_ids, attention_mask=input_ids != config.pad_token_id, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        if step % 250 == 0 or step == steps - 1:
-            print(f"decoder step {step} loss {loss.item():.3f}")
+    train_decoder(model, tokenizer, corpus, rng, lambda: prompt, steps, 3e-3)
     out = ASSETS / "tiny-smollm3"
     tokenizer.chat_template = (out / "chat_template.jinja").read_text()  # the tracked stand-in of SmolLM3's
     shutil.rmtree(out, ignore_errors=True)
     model.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"decoder: {sum(p.numel() for p in model.parameters()):,} parameters in {out}")
+    adapt_decoder()
+
+
+def adapt_decoder(steps: int = 300) -> None:
+    """Continue the tiny decoder's pretraining under its own chat template, as a real instruct model is trained.
+
+    Each batch is prompted as the stand-in of SmolLM3's template writes it, with a system message drawn
+    from those the configs and tests use and the date of a random day of 2025-2030 (so no day's date is
+    special to it). Seeded on its own: ``python scripts/make_tiny_assets.py adapt`` on the pretrained
+    decoder gives what ``decoder`` gives.
+    """
+    from transformers import AutoTokenizer, SmolLM3ForCausalLM
+
+    from tiny_audio_pl.processing import ChatPrompt, render_chat
+
+    rng = random.Random(2)
+    torch.manual_seed(2)
+    out = ASSETS / "tiny-smollm3"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = SmolLM3ForCausalLM.from_pretrained(out)
+    corpus = [sentence(rng) for _ in range(20_000)]
+    today = f"Today Date: {datetime.date.today():%d %B %Y}"
+    systems = ["/no_think", "", "/think", "/no_think /system_override Write what is said."]
+
+    def prompt() -> ChatPrompt:
+        day = datetime.date(2025, 1, 1) + datetime.timedelta(days=rng.randrange(6 * 365))
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": rng.choice(systems)}, {"role": "user", "content": "Transcribe: <audio>"}],
+            tokenize=False, add_generation_prompt=True).replace(today, f"Today Date: {day:%d %B %Y}")
+        before, after = text.split("<audio>")
+        return ChatPrompt(tokenizer(before, add_special_tokens=False).input_ids,
+                          tokenizer(after, add_special_tokens=False).input_ids)
+
+    assert render_chat(tokenizer, "/no_think", "Transcribe: <audio>")  # the template renders
+    train_decoder(model, tokenizer, corpus, rng, prompt, steps, 1e-3)
+    model.eval().save_pretrained(out)
+    print(f"decoder adapted to its chat template in {out}")
+
+
+def train_decoder(model: torch.nn.Module, tokenizer: Any, corpus: list[str], rng: random.Random,
+                  prompt: Callable[[], Any], steps: int, lr: float) -> None:
+    """Batches of 32 examples (see :func:`make_decoder`), each batch under one ``prompt()``; AdamW, one cycle."""
+    from tiny_audio_pl.processing import end_of_turn
+
+    placeholder = tokenizer("<audio>", add_special_tokens=False).input_ids
+    end = end_of_turn(tokenizer)
+    pad = model.config.pad_token_id
+
+    def example(chat: Any) -> tuple[list[int], list[int]]:
+        ids = tokenizer(rng.choice(corpus), add_special_tokens=False).input_ids
+        draw = rng.random()
+        shown = placeholder if draw < 0.2 else ids if draw < 0.5 else [i for i in ids for _ in range(rng.randint(1, 5))]
+        context = chat.prefix_ids + shown + chat.suffix_ids
+        return context + ids + [end], [-100] * len(context) + ids + [end]
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    for step in range(steps):
+        chat = prompt()
+        rows = [example(chat) for _ in range(32)]
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+        loss = model(input_ids=input_ids, attention_mask=input_ids != pad, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"decoder step {step} loss {loss.item():.3f}", flush=True)
 
 
 def make_whisper(steps: int = 800) -> None:
@@ -278,8 +329,8 @@ def make_hubert() -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    builders = {"speech": make_speech, "clips": make_clips, "decoder": make_decoder, "whisper": make_whisper,
-                "hubert": make_hubert}
+    builders = {"speech": make_speech, "clips": make_clips, "decoder": make_decoder, "adapt": adapt_decoder,
+                "whisper": make_whisper, "hubert": make_hubert}
     # tiny Whisper's vocabulary is the tiny decoder's tokenizer: keep this order
-    for name in sys.argv[1:] or list(builders):
+    for name in sys.argv[1:] or [name for name in builders if name != "adapt"]:  # decoder adapts too
         builders[name]()

@@ -2,13 +2,15 @@
 
 import os
 import shutil
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import DECODER, ROOT, SMOKE, WHISPER
+from conftest import DECODER, ROOT, SMOKE, WHISPER, cli, cli_env
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.model import SpeechLLM
 
@@ -195,3 +197,37 @@ def test_a_retired_key_is_one_line_that_says_what_replaced_it(args, hint, capsys
         main(["fit", "-c", str(ROOT / "configs" / "smoke.yaml"), *args])
     err = capsys.readouterr().err
     assert args[0][2:] in err and hint in err and err.count("\n") == 1
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_download_offline_or_without_a_network_is_one_line(here, capfd):
+    whisper = str(ROOT / "configs" / "whisper.yaml")
+    assert "HF_HUB_OFFLINE is set: run it where there is a network" in _one_line_error(capfd, here, "download", "-c",
+                                                                                        whisper)
+    result = subprocess.run(cli("download", "-c", whisper), cwd=here, capture_output=True, text=True, timeout=120,
+                            env=cli_env(HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}"))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "cannot reach the Hub (ConnectError" in result.stderr and "check the network" in result.stderr
+    smoke = subprocess.run(cli("download", "-c", SMOKE), cwd=here, capture_output=True, text=True, env=cli_env())
+    assert smoke.stdout == "nothing to fetch: the config names local folders only\n"
+
+
+def test_a_demo_port_out_of_range_or_in_use_is_one_line(here, capfd):
+    assert "--port 99999 is not a port: pass one of 1-65535" in _one_line_error(capfd, here, "demo", "--run", "x",
+                                                                                 "--port", "99999")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = _one_line_error(capfd, here, "demo", "--run", "x", "--port", str(port))
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use): pass another --port" in err
+
+
+def test_compare_checks_the_plot_format_before_any_work(here, capfd):
+    err = _one_line_error(capfd, here, "compare", "missing-a", "missing-b", "--plot", "wer.txt")
+    assert "--plot wer.txt: matplotlib cannot write '.txt' files" in err and "png" in err

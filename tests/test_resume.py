@@ -112,37 +112,81 @@ def test_a_resume_on_another_day_trains_on_the_prompt_the_run_started_with(strai
     assert len(json.loads(rendered)[0]) != len(kept["prompts"]["Transcribe: <audio>"][0])
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(straight, tmp_path):
+def _assert_last_names_the_newest_step(workdir: Path) -> None:
+    """``last.ckpt`` links to the final step, and no versioned ``last-v1.ckpt`` or ``step=N-v1.ckpt`` was written."""
+    assert os.readlink(_checkpoints(workdir) / "last.ckpt") == f"step={STEPS}.ckpt"
+    assert not [p.name for p in _checkpoints(workdir).iterdir() if "-v" in p.name]
+
+
+def test_sigkill_after_the_first_checkpoint_then_resume_twice_never_goes_back(straight, tmp_path):
+    """The run's first checkpoint holds no ``last`` path yet: resumed from it, ``last.ckpt`` must still move on, so
+    that a second ``--ckpt_path last`` finds the final step and trains nothing again."""
     crashed = make_workdir(tmp_path / "crashed")
     process = subprocess.Popen(_command(), cwd=crashed, env=ENV, text=True, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT)
-    _wait_for_step(crashed, process, 4)
-    time.sleep(random.Random(0).uniform(0.0, 0.3))
+    _wait_for_step(crashed, process, 2)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert last_checkpoint(crashed)["global_step"] < STEPS
     subprocess.run(_command("--ckpt_path", "last"), cwd=crashed, env=ENV, check=True, capture_output=True)
     _assert_same_training(last_checkpoint(crashed), last_checkpoint(straight))
+    _assert_last_names_the_newest_step(crashed)
+    files = sorted(p.name for p in _checkpoints(crashed).iterdir())
+    again = subprocess.run(_command("--ckpt_path", "last"), cwd=crashed, env=ENV, check=True, capture_output=True,
+                           text=True)
+    assert "resuming from lightning_logs/version_0/checkpoints/last.ckpt" in again.stdout
+    assert sorted(p.name for p in _checkpoints(crashed).iterdir()) == files  # nothing retrained
+    _assert_same_training(last_checkpoint(crashed), last_checkpoint(straight))
 
 
-def test_sigterm_to_the_process_group_saves_the_step_exits_0_and_resumes_exactly(straight, tmp_path):
-    """What Slurm, systemd and `docker stop` do: the signal reaches the dataloader workers too."""
-    workdir = make_workdir(tmp_path / "preempted")
+def test_ckpt_path_last_passes_over_a_last_behind_a_newer_step(straight, tmp_path):
+    """A ``last.ckpt`` left at an older step (a folder from an older version, a kill between a step and its link)."""
+    workdir = make_workdir(tmp_path / "behind")
+    shutil.copytree(_checkpoints(straight), _checkpoints(workdir), symlinks=True)
+    (_checkpoints(workdir) / "last.ckpt").unlink()
+    (_checkpoints(workdir) / "last.ckpt").symlink_to("step=6.ckpt")
+    result = subprocess.run(_command("--ckpt_path", "last"), cwd=workdir, env=ENV, check=True, capture_output=True,
+                            text=True)
+    assert f"last.ckpt is behind step={STEPS}.ckpt, the newest step saved beside it" in result.stdout
+    assert f"resuming from lightning_logs/version_0/checkpoints/step={STEPS}.ckpt" in result.stdout
+    assert sorted(p.name for p in _checkpoints(workdir).iterdir()) == sorted(
+        p.name for p in _checkpoints(straight).iterdir())  # nothing retrained
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_to_the_process_group_saves_the_step_exits_0_and_resumes_exactly(straight, tmp_path, stop):
+    """What Slurm, systemd and `docker stop` do (SIGTERM), and a terminal's Ctrl-C (SIGINT): the signal reaches the
+    dataloader workers too."""
+    workdir = make_workdir(tmp_path / "stopped")
     process = subprocess.Popen(_command(), cwd=workdir, env=ENV, text=True, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, start_new_session=True)  # its own process group
     _wait_for_step(workdir, process, 4)
     time.sleep(random.Random(1).uniform(0.0, 0.2))
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, stop)
     output = process.communicate(timeout=60)[0]
     assert process.returncode == 0, output[-2000:]
     assert "Traceback" not in output
     saved = last_checkpoint(workdir)["global_step"]
-    assert saved < STEPS and f"SIGTERM: saved step {saved}" in output
+    assert saved < STEPS and f"{stop.name}: saved step {saved}; continue with --ckpt_path last" in output
     assert (_checkpoints(workdir) / f"step={saved}.ckpt").is_file()
     assert os.readlink(_checkpoints(workdir) / "last.ckpt") == f"step={saved}.ckpt"
 
     subprocess.run(_command("--ckpt_path", "last"), cwd=workdir, env=ENV, check=True, capture_output=True)
     _assert_same_training(last_checkpoint(workdir), last_checkpoint(straight))
+    _assert_last_names_the_newest_step(workdir)
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    """The first Ctrl-C is noted (the step in progress ends and is saved); a second one interrupts at once."""
+    from lightning.pytorch import Trainer
+
+    from tiny_audio_pl.cluster import StopSignals
+
+    signals = StopSignals(Trainer(accelerator="cpu", logger=False, enable_progress_bar=False))
+    signals._note(signal.SIGINT, None)
+    assert signals.received == {signal.SIGINT} and signals.received_sigterm  # not training: stop at the next batch
+    with pytest.raises(KeyboardInterrupt):
+        signals._note(signal.SIGINT, None)
 
 
 def test_diverging_run_skips_nonfinite_steps_then_stops_with_a_clear_error(tmp_path):

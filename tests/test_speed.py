@@ -127,7 +127,7 @@ def test_laptop_benchmark_reports_the_step_against_this_machines_peak(tmp_path):
     figures = json.loads(report.read_text())
     assert figures["seconds_per_step"] > 0 and figures["sgemm_peak_gflops"] > 0
     share = figures["useful_gflops"] / figures["sgemm_peak_gflops"]
-    assert 0 < figures["share_of_peak"] == pytest.approx(share, abs=1e-3)
+    assert 0 < figures["share_of_peak"] == pytest.approx(share, abs=5e-3)  # written to two decimals
     parts = figures["decoder_positions_per_step"]
     assert parts["shared_prompt"] > 0 and parts["audio"] > 0 and parts["labels"] > 0  # the prompt is run once
     assert parts["prompt_per_row"] == 0  # one prompt: nothing of it is left to run per row

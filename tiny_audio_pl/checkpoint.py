@@ -148,7 +148,7 @@ class Checkpoint(ModelCheckpoint):
             super().load_state_dict(state_dict)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """A resumed run's first step is already saved (it resumed from it).
+        """A resumed run's first step is already saved (it resumed from it), and ``last`` is ``last.ckpt``.
 
         Lightning forgets which step it saved last, and with gradient accumulation it would save the
         resumed step again after the first micro-batch: a checkpoint between micro-batches, which
@@ -156,6 +156,10 @@ class Checkpoint(ModelCheckpoint):
         """
         super().on_train_start(trainer, pl_module)
         self._last_global_step_saved = trainer.global_step
+        # ``last`` keeps its one name. A run's first checkpoint is written before ``last`` links to it, so it holds
+        # no last path; resumed from it, Lightning would take the ``last.ckpt`` it finds for another file's and
+        # write ``last-v1.ckpt``, leaving ``last.ckpt`` at the older step for the next ``--ckpt_path last``.
+        self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

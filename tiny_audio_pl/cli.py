@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import gc
 import importlib.util
 import json
 import logging
 import multiprocessing
 import os
+import socket
 import sys
 import warnings
 from collections.abc import Sequence
@@ -120,6 +122,7 @@ def use_model(args: list[str]) -> None:
     if overrides:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if options.command == "demo":
+        check_port(options.host, options.port)  # before anything loads
         if not options.ckpt and not options.run:
             parser.error("demo: give --ckpt (transcribe in the page), --run (a run's errors) or both")
         if len(options.run) > 2:
@@ -179,6 +182,19 @@ def use_model(args: list[str]) -> None:
         raise SystemExit(f"{failed} of {len(files) + len(problems)} file(s) could not be transcribed")
 
 
+def check_port(host: str, port: int) -> None:
+    """One line when the demo could not listen on ``host:port`` (out of range, in use, not this machine's)."""
+    if not 0 < port < 65536:
+        raise UsageError(f"--port {port} is not a port: pass one of 1-65535 (default 7860)")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            hint = f"pass another --port (e.g. --port {port + 1})" if error.errno == errno.EADDRINUSE else \
+                "pass --host with an address of this machine"
+            raise UsageError(f"cannot listen on {host}:{port} ({error.strerror}): {hint}") from error
+
+
 def file_list(paths: list[str]) -> tuple[list[str], list[str]]:
     """Folders expanded into the audio files they hold (sorted), files kept as given; and, for each path that
     gives no file (missing, or a folder without audio), a line saying so."""
@@ -214,9 +230,13 @@ def download_config(files: list[str], overrides: list[str], max_files: int | Non
         for section in sections:
             target = target.setdefault(section, {})
         target[name] = yaml.safe_load(value)
+    from huggingface_hub import constants
+    from huggingface_hub.utils import logging as hub_logging
+
     from tiny_audio_pl.data import SpeechDataModule
     from tiny_audio_pl.hub import download
     from tiny_audio_pl.modeling import Settings
+    from tiny_audio_pl.network import network_trouble
 
     model = {"encoder": Settings.encoder, "decoder": Settings.decoder, **(config.get("model") or {})}
     try:
@@ -224,7 +244,20 @@ def download_config(files: list[str], overrides: list[str], max_files: int | Non
     except TypeError as error:
         raise UsageError(f"download: the data section: {error}") from error
     splits = [(s.dataset, s.config_name, s.split) for s in data.train_streams() + data.evaluation_sets()]
-    for line in download([model["encoder"], model["decoder"]], splits, max_files):
+    names = (model["encoder"], model["decoder"], *(split[0] for split in splits))
+    if constants.HF_HUB_OFFLINE and not all(Path(name).is_dir() for name in names):
+        raise UsageError("download fetches from the Hub, and HF_HUB_OFFLINE is set: run it where there is a network, "
+                         "with HF_HUB_OFFLINE unset (HF_HUB_OFFLINE=0 tiny-audio download ...)")
+    hub_logging.set_verbosity_error()  # its retry notices: a failure is told below, in one line
+    try:
+        lines = download([model["encoder"], model["decoder"]], splits, max_files)
+    except Exception as error:
+        trouble = network_trouble(error)
+        if trouble is None:
+            raise
+        raise UsageError(f"cannot reach the Hub ({trouble}): check the network, or HF_ENDPOINT for a mirror, "
+                         "and run it again (what was fetched is kept)") from error
+    for line in lines or ["nothing to fetch: the config names local folders only"]:
         print(line, flush=True)
 
 

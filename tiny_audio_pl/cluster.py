@@ -1,7 +1,8 @@
 """Runs under a scheduler: the signals a run stops on, the ranks agreeing to stop, Slurm's requeue and job checks.
 
-- **SIGTERM** (cloud providers, Slurm at a time limit, ``scancel``, systemd, ``docker stop``): stop
-  after the optimizer step in progress, save it, exit 0 (``checkpoint.Checkpoint`` saves).
+- **SIGTERM** (cloud providers, Slurm at a time limit, ``scancel``, systemd, ``docker stop``) and
+  **SIGINT** (Ctrl-C): stop after the optimizer step in progress, save it, exit 0
+  (``checkpoint.Checkpoint`` saves). A second Ctrl-C stops at once, without saving.
 - **Slurm's requeue signal** (SIGUSR1, what ``#SBATCH --signal=USR1@120`` sends before the time
   limit, or ``scancel --signal=USR1``): the same, then ``scontrol requeue`` of this job, whose script
   starts again and resumes with ``--ckpt_path auto`` in the same run folder.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from types import FrameType
 from typing import Any
 
@@ -77,13 +79,19 @@ class StopSignals(_SignalConnector):
         self.received_sigterm = False  # Lightning's flag: set only once the ranks agreed (see agree)
         self._original_handlers = self._get_current_signal_handlers()
         job = slurm_job(self.trainer)
-        self.signals = (signal.SIGTERM, job.requeue_signal if job else REQUEUE_SIGNAL)
+        self.signals = (signal.SIGTERM, signal.SIGINT, job.requeue_signal if job else REQUEUE_SIGNAL)
         self.received |= _early
         _early.clear()
         for signum in self.signals:
             self._register_signal(signum, self._note)
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and signum in self.received:  # a second Ctrl-C: stop at once, unsaved
+            signal.default_int_handler(signum, frame)
+        if signum == signal.SIGINT and self.trainer.is_global_zero:  # a step can take seconds: say it was heard
+            # os.write, not print: a handler that prints while the progress bar prints fails on the stream's lock
+            os.write(sys.stderr.fileno(), b"\nCtrl-C: stopping after this step, which is saved (Ctrl-C again stops "
+                                          b"at once, unsaved)\n")
         self.received.add(signum)
         if not self.trainer.training:  # validation, the sanity check, `validate`: stop at the next batch
             self.received_sigterm = True

@@ -211,6 +211,18 @@ def short_name(source: str) -> str:
     return path.name
 
 
+def plot_format(path: Path) -> None:
+    """One line when ``--plot`` names a format matplotlib cannot write, or matplotlib is missing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError as error:
+        raise UsageError("--plot needs matplotlib: pip install -e \".[plot]\"") from error
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise UsageError(f"--plot {path}: matplotlib cannot write '{path.suffix or 'no suffix'}' files; name a file "
+                         f"ending in one of {', '.join(sorted(formats))} (e.g. wer.png)")
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     """Each set's WER per system with its interval, side by side, into a PNG."""
     try:
@@ -252,6 +264,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def run(paths: list[str], resamples: int, seed: int, as_json: bool, plot_path: str | None) -> None:
     """``tiny-audio compare``: load the systems, compare them, print the table (or JSON), draw the plot."""
+    if plot_path:
+        plot_format(Path(plot_path))  # before any work
     labels = [chr(ord("A") + i) if i < 26 else f"S{i}" for i in range(len(paths))]
     with tempfile.TemporaryDirectory(prefix="tiny-audio-compare-") as scratch:
         systems = [load_system(label, path, Path(scratch)) for label, path in zip(labels, paths)]

@@ -47,7 +47,13 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from tiny_audio_pl.checkpoint import Checkpoint, note_unkept_prompt, read_training_checkpoint, run_folder
+from tiny_audio_pl.checkpoint import (
+    Checkpoint,
+    note_unkept_prompt,
+    read_checkpoint,
+    read_training_checkpoint,
+    run_folder,
+)
 from tiny_audio_pl.cli import missing_tracker
 from tiny_audio_pl.cluster import check_job, note_early_signals
 from tiny_audio_pl.data import SpeechDataModule
@@ -92,6 +98,19 @@ def find_last_checkpoint(checkpoint_dir: str | None, log_root: Path, pattern: st
     candidates = [Path(checkpoint_dir) / "last.ckpt"] if checkpoint_dir else list(log_root.glob(pattern))
     existing = [c for c in candidates if c.is_file()]
     return max(existing, key=lambda c: c.stat().st_mtime) if existing else None
+
+
+def newest_beside(last: Path) -> Path:
+    """``last`` or, where a checkpoint beside it holds more optimizer steps, that one: ``--ckpt_path last`` never goes
+    back. (A kill between writing a step and linking ``last`` to it, or a folder written before ``last`` kept its
+    one name, can leave ``last.ckpt`` behind the newest step.) Unreadable files are passed over."""
+    steps = {}
+    for path in last.parent.glob("*.ckpt"):
+        try:
+            steps[path] = int(read_checkpoint(path, mmap=True).get("global_step", -1))
+        except (UsageError, AttributeError, TypeError, ValueError):
+            continue
+    return max(steps, key=lambda path: (steps[path], path == last), default=last)
 
 
 def check_writable(folder: Path, what: str) -> None:
@@ -224,6 +243,10 @@ class TinyAudioCLI(LightningCLI):
             raise UsageError(f"--ckpt_path last: no last.ckpt under {where}. Drop --ckpt_path to start a new "
                              "run, pass the path of a checkpoint, or use --ckpt_path auto to resume when there "
                              "is one and start afresh when there is not.")
+        newest = newest_beside(found)
+        if newest != found:
+            print(f"{found} is behind {newest.name}, the newest step saved beside it")
+        found = newest
         print(f"resuming from {found}")
         config.ckpt_path = str(found)
         if subcommand == "fit" and logger is not None and found.parent.name == "checkpoints":

@@ -70,10 +70,11 @@ class SpeechLLM(LightningModule):
         """
         super().__init__()
         network = Settings(**settings)
-        self.save_hyperparameters()
+        # Not model.prompt_ids: trackers log hyperparameters by name, and its names are prompts ("<audio>" is refused by
+        # MLflow). Checkpoints get the ids in on_save_checkpoint.
+        self.save_hyperparameters(ignore=["prompt_ids"])
         self.hparams.update(asdict(network))  # every setting, given or default: the export reads them
         self.model = TinyAudioModel(TinyAudioConfig(**asdict(network)))
-        self.hparams.prompt_ids = self.model.processor.prompt_ids  # rendered now, or the ones given
         self.evaluation = Evaluation(num_logged_examples)
         self.strict_loading = False  # checkpoints carry only the trained weights; on_load_checkpoint reads them
         self._validation: dict[str, Any] = {}  # the last validation's step and scores, kept in checkpoints

@@ -172,8 +172,9 @@ class TinyAudioProcessor:
         self.sample_rate: int = feature_extractor.sampling_rate
         self._input_name = feature_extractor.model_input_names[0]  # input_features (log-mel) or input_values
         self._prompts: dict[str, ChatPrompt] = {}  # by user prompt: the configured one and those met in the data
-        self.end_id = end_of_turn(tokenizer) if prompt_ids is None else self._restore(prompt_ids)
-        self.prompt = self.chat(prompt)  # checks the template
+        kept_end = None if prompt_ids is None else self._restore(prompt_ids)
+        self.prompt = self.chat(prompt)  # rendered unless kept (which checks the template)
+        self.end_id = end_of_turn(tokenizer) if kept_end is None else kept_end
 
     def _restore(self, stored: dict[str, Any]) -> int:
         """Take the prompts of a kept rendering; its end-of-turn id."""

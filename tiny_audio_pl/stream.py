@@ -237,11 +237,12 @@ class TrainLoader(StatefulDataLoader):
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """Dataloader workers ignore SIGTERM and Slurm's requeue signal (SIGUSR1, ``cluster.REQUEUE_SIGNAL``): the
-    main process saves the step, then stops them itself.
+    """Dataloader workers ignore SIGTERM, SIGINT and Slurm's requeue signal (SIGUSR1, ``cluster.REQUEUE_SIGNAL``):
+    the main process saves the step, then stops them itself.
 
-    Slurm, systemd and ``docker stop`` signal every process of the job or the group. A worker that died
-    of the signal would take the run down with it before the main process could save the current step.
+    Slurm, systemd and ``docker stop`` signal every process of the job or the group, and a terminal's Ctrl-C
+    every process in the foreground. A worker that died of the signal would take the run down with it
+    before the main process could save the current step.
     """
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
