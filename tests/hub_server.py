@@ -4,7 +4,7 @@
 :class:`HubServer`, as users point them at a mirror. Mirrors that exist were not enough (Olah 0.5.4
 ignores ``Range``, so parquet streaming fails; it does not answer ``/api/models/{id}`` without a
 revision; it answers a missing file with 401), so this one speaks exactly what these clients call
-(huggingface_hub 2.4, transformers 5.24, datasets 5.2; each behaviour is pinned by ``test_hub_server.py``):
+(huggingface_hub 2.4, transformers 5.25, datasets 5.2; each behaviour is pinned by ``test_hub_server.py``):
 
 - ``GET /api/{models,datasets}/{id}[/revision/{rev}]``: the repository's ``sha`` and ``siblings``;
 - ``GET /api/{type}/{id}/tree/{rev}[/{path}]`` (``recursive``, ``expand``) and ``POST .../paths-info/{rev}``:
@@ -14,12 +14,26 @@ revision; it answers a missing file with 401), so this one speaks exactly what t
 - 404 with ``X-Error-Code`` ``RepoNotFound``, ``RevisionNotFound`` or ``EntryNotFound``, which the
   clients turn into their own errors (a missing optional file is then skipped, not fatal).
 
-Not covered: uploads, authentication (any token is accepted), pagination (listings are small),
-repositories of one path part (``gpt2``), Xet storage, and the dataset viewer's ``datasets-server``.
+and what ``HfApi.create_repo(id, exist_ok=True)`` then ``HfApi.upload_folder(...)`` call to upload:
+
+- ``POST /api/repos/create``: an empty model or dataset repository and its ``url``; 409 (with the ``url``)
+  if it exists, which ``exist_ok`` accepts;
+- ``POST /api/validate-yaml``: the README's metadata, always valid (it is not checked);
+- ``POST /api/{type}/{id}/preupload/{rev}``: every file ``regular`` (its content then comes inline in the
+  commit), with the blob oid of the file already at that path, so that the client leaves out unchanged files;
+- ``POST /api/{type}/{id}/commit/{rev}``: the NDJSON commit (a header line, then one ``file`` line per file,
+  base64): the files are written into the repository's folder, which is read again, and the answer is
+  ``commitOid`` (the new sha) and ``commitUrl``.
+
+Not covered: LFS and Xet storage (no file is ever answered ``lfs``: with hf_xet installed, ``upload_folder``
+would send such a file to Xet storage, never to the LFS batch API), deletions, copies and pull requests in a
+commit, older commits (only the latest sha resolves), authentication (any token is accepted), pagination
+(listings are small), repositories of one path part (``gpt2``), and the dataset viewer's ``datasets-server``.
 
 Repositories are folders: ``ROOT/models/ORG/NAME/...`` and ``ROOT/datasets/ORG/NAME/...`` (files may
-be symlinks), read once at their first request; revision ``main`` and the repository's sha (a hash of
-its files) both resolve.
+be symlinks; a commit replaces a symlink, it never writes through one), read at their first request and
+again after each commit; revision ``main`` and the repository's sha (a hash of its files, so a commit that
+changes a file gives a new one) both resolve.
 
 :class:`FaultProxy` sits between a client and the server and breaks chosen requests: a connection
 reset mid-body, a 5xx answer, a stall, or (stopped) a refused connection.
@@ -27,9 +41,11 @@ reset mid-body, a 5xx answer, a stall, or (stopped) a refused connection.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
+import re
 import socket
 import struct
 import threading
@@ -41,6 +57,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 DATE = "2026-01-01T00:00:00.000Z"
+REPO_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # ORG/NAME; a folder under ROOT/{models,datasets}, never outside it
 
 
 class Repo:
@@ -111,7 +128,8 @@ class _LoopbackServer:
 
 
 class HubServer(_LoopbackServer):
-    """Serves the repositories under ``root``; each is read once, at its first request (so it must be complete)."""
+    """Serves the repositories under ``root``; each is read at its first request (so it must be complete by then)
+    and again after each commit it receives."""
 
     def __init__(self, root: Path, port: int = 0) -> None:
         super().__init__(port)
@@ -127,6 +145,36 @@ class HubServer(_LoopbackServer):
                 found = repo_id.count("/") == 1 and folder.is_dir()
                 self._repos[kind, repo_id] = Repo(kind, repo_id, folder) if found else None
             return self._repos[kind, repo_id]
+
+    def repo_url(self, kind: str, repo_id: str) -> str:
+        """The repository's page, as the Hub names it: the client takes the repository's id back from it."""
+        return f"{self.url}/{'datasets/' if kind == 'datasets' else ''}{repo_id}"
+
+    def create(self, kind: str, repo_id: str) -> bool:
+        """Make an empty repository; False if it exists already (a folder under ``root``, or made before)."""
+        folder = self.root / kind / repo_id
+        with self._lock:
+            if folder.is_dir():
+                return False
+            folder.mkdir(parents=True)
+            self._repos[kind, repo_id] = Repo(kind, repo_id, folder)  # replaces a "not found" remembered before
+            return True
+
+    def commit(self, repo: Repo, files: dict[str, bytes]) -> Repo:
+        """Write ``files`` (path in the repository -> content) into ``repo``'s folder and read it again.
+
+        A file that is a symlink is replaced, not written through: a fixture's files may be links to the
+        test assets. The repository read again has a new sha, so clients see a new revision.
+        """
+        folder = self.root / repo.kind / repo.repo_id
+        with self._lock:
+            for path, data in files.items():
+                target = folder / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.unlink(missing_ok=True)
+                target.write_bytes(data)
+            self._repos[repo.kind, repo.repo_id] = Repo(repo.kind, repo.repo_id, folder)
+            return self._repos[repo.kind, repo.repo_id]
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         return _hub_handler(self)
@@ -182,8 +230,8 @@ def _hub_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             hub.requests.append((self.command, self.path, status))
             super().send(status, body, headers)
 
-        def error(self, code: str, message: str) -> None:
-            self.send(404, json.dumps({"error": message}).encode(),
+        def error(self, code: str, message: str, status: int = 404, **fields: str) -> None:
+            self.send(status, json.dumps({"error": message, **fields}).encode(),
                       {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"})
 
         def json(self, value: Any) -> None:
@@ -193,6 +241,10 @@ def _hub_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             url = urlsplit(self.path)
             query = parse_qs(url.query)
             parts = [unquote(p) for p in url.path.strip("/").split("/")]
+            if self.command == "POST" and parts == ["api", "repos", "create"]:
+                return self.create(json.loads(body or b"{}"))
+            if self.command == "POST" and parts == ["api", "validate-yaml"]:
+                return self.json({"errors": [], "warnings": []})
             if parts[0] == "api" and len(parts) >= 4 and parts[1] in ("models", "datasets"):
                 return self.api(parts[1], "/".join(parts[2:4]), parts[4:], query, body)
             kind = "datasets" if parts[0] == "datasets" else "models"
@@ -200,6 +252,17 @@ def _hub_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if len(parts) >= 5 and parts[2] == "resolve":
                 return self.resolve(kind, "/".join(parts[:2]), parts[3], "/".join(parts[4:]))
             self.error("EntryNotFound", f"no such endpoint: {url.path}")
+
+        def create(self, form: dict[str, Any]) -> None:
+            """``create_repo``: ``{"name", "organization", "type"}``, no type for a model repository."""
+            kind = {"model": "models", "dataset": "datasets"}.get(form.get("type") or "model")
+            repo_id = f"{form.get('organization') or ''}/{form.get('name')}"
+            if kind is None or not REPO_ID.fullmatch(repo_id):
+                return self.error("BadRequest", f"not covered: {form.get('type') or 'model'} repository {repo_id}", 400)
+            url = hub.repo_url(kind, repo_id)
+            if not hub.create(kind, repo_id):
+                return self.error("Conflict", "You already created this repo", 409, url=url)
+            self.json({"url": url, "name": repo_id})
 
         def checked(self, kind: str, repo_id: str, revision: str) -> Repo | None:
             repo = hub.repo(kind, repo_id)
@@ -236,7 +299,29 @@ def _hub_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     wanted, expand = form.get("paths", []), form.get("expand", ["false"])[0].lower() == "true"
                 known = set(repo.files) | repo.folders()
                 return self.json([repo.entry(p.strip("/"), expand) for p in wanted if p.strip("/") in known])
+            if rest[0] == "preupload":  # "lfs" would send the file to Xet storage (see the module docstring)
+                files = json.loads(body)["files"]
+                return self.json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                                             "oid": repo.blob.get(f["path"])} for f in files]})
+            if rest[0] == "commit":
+                return self.commit(repo, body, query)
             self.error("EntryNotFound", f"no such endpoint: {self.path}")
+
+        def commit(self, repo: Repo, body: bytes, query: dict[str, list[str]]) -> None:
+            """The NDJSON commit: a header line (summary, description), then a ``file`` line per file, its content
+            in base64 (what the client sends for a file preupload answered ``regular``)."""
+            if "create_pr" in query:
+                return self.error("BadRequest", "not covered: a commit that opens a pull request", 400)
+            files: dict[str, bytes] = {}
+            for line in body.splitlines()[1:]:
+                operation = json.loads(line)
+                path = operation["value"]["path"]
+                if operation["key"] != "file" or any(part in ("", ".", "..") for part in path.split("/")):
+                    return self.error("BadRequest", f"not covered: {operation['key']} {path}", 400)
+                files[path] = base64.b64decode(operation["value"]["content"])
+            repo = hub.commit(repo, files)
+            self.json({"success": True, "commitOid": repo.sha,
+                       "commitUrl": f"{hub.repo_url(repo.kind, repo.repo_id)}/commit/{repo.sha}"})
 
         def resolve(self, kind: str, repo_id: str, revision: str, path: str) -> None:
             repo = self.checked(kind, repo_id, revision)

@@ -39,7 +39,7 @@ def _pair(kind: str, count: int = 200, seed: int = 0) -> tuple[list[Utterance], 
 
 
 def _system(label: str, rows: list[Utterance]) -> System:
-    return System(label, label, {(row.set, row.id): row for row in rows})
+    return System(label, label, label, {(row.set, row.id): row for row in rows})
 
 
 def _sc_stats_verdict(a: list[Utterance], b: list[Utterance], folder: Path) -> str:
@@ -106,7 +106,8 @@ def test_compare_command_text_json_and_plot(tmp_path):
     text = subprocess.run(cli("compare", str(tmp_path / "a"), str(tmp_path / "b.tsv"), "--plot",
                               str(tmp_path / "w.png")), env=cli_env(), capture_output=True, text=True, timeout=120)
     assert text.returncode == 0, text.stderr
-    assert "B better" in text.stdout and "step=100.tsv" in text.stdout and "most changed utterances" in text.stdout
+    assert "B better" in text.stdout and "most changed utterances" in text.stdout
+    assert f"A = {tmp_path / 'a'} step 100\nB = {tmp_path / 'b.tsv'}\n" in text.stdout  # the run, then the file
     assert (tmp_path / "w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     as_json = subprocess.run(cli("compare", str(tmp_path / "a"), str(tmp_path / "b.tsv"), "--json"),
                              env=cli_env(), capture_output=True, text=True, timeout=120)
@@ -137,6 +138,8 @@ def test_a_checkpoint_is_validated_with_its_runs_config(trained, tmp_path):
     result = subprocess.run(cli("compare", str(trained.parent.parent), str(trained), "--json"), env=cli_env(),
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    pair = json.loads(result.stdout)["sets"]["validation"]["against_first"]["B"]
+    figures = json.loads(result.stdout)
+    pair = figures["sets"]["validation"]["against_first"]["B"]
     assert pair["difference"] == 0 and pair["verdict"] == "no significant difference"
+    assert figures["systems"][1]["name"] == f"{trained} (validated now)"  # not the temporary folder it was scored in
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import DECODER, ROOT, SMOKE, WHISPER, cli, cli_env
+from conftest import DECODER, ROOT, SMOKE, WHISPER, cli, cli_env, run_cli
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.model import SpeechLLM
 
@@ -92,6 +92,8 @@ MISTAKES = {
     "corrupt checkpoint": (["--ckpt_path", "corrupt.ckpt"], "cannot read checkpoint corrupt.ckpt"),
     "nothing to resume": (["--ckpt_path", "last"], "--ckpt_path last: no last.ckpt under"),
     "no length": (["--trainer.max_steps", "-1"], "set --trainer.max_steps"),
+    "no steps": (["--trainer.max_steps", "0"], "trainer.max_steps must be a positive number of optimizer steps, got 0"),
+    "abbreviated option": (["--trainer.max_step", "10"], "unrecognized arguments: --trainer.max_step 10"),
     "exported weights": (["--ckpt_path", "model.safetensors"], "model.safetensors holds a model's weights"),
     "ignored length grouping": (["--data.batch_seconds", "60", "--data.group_by_length", "false"],
                                 "data.group_by_length false has no effect with data.batch_seconds"),
@@ -231,3 +233,34 @@ def test_a_demo_port_out_of_range_or_in_use_is_one_line(here, capfd):
 def test_compare_checks_the_plot_format_before_any_work(here, capfd):
     err = _one_line_error(capfd, here, "compare", "missing-a", "missing-b", "--plot", "wer.txt")
     assert "--plot wer.txt: matplotlib cannot write '.txt' files" in err and "png" in err
+
+
+def test_a_run_too_short_to_validate_says_so_and_compare_points_at_its_checkpoint(workdir):
+    result = run_cli(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "4", "--trainer.enable_progress_bar", "false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("no validation in this run: trainer.val_check_interval is 60 batches and the run has 4; set "
+            "--trainer.val_check_interval 4 to score it at the end") in result.stdout
+    compared = run_cli(workdir, "compare", "lightning_logs/version_0", "lightning_logs/version_0")
+    assert compared.returncode == 2 and len(compared.stderr.splitlines()) == 1
+    assert ("this run has no validation yet (no utterances/step=*.tsv): name its checkpoint instead "
+            "(lightning_logs/version_0/checkpoints/last.ckpt)") in compared.stderr
+
+
+def test_a_config_run_from_another_folder_says_where_its_paths_are_read(tmp_path, monkeypatch, capfd):
+    """The smoke config names assets/... relative to the repository: from elsewhere, the line says so."""
+    monkeypatch.chdir(tmp_path)
+    err = _one_line_error(capfd, tmp_path, "fit", "-c", SMOKE)
+    assert f"is neither a folder under {tmp_path} (a config's paths are read from the folder you run in)" in err
+
+
+def test_more_cpu_processes_than_cores_is_said(capsys):
+    from jsonargparse import Namespace
+
+    from tiny_audio_pl.lightning_cli import note_cpu_processes
+
+    cores = os.cpu_count() or 1
+    note_cpu_processes(Namespace(devices=cores + 1, accelerator="cpu"))
+    out = capsys.readouterr().out
+    assert f"trainer.devices {cores + 1} on a CPU of {cores} cores: {cores + 1} DDP processes" in out
+    note_cpu_processes(Namespace(devices=cores, accelerator="cpu"))
+    assert not capsys.readouterr().out

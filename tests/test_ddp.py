@@ -314,7 +314,7 @@ def test_a_job_at_its_time_limit_saves_and_the_next_submission_continues(cluster
     job, workdir, script = time_limited
     fields, output = _finish(cluster, job, workdir, timeout=180)
     assert fields["JobState"] == "TIMEOUT", f"{fields}\n{output[-3000:]}"
-    saved = int(re.search(r"SIGTERM: saved step (\d+); continue with --ckpt_path last", output).group(1))
+    saved = int(re.search(r"SIGTERM: saved step (\d+); submit the job script again to continue", output).group(1))
     assert 1 <= saved < SECOND and _last(_job_run(workdir))["global_step"] == saved
 
     again = _submit(cluster, workdir, uneven, script=script)  # the same script again: --ckpt_path auto

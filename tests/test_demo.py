@@ -153,7 +153,11 @@ def test_the_error_browser_shows_the_worst_utterance_with_its_audio_and_marked_e
     shown[headers + 1].click()
     WebDriverWait(browser, 60).until(lambda d: "reference:" in d.find_element(By.CSS_SELECTOR, "#errors-diff").text)
     diff = browser.find_element(By.CSS_SELECTOR, "#errors-diff").get_attribute("innerHTML")
-    assert diff.count('class="substitution"') + diff.count('class="deletion"') + diff.count('class="insertion"') > 0
+    texts, legend = diff.split("<small>")  # the marked texts, then the legend of the marks
+    assert texts.count('class="substitution"') + texts.count('class="deletion"') + texts.count('class="insertion"') > 0
+    colours = browser.execute_script("return ['substitution', 'deletion', 'insertion'].map(kind => getComputedStyle("
+                                     "document.querySelector('#errors-diff small .' + kind)).backgroundColor)")
+    assert len(set(colours)) == 3 and "as scored" in legend  # each kind its own colour, named
     # the clip's audio is loaded into the player: its duration shows
     WebDriverWait(browser, 30).until(lambda d: re.search(r"0:0[1-9]|0:[1-5]\d", d.find_element(
         By.CSS_SELECTOR, "#errors-audio").text))

@@ -9,6 +9,7 @@ faulty network must end with the same weights as a run through a sound one.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -134,6 +135,32 @@ def test_transcribe_and_the_pipeline_on_a_model_folder_that_names_hub_ids(hub, r
                             text=True, timeout=300)
     assert theirs.returncode == 0, theirs.stderr[-3000:]
     assert f'"texts": ["{text}"]' in theirs.stdout
+
+
+def test_export_push_to_hub_then_the_pipeline_loads_it_by_its_hub_id(trained, tmp_path):
+    """``tiny-audio export --push-to-hub`` uploads the folder through the server (create_repo, upload_folder);
+    AutoModel and pipeline then load the model by its hub id alone into an empty cache, in a Python that cannot
+    import tiny_audio_pl, and transcribe as ``tiny-audio transcribe`` does from the checkpoint."""
+    ours = run_cli(tmp_path, "transcribe", CLIP, "--ckpt", str(trained))
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    folder = tmp_path / "model"
+    (tmp_path / "load.py").write_text(HUB_LOAD)
+    with HubServer(tmp_path / "hub") as server:
+        pushed = run(tmp_path, hub_env(server.url, tmp_path / "hf-push") | {"HF_TOKEN": "any"}, "export", "--ckpt",
+                     str(trained), "--out", str(folder), "--push-to-hub", "some-org/tiny-asr")
+        assert pushed.returncode == 0, pushed.stderr[-3000:]
+        theirs = subprocess.run([sys.executable, "load.py", "some-org/tiny-asr", CLIP], cwd=tmp_path,
+                                env=hub_env(server.url, tmp_path / "hf"), capture_output=True, text=True, timeout=300)
+        sha = server.repo("models", "some-org/tiny-asr").sha
+    assert f"uploaded: {server.url}/some-org/tiny-asr/commit/{sha}" in pushed.stdout, pushed.stdout
+    exported = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    served = tmp_path / "hub/models/some-org/tiny-asr"
+    assert exported == sorted(p.relative_to(served) for p in served.rglob("*") if p.is_file())
+    assert all((served / name).read_bytes() == (folder / name).read_bytes() for name in exported)
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    assert (tmp_path / "hf/hub/models--some-org--tiny-asr/snapshots" / sha).is_dir()  # read from the hub, by its id
+    text = ours.stdout.strip().split("\t", 1)[1]
+    assert text and json.loads(theirs.stdout.strip().splitlines()[-1])["texts"] == [text]
 
 
 def test_a_node_without_internet_runs_the_same_config_from_what_download_fetched(hub, tmp_path):

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi, HfFileSystem, constants, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from hub_server import FaultProxy, HubServer
 
 BLOB = bytes(range(256)) * 400  # 100 kB with a recognisable pattern
+CARD = "---\nlibrary_name: transformers\n---\n# A model\n"  # a README with metadata: the client has it validated
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,13 @@ def hub(tmp_path_factory):
 def online(monkeypatch):
     """The suite runs with HF_HUB_OFFLINE=1; these tests talk to the stand-in only."""
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture
+def xet_cache(tmp_path, monkeypatch):
+    """upload_folder opens an hf_xet session even when no file goes to Xet storage, and hf_xet writes a log under
+    HF_XET_CACHE as it was when hf_xet was first imported: a test's folder, not the user's cache."""
+    monkeypatch.setenv("HF_XET_CACHE", str(tmp_path / "xet"))
 
 
 def test_repository_info_with_and_without_a_revision(hub):
@@ -85,6 +93,67 @@ def test_missing_repositories_revisions_and_files_raise_the_clients_own_errors(h
         api.model_info("org/absent")
     with pytest.raises(RevisionNotFoundError):
         api.model_info("org/model", revision="v9")
+
+
+@pytest.mark.usefixtures("xet_cache")
+def test_create_repo_and_upload_folder_write_the_files_that_are_then_served_under_a_new_sha(tmp_path):
+    """What ``tiny-audio export --push-to-hub`` calls: create_repo (exist_ok accepts the 409 of a repository that
+    exists) and upload_folder, whose files all go inline in the commit (preupload answers ``regular``: nothing
+    goes to LFS or Xet storage); hf_hub_download then reads them back from the repository's folder."""
+    folder = tmp_path / "upload"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "README.md").write_text(CARD)
+    (folder / "sub/blob.bin").write_bytes(BLOB)
+    with HubServer(tmp_path / "hub") as server:
+        api = HfApi(endpoint=server.url, token="any")
+        with pytest.raises(RepositoryNotFoundError):
+            api.model_info("org/new")  # remembered as missing: creating it must replace that
+        url = api.create_repo("org/new", exist_ok=True)
+        assert url.repo_id == "org/new" and api.create_repo("org/new", exist_ok=True) == url
+        with pytest.raises(HfHubHTTPError) as refused:
+            api.create_repo("org/new")
+        assert refused.value.response.status_code == 409
+        empty = api.model_info("org/new")
+        commit = api.upload_folder(folder_path=folder, repo_id="org/new")
+        info = api.model_info("org/new")
+        for name in ("README.md", "sub/blob.bin"):
+            path = Path(hf_hub_download("org/new", name, endpoint=server.url, cache_dir=tmp_path / "cache"))
+            served = tmp_path / "hub/models/org/new" / name  # written into the repository's folder
+            assert path.read_bytes() == (folder / name).read_bytes() == served.read_bytes()
+        posts = [path for method, path, _ in server.requests if method == "POST"]
+    assert empty.siblings == [] and commit.oid == info.sha != empty.sha
+    assert commit.commit_url == f"{server.url}/org/new/commit/{info.sha}"
+    assert {s.rfilename for s in info.siblings} == {"README.md", "sub/blob.bin"}
+    assert posts == [*["/api/repos/create"] * 3, "/api/validate-yaml", "/api/models/org/new/preupload/main",
+                     "/api/models/org/new/commit/main"]
+
+
+@pytest.mark.usefixtures("xet_cache")
+def test_an_upload_commits_only_changed_files_and_replaces_a_symlink_without_writing_through_it(tmp_path):
+    """Preupload names the blob oid of each file already there, so the client leaves unchanged files out (and an
+    upload of nothing new makes no commit); a repository file that links to a test asset is replaced, the asset
+    left as it was."""
+    asset = tmp_path / "asset.bin"
+    asset.write_bytes(BLOB)
+    repo = tmp_path / "hub/models/org/model"
+    repo.mkdir(parents=True)
+    (repo / "config.json").write_text('{"model_type": "none"}')
+    (repo / "blob.bin").symlink_to(asset)
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "none"}')
+    (folder / "blob.bin").write_bytes(BLOB[::-1])
+    config = (repo / "config.json").stat().st_ino
+    with HubServer(tmp_path / "hub") as server:
+        api = HfApi(endpoint=server.url, token="any")
+        before = api.model_info("org/model").sha
+        first = api.upload_folder(folder_path=folder, repo_id="org/model")
+        again = api.upload_folder(folder_path=folder, repo_id="org/model")
+        commits = [path for _, path, _ in server.requests if "/commit/" in path]
+    assert first.oid == again.oid != before and len(commits) == 1
+    assert (repo / "config.json").stat().st_ino == config  # not sent, so not rewritten
+    assert not (repo / "blob.bin").is_symlink() and (repo / "blob.bin").read_bytes() == BLOB[::-1]
+    assert asset.read_bytes() == BLOB
 
 
 def _get(url: str, path: str) -> tuple[int, bytes]:

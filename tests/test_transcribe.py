@@ -16,7 +16,7 @@ import torch
 from datasets import Audio, load_dataset
 from safetensors.torch import load_file, save_file
 
-from conftest import SPEECH, cli, cli_env, later_day, on_day, run_cli
+from conftest import ROOT, SPEECH, cli, cli_env, later_day, on_day, run_cli
 from tiny_audio_pl.checkpoint import read_checkpoint
 from tiny_audio_pl.processing import split_windows
 
@@ -118,6 +118,15 @@ def test_export_writes_the_trained_weights_the_processor_and_the_code(trained, t
     wer = config["training"]["validation"]["metrics"]["val/wer"]
     card = (out / "README.md").read_text()
     assert f"| val/wer | {wer:.4g} |" in card and "step 20" in card
+    # The metadata the Hub renders, read back by huggingface_hub's own parser: the WER as model-index.
+    from huggingface_hub import ModelCard
+
+    (result,) = ModelCard.load(out / "README.md").data.eval_results
+    assert (result.task_type, result.dataset_type, result.dataset_split, result.metric_type) == (
+        "automatic-speech-recognition", "assets/tiny-speech", "dev", "wer")
+    assert result.metric_value == round(100 * wer, 2)
+    assert "# tiny-whisper + tiny-smollm3 speech recognition" in card and "(None)" not in card
+    assert str(ROOT) not in card  # no path of this machine
     assert 'pipeline("automatic-speech-recognition", model="THIS_FOLDER", trust_remote_code=True)' in card
 
 
@@ -212,7 +221,11 @@ def test_transcribe_files_and_the_export_round_trip(trained, clips, tmp_path):
     assert any(line.startswith(f"{files[4]}: cannot read") for line in problems), problems
     assert f"{unusable[0]}: too short (0.010 s; at least 0.1 s of audio)" in problems
     assert problems[-1] == "3 of 7 file(s) could not be transcribed"
-    results = {Path(r["file"]).name: r for r in map(json.loads, from_checkpoint.stdout.splitlines())}
+    lines = [json.loads(line) for line in from_checkpoint.stdout.splitlines()]
+    failures = {Path(r["file"]).name: r["error"] for r in lines if "error" in r}  # in the JSON too, with why
+    assert failures["missing.wav"] == "no such file or folder" and failures["broken.wav"].startswith("cannot read")
+    assert failures["10ms.wav"] == "too short (0.010 s; at least 0.1 s of audio)"
+    results = {Path(r["file"]).name: r for r in lines if "error" not in r}
     assert sorted(results) == ["long.ogg", "mono.mp3", "mono.wav", "stereo44k.flac"]  # ... the others were
     assert results["long.ogg"]["windows"] == 2 and results["long.ogg"]["duration_s"] == pytest.approx(40.0, abs=0.1)
     assert results["mono.wav"]["windows"] == 1 and results["mono.wav"]["text"]
@@ -328,3 +341,28 @@ def test_export_into_a_read_only_earlier_export_is_one_line(trained, tmp_path, c
     code, output = _export(capfd, "--ckpt", str(trained), "--out", str(out))
     assert code == 2 and output.count("\n") == 1 and "Permission denied" in output
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_the_model_card_names_hub_models_data_and_each_sets_wer_for_the_hub():
+    """A run of the recipe's models on hub data with two evaluation sets: what the card's metadata says."""
+    from huggingface_hub import ModelCard
+
+    from tiny_audio_pl.export import model_card
+    from tiny_audio_pl.modeling import TinyAudioConfig
+
+    config = TinyAudioConfig(encoder="openai/whisper-large-v3-turbo", decoder="HuggingFaceTB/SmolLM3-3B", beam_size=4)
+    config.training = {
+        "global_step": 10000, "learning_rate": 1e-4, "warmup_steps": 500, "projector_parameters": 36_700_000,
+        "adapter_parameters": 0,
+        "data": {"dataset": "speechbrain/LoquaciousSet", "config_name": "large", "train_split": "train",
+                 "val_split": "dev", "text_normalization": "lower",
+                 "eval_sets": [{"name": "loquacious", "split": "test"},
+                               {"name": "librispeech", "dataset": "openslr/librispeech_asr", "config_name": "clean",
+                                "split": "test"}]},
+        "validation": {"step": 10000, "metrics": {"val/loquacious/wer": 0.1214, "val/librispeech/wer": 0.0412}}}
+    card = ModelCard(model_card(config))
+    assert card.data.base_model == ["openai/whisper-large-v3-turbo", "HuggingFaceTB/SmolLM3-3B"]
+    assert card.data.datasets == ["speechbrain/LoquaciousSet"]
+    assert [(r.dataset_type, r.dataset_config, r.dataset_split, r.metric_value) for r in card.data.eval_results] == [
+        ("speechbrain/LoquaciousSet", "large", "test", 12.14), ("openslr/librispeech_asr", "clean", "test", 4.12)]
+    assert "beam search, 4 beams" in card.text and "10000 optimizer steps" in card.text

@@ -222,7 +222,9 @@ class Checkpoint(ModelCheckpoint):
                     done, again = "stopped before training", "auto"
                 else:
                     done, again = f"saved step {trainer.global_step}", "last"
-                print(f"{names}: {done}; {requeued or f'continue with --ckpt_path {again}'}")
+                way_on = ("submit the job script again to continue" if os.environ.get("SLURM_JOB_ID")
+                          else f"continue with --ckpt_path {again}")
+                print(f"{names}: {done}; {requeued or way_on}")
         elif isinstance(exception, DataUnavailable):
             self._save_current_step(trainer)
             print(f"data unavailable: saved step {trainer.global_step}")

@@ -19,6 +19,7 @@ out zero, else no significant difference), and the utterances that changed most.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,8 @@ class System:
     """One system's scored utterances, by ``(set, id)``."""
 
     label: str  # A, B, C ...
-    source: str  # what the user named
+    source: str  # the per-utterance file read
+    name: str  # what the user named, for tables and legends
     utterances: dict[tuple[str, str], Utterance]
 
 
@@ -86,6 +88,11 @@ def load_system(label: str, path: str, scratch: Path) -> System:
     given = Path(path)
     if given.is_dir():
         found = newest_utterances(given)
+        if found is None and (given / "checkpoints").is_dir():  # a run whose validation never ran
+            newest = given / "checkpoints" / "last.ckpt"
+            raise UsageError(f"{path}: this run has no validation yet (no utterances/step=*.tsv): name its checkpoint "
+                             f"instead ({newest if newest.exists() else given / 'checkpoints'}), which is validated "
+                             "first, or a run that validated")
         if found is None:
             raise UsageError(f"{path}: a folder without utterances/step=*.tsv; name a run folder (lightning_logs/"
                              "version_N), a per-utterance file or a checkpoint")
@@ -99,7 +106,9 @@ def load_system(label: str, path: str, scratch: Path) -> System:
     keyed = {(row.set, row.id): row for row in rows}
     if len(keyed) < len(rows):
         raise UsageError(f"{found}: an utterance id appears twice in one set; ids must be unique to be matched")
-    return System(label, str(found), keyed)
+    # A checkpoint is named as given, not by the temporary folder its validation went to.
+    name = f"{_shown_path(given)} (validated now)" if given.suffix == ".ckpt" else short_name(str(found))
+    return System(label, str(found), name, keyed)
 
 
 def check_matching(systems: list[System]) -> list[str]:
@@ -139,7 +148,7 @@ def compare(systems: list[System], resamples: int = 1000, seed: int = 0, level: 
     resampled = {name: (errors[name][:, picks[name]].sum(-1), words[name][picks[name]].sum(-1)) for name in sets}
     if len(sets) > 1:  # all sets together, each resampled on its own
         resampled[OVERALL] = (sum(e for e, _ in resampled.values()), sum(w for _, w in resampled.values()))
-    result: dict[str, Any] = {"systems": [{"label": s.label, "source": s.source} for s in systems],
+    result: dict[str, Any] = {"systems": [{"label": s.label, "name": s.name, "source": s.source} for s in systems],
                               "resamples": resamples, "seed": seed, "level": level, "sets": {}}
     for name in resampled:
         chosen = sets if name == OVERALL else [name]
@@ -177,7 +186,7 @@ def text_report(result: dict[str, Any]) -> str:
     """The comparison as tables a person reads: each system's WER with its interval, then each difference."""
     labels = [s["label"] for s in result["systems"]]
     first, level = labels[0], f"{100 * result['level']:g} %"
-    lines = [f"{label} = {s['source']}" for label, s in zip(labels, result["systems"])]
+    lines = [f"{label} = {s['name']}" for label, s in zip(labels, result["systems"])]
     def score(cell: dict[str, float]) -> str:
         return f"{100 * cell['wer']:.2f} ({100 * cell['low']:.1f}-{100 * cell['high']:.1f})"
 
@@ -203,12 +212,19 @@ def text_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the current folder when it is under it, else absolute: two runs' ``version_0`` folders
+    under different roots stay apart."""
+    relative = os.path.relpath(path.absolute())
+    return str(path.absolute()) if relative.startswith("..") else relative
+
+
 def short_name(source: str) -> str:
-    """A system's name for a legend: ``RUN step N`` for a run's ``utterances/step=N.tsv``, else the file's name."""
+    """A system's name: ``RUN_FOLDER step N`` for a run's ``utterances/step=N.tsv``, else the file's path."""
     path = Path(source)
     if path.parent.name == "utterances" and path.stem.startswith("step="):
-        return f"{path.parent.parent.name} step {path.stem.removeprefix('step=')}"
-    return path.name
+        return f"{_shown_path(path.parent.parent)} step {path.stem.removeprefix('step=')}"
+    return _shown_path(path)
 
 
 def plot_format(path: Path) -> None:
@@ -246,7 +262,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     for i, (label, system) in enumerate(zip(labels, result["systems"])):
         draw(left, i, [result["sets"][n]["systems"][label] for n in names], "wer",
-             f"{label}: {short_name(system['source'])}")
+             f"{label}: {system['name']}")
         if i:
             draw(right, i, [result["sets"][n]["against_first"][label] for n in names], "difference", label)
     right.axhline(0, color="black", linewidth=0.8)

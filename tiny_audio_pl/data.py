@@ -114,8 +114,9 @@ def _cached_files(source: Source) -> list[str]:
     """A hub dataset's split's parquet files in the hub cache (``HF_HUB_OFFLINE``), or one line on what to fetch."""
     cached = cached_dataset(source.dataset)
     if cached is None:
-        raise UsageError(f"the dataset '{source.dataset}' is neither a local folder nor in the hub cache, and "
-                         f"HF_HUB_OFFLINE is set: {FETCH_HINT}")
+        raise UsageError(f"the dataset '{source.dataset}' is neither a folder under {Path.cwd()} (a config's paths "
+                         "are read from the folder you run in) nor in the hub cache, and HF_HUB_OFFLINE is set: run "
+                         f"from the folder it is in, or {FETCH_HINT}")
     try:
         return find_parquet_files(cached, source.config_name, source.split)
     except UsageError as error:

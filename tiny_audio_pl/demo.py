@@ -85,6 +85,15 @@ def transcribe_audio(model: TinyAudioModel, path: str | None, max_seconds: float
     return transcript, shown, status
 
 
+# Each kind of error its own colour, named under the texts; the texts are shown as scored, which is not as the table
+# shows them (as written).
+ERROR_CSS = (".substitution {background: #ffe08a} .deletion {background: #fdd; text-decoration: line-through} "
+             ".insertion {background: #cfc; text-decoration: none}")
+LEGEND = ('<p><small><span class="substitution">substituted</span> <del class="deletion">deleted</del> '
+          '<ins class="insertion">inserted</ins>; both texts as scored: Whisper\'s English normaliser (lower case, no '
+          'punctuation, numbers and spellings unified), where the table shows them as written</small></p>')
+
+
 def marked(reference: str, hypothesis: str) -> str:
     """The two normalised texts, aligned as they were scored (sclite's weights), as HTML with the errors marked."""
     pairs = align(normalize_for_wer(reference).split(), normalize_for_wer(hypothesis).split(), GAP, sclite_mode=True)
@@ -101,7 +110,7 @@ def marked(reference: str, hypothesis: str) -> str:
         else:
             ref.append(f'<span class="substitution">{r}</span>')
             hyp.append(f'<span class="substitution">{h}</span>')
-    return f"<p>reference: {' '.join(ref)}</p><p>hypothesis: {' '.join(hyp)}</p>"
+    return (f"<p>reference: {' '.join(ref)}</p><p>hypothesis: {' '.join(hyp)}</p>{LEGEND}")
 
 
 class RunErrors:
@@ -220,6 +229,6 @@ def serve(checkpoint: str | None, runs: list[str], host: str, port: int, max_min
     app = build_app(model, facts, max_minutes, errors)
     app.queue()
     app.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True,
-               css=".deletion, .insertion, .substitution {background: #fdd; text-decoration: none}")
+               css=ERROR_CSS)
     print(f"tiny-audio demo: http://{host}:{app.server_port}", flush=True)
     app.block_thread()

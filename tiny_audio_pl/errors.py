@@ -37,5 +37,6 @@ def explained_loading(name: str, what: str) -> Iterator[None]:
                "(`tiny-audio download -c CONFIG` fetches a config's models where there is internet)"
                if hub_constants.HF_HUB_OFFLINE else
                "the hub could not be reached or has no such repository (gated models also need HF_TOKEN)")
-        raise UsageError(f"cannot load the {what} '{name}': it is not a local directory, and {why}. "
-                         "Pass a local directory (e.g. assets/tiny-whisper) or a reachable hub id.") from error
+        raise UsageError(f"cannot load the {what} '{name}': it is not a folder under {Path.cwd()} (a config's paths "
+                         f"are read from the folder you run in), and {why}. Pass a local directory (e.g. "
+                         "assets/tiny-whisper) or a reachable hub id.") from error

@@ -158,22 +158,31 @@ def _write_export(checkpoint: dict[str, Any], checkpoint_path: Path, folder: Pat
 
 
 def model_card(config: TinyAudioConfig) -> str:
-    """A short model card: what the model is, how it was trained, how well it did, how to use it."""
+    """The model card: its metadata (base models, training data and the validation's WER as ``model-index``, which
+    the Hub renders; written by ``huggingface_hub``'s own ``ModelCardData``), what the model is, how to use it, how
+    it was trained and decodes, and every score of the last validation."""
+    from huggingface_hub import EvalResult, ModelCardData
+
     training = config.training
     data, validation = training["data"], training["validation"]
     scores = ("\n".join(f"| {name} | {value:.4g} |" for name, value in sorted(validation.get("metrics", {}).items()))
               or "| (no validation in this run) | |")
     lora = (f"rank {config.lora_rank} on {config.lora_targets or 'q/k/v/o_proj'}, "
             f"{training['adapter_parameters']:,} parameters" if config.lora_rank else "none")
+    title = f"{Path(config.encoder).name} + {Path(config.decoder).name} speech recognition"
+    metadata = ModelCardData(
+        model_name=title, library_name="transformers", pipeline_tag="automatic-speech-recognition",
+        tags=["automatic-speech-recognition", "speech-llm", "tiny-audio"],
+        base_model=[name for name in (config.encoder, config.decoder) if not Path(name).is_dir()] or None,
+        datasets=sorted({s["dataset"] for s in _sources(data, "train") if not Path(s["dataset"]).is_dir()}) or None,
+        eval_results=[EvalResult(**result) for result in _wer_results(data, validation)] or None)
     return f"""---
-library_name: transformers
-pipeline_tag: automatic-speech-recognition
-tags: [automatic-speech-recognition, speech-llm, tiny-audio]
+{metadata.to_yaml()}
 ---
-# Speech recognition with {config.decoder}
+# {title}
 
 A projector trained with tiny-audio (PyTorch Lightning) between the frozen speech encoder
-`{config.encoder}` and the frozen LLM `{config.decoder}`. Only the trained weights are in this
+{_shown(config.encoder)} and the frozen LLM {_shown(config.decoder)}. Only the trained weights are in this
 folder (`{WEIGHTS}`: the projector's {training['projector_parameters']:,} parameters); the encoder and
 decoder are loaded by name.
 
@@ -187,7 +196,7 @@ print(asr("clip.wav")["text"])
 ```
 
 `AutoModel.from_pretrained("THIS_FOLDER", trust_remote_code=True)` gives the model itself; its
-`processor` turns audio into features and `generate` / `transcribe` decode greedily. Needs
+`processor` turns audio into features and `generate` / `transcribe` decode. Needs
 `transformers`, `torch` and `soundfile` (and `soxr` for audio not at 16 kHz). With tiny-audio
 installed: `tiny-audio transcribe clip.wav --ckpt THIS_FOLDER`.
 
@@ -196,10 +205,11 @@ installed: `tiny-audio transcribe clip.wav --ckpt THIS_FOLDER`.
 - projector: stack {config.projector_stack} frames, SwiGLU hidden {config.projector_hidden}, RMSNorm in and out\
 {', output bias' if config.projector_bias else ''}
 - decoder LoRA: {lora}
-- prompt: system `{config.system_prompt}`, user `{config.prompt}`
+- prompt: system `{config.system_prompt}`, user `{config.prompt}` (its token ids: `prompt_ids` in `config.json`)
 - AdamW, learning rate {training['learning_rate']}, {training['warmup_steps']} warmup steps then cosine;
   {training['global_step']} optimizer steps
 - data: {_data_line(data)}, transcripts `{data.get('text_normalization')}`
+- decoding: {_decoding_line(config)}
 
 ## Validation (step {validation.get('step')})
 
@@ -211,9 +221,45 @@ WER is computed after Whisper's English text normaliser.
 """
 
 
+def _shown(name: str) -> str:
+    """A model's name for the card: its hub id, or a local folder's name (the card is read elsewhere)."""
+    return f"`{Path(name).name}` (a local folder)" if Path(name).is_dir() else f"`{name}`"
+
+
+def _sources(data: dict[str, Any], stage: str) -> list[dict[str, Any]]:
+    """What a run trained on (``train``) or scored (``eval``): each source's name, dataset, config and split."""
+    entries = [e if isinstance(e, dict) else vars(e) for e in data.get(f"{stage}_sources" if stage == "train"
+                                                                      else "eval_sets") or []]
+    default = {"name": "validation", "dataset": data.get("dataset"), "config_name": data.get("config_name"),
+               "split": data.get("train_split" if stage == "train" else "val_split")}
+    return [{**default, **{k: v for k, v in e.items() if v is not None}} for e in entries] or [default]
+
+
+def _wer_results(data: dict[str, Any], validation: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each scored set's WER (in %) with what the Hub's ``model-index`` names it by: task, dataset id, config, split."""
+    metrics = validation.get("metrics", {})
+    found = [(s, metrics.get("val/wer" if s["name"] == "validation" else f"val/{s['name']}/wer"))
+             for s in _sources(data, "eval")]
+    return [{"task_type": "automatic-speech-recognition", "dataset_type": str(s["dataset"]), "dataset_name": s["name"],
+             "dataset_config": s["config_name"], "dataset_split": s["split"], "metric_type": "wer",
+             "metric_name": "WER (%)", "metric_value": round(100 * wer, 2)} for s, wer in found if wer is not None]
+
+
+def _decoding_line(config: TinyAudioConfig) -> str:
+    """How the model decodes unless a call says otherwise."""
+    parts = ["greedy" if config.beam_size == 1 else f"beam search, {config.beam_size} beams",
+             f"at most {config.max_new_tokens} new tokens"]
+    if config.no_repeat_ngram:
+        parts.append(f"no {config.no_repeat_ngram}-gram repeated")
+    if config.max_tokens_per_second:
+        parts.append(f"at most {config.max_tokens_per_second:g} tokens per second of audio")
+    return ", ".join(parts)
+
+
 def _data_line(data: dict[str, Any]) -> str:
     """What the run trained on, for the model card: the dataset's split, or the mix of sources."""
-    own = f"`{data.get('dataset')}` ({data.get('config_name')}), split `{data.get('train_split')}`"
+    config = f" ({data['config_name']})" if data.get("config_name") else ""
+    own = f"`{data.get('dataset')}`{config}, split `{data.get('train_split')}`"
     sources = data.get("train_sources") or []
     if not sources:
         return own

@@ -126,6 +126,33 @@ def check_writable(folder: Path, what: str) -> None:
         raise UsageError(f"cannot write {folder}: {error.strerror or error}; {what}") from error
 
 
+def check_steps(trainer: Namespace) -> None:
+    """``trainer.max_steps`` set and positive, or one line; a note when no validation will run."""
+    steps = trainer.max_steps
+    if steps is None or steps == -1:  # Lightning's "unset"
+        raise UsageError("set --trainer.max_steps (e.g. 10000): the data is a stream with no length, so the run and "
+                         "its learning-rate schedule are measured in optimizer steps")
+    if steps <= 0:
+        raise UsageError(f"trainer.max_steps must be a positive number of optimizer steps, got {steps}")
+    batches = steps * (trainer.accumulate_grad_batches or 1)
+    interval = trainer.val_check_interval
+    if isinstance(interval, int) and trainer.check_val_every_n_epoch is None and interval > batches:
+        print(f"no validation in this run: trainer.val_check_interval is {interval} batches and the run has {batches}"
+              f"; set --trainer.val_check_interval {batches} to score it at the end")
+
+
+def note_cpu_processes(trainer: Namespace) -> None:
+    """A line when ``trainer.devices`` asks a CPU for more processes than it has cores: each is a DDP rank with its
+    own batches (so the optimizer step sees that many times the clips, and the result changes), all on too few
+    cores."""
+    devices, cores = int(trainer.devices) if str(trainer.devices).isdigit() else 0, os.cpu_count() or 1
+    on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available()
+                                             and not torch.backends.mps.is_available())
+    if on_cpu and devices > cores:
+        print(f"trainer.devices {devices} on a CPU of {cores} cores: {devices} DDP processes, each training on its own "
+              f"batches ({devices} times the clips per optimizer step) and sharing the cores")
+
+
 def check_strategy(strategy: Any) -> None:
     """One line for a strategy that shards the weights: checkpoints hold the trained weights as one whole copy."""
     name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", type(strategy).__name__)
@@ -196,9 +223,11 @@ class TinyAudioCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else None
         if config is None:
             return
-        if subcommand == "fit" and (config.trainer.max_steps is None or config.trainer.max_steps <= 0):
-            raise UsageError("set --trainer.max_steps (e.g. 10000): the data is a stream with no length, so the "
-                             "run and its learning-rate schedule are measured in optimizer steps")
+        if subcommand == "fit":
+            check_steps(config.trainer)
+        if subcommand == "validate" and not config.get("ckpt_path"):
+            print("validate without --ckpt_path scores the untrained projector (step 0): pass --ckpt_path last, or a "
+                  "checkpoint, to score a trained one")
         self.loggers = logger_configs(config.trainer.logger)
         for logger in self.loggers:  # a logger's package that is missing is one line, before anything loads
             missing = missing_tracker(logger.class_path)
@@ -221,6 +250,7 @@ class TinyAudioCLI(LightningCLI):
             checkpoint = read_training_checkpoint(path, mmap=True, what="--ckpt_path")  # Lightning reads it later
             note_unkept_prompt(checkpoint, path)
         check_strategy(config.trainer.strategy)
+        note_cpu_processes(config.trainer)
         check_job(config.trainer.devices, config.trainer.num_nodes)  # a Slurm job's tasks against the trainer's
         Settings(**{name: config.model[name] for name in SETTINGS})  # its checks, before anything loads
         SpeechDataModule(**config.data.as_dict()).check(subcommand)  # opens no audio, loads no model
@@ -359,4 +389,7 @@ def run(args: list[str] | None, description: str) -> None:
     TinyAudioCLI(SpeechLLM, SpeechDataModule, args=args,
                  trainer_defaults={"logger": LOGGER, "enable_model_summary": False},  # SpeechLLM.setup prints its own
                  save_config_callback=RunConfig, auto_configure_optimizers=False,
-                 parser_kwargs={"exit_on_error": False, "description": description})
+                 # allow_abbrev off: argparse would take --trainer.max_step for --trainer.max_steps (a typo in YAML
+                 # is an error; on the command line it must be one too)
+                 parser_kwargs={"exit_on_error": False, "description": description, "allow_abbrev": False,
+                                **{name: {"allow_abbrev": False} for name in ("fit", "validate")}})

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -122,6 +123,7 @@ class NetworkLedger:
         self.last_retry = -float("inf")
         self.last_url: str | None = None  # the latest URL the hub client reported trouble with
         self.last_reason = "network error"  # and what went wrong
+        self.reached = False  # whether a data host ever answered this process
 
     def retry(self, trouble: Trouble) -> None:
         now = time.monotonic()
@@ -192,14 +194,31 @@ class Backoff:
         self.wait = min(2 * self.wait, MAX_WAIT_S)
 
 
+def unresolved(error: BaseException) -> bool:
+    """Whether ``error`` comes from a host name that did not resolve (no network, or a wrong ``HF_ENDPOINT``)."""
+    return any(isinstance(link, socket.gaierror) or re.search(r"name resolution|Name or service not known|nodename "
+                                                                r"nor servname", str(link)) for link in _chain(error))
+
+
 def with_retries(call: Callable[[], T], patience: float) -> T:
-    """``call()``, tried again with backoff while it fails for a network reason, for up to ``patience`` seconds."""
+    """``call()``, tried again with backoff while it fails for a network reason, for up to ``patience`` seconds.
+
+    A host name that does not resolve before anything was ever read is not a passing fault (a machine without a
+    network, a mistyped ``HF_ENDPOINT``): it stops at once instead of retrying for ``patience`` seconds.
+    """
     take_over_retries()
     backoff = Backoff(patience)
     while True:
         try:
-            return call()
+            result = call()
+            NETWORK.reached = True
+            return result
         except Exception as error:
+            trouble = network_trouble(error)
+            if trouble is not None and not NETWORK.reached and unresolved(error):
+                raise DataUnavailable(f"cannot resolve the data host {trouble.host or '(unknown)'}: no network here? "
+                                      "Set HF_HUB_OFFLINE=1 to read the hub cache (`tiny-audio download -c CONFIG` "
+                                      "fills it where there is internet), or check HF_ENDPOINT") from error
             backoff.after(error)
 
 
@@ -235,5 +254,6 @@ class ResilientRows:
                 rows = iter(stream)
                 continue
             backoff.reset()
+            NETWORK.reached = True
             self.position = stream.state_dict()
             yield row
