@@ -195,9 +195,11 @@ class Backoff:
 
 
 def unresolved(error: BaseException) -> bool:
-    """Whether ``error`` comes from a host name that did not resolve (no network, or a wrong ``HF_ENDPOINT``)."""
-    return any(isinstance(link, socket.gaierror) or re.search(r"name resolution|Name or service not known|nodename "
-                                                                r"nor servname", str(link)) for link in _chain(error))
+    """Whether ``error`` comes from a host name that did not resolve (no network, or a wrong ``HF_ENDPOINT``): in its
+    chain, or in what the hub client last logged (``datasets`` raises its own error without the cause)."""
+    words = re.compile(r"name resolution|Name or service not known|nodename nor servname")
+    return (any(isinstance(link, socket.gaierror) or words.search(str(link)) for link in _chain(error))
+            or bool(words.search(NETWORK.last_reason)))
 
 
 def with_retries(call: Callable[[], T], patience: float) -> T:
