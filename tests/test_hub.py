@@ -325,7 +325,6 @@ def test_a_worker_error_is_one_line():
     assert one_line(Exception("plain\n   message")) == "plain message"
 
 
-
 def test_a_host_name_that_never_resolved_stops_at_once_but_a_later_one_is_retried(monkeypatch):
     """No network at the start (or a mistyped HF_ENDPOINT) is not a passing fault: it stops at once instead of after
     data.network_patience (300 s). Once a host has answered, the same failure is a fault to wait out. (Through the
