@@ -264,3 +264,14 @@ def test_more_cpu_processes_than_cores_is_said(capsys):
     assert f"trainer.devices {cores + 1} on a CPU of {cores} cores: {cores + 1} DDP processes" in out
     note_cpu_processes(Namespace(devices=cores, accelerator="cpu"))
     assert not capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model.lora_alpha", "16"], "model.lora_alpha and model.lora_targets shape LoRA adapters"),
+    (["--model.lora_targets", "[q_proj]"], "which model.lora_rank 0 turns off"),
+    (["--model.encoder", "assets/tiny-hubert", "--model.whisper_full_window", "true"],
+     "model.whisper_full_window is for Whisper encoders; assets/tiny-hubert is 'hubert'"),
+    (["--data.max_batch_clips", "8"], "data.max_batch_clips bounds the batches of data.batch_seconds"),
+], ids=["lora_alpha", "lora_targets", "full window", "max_batch_clips"])
+def test_a_setting_that_would_do_nothing_is_one_line(args, message, here, capfd):
+    assert message in _one_line_error(capfd, here, "fit", "-c", SMOKE, *args)

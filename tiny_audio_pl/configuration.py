@@ -12,6 +12,8 @@ from transformers import PretrainedConfig
 
 from .errors import UsageError
 
+LORA_ALPHA = 32.0  # the default; another value is a choice of the user's
+
 
 @dataclass
 class Settings:
@@ -68,7 +70,7 @@ class Settings:
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     lora_rank: int = 0
-    lora_alpha: float = 32.0
+    lora_alpha: float = LORA_ALPHA
     lora_targets: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -83,6 +85,17 @@ class Settings:
                              f"{self.lora_alpha}")
         if self.frozen_dtype not in ("float32", "bfloat16", "float16"):
             raise UsageError(f"model.frozen_dtype must be float32, bfloat16 or float16, got {self.frozen_dtype!r}")
+
+
+    def check_used(self, encoder_type: str) -> None:
+        """One line for a setting that would do nothing (a user would believe they changed something). Checked
+        when a command starts, not when a model is loaded: a checkpoint written with one still loads."""
+        if self.lora_rank == 0 and (self.lora_targets is not None or self.lora_alpha != LORA_ALPHA):
+            raise UsageError("model.lora_alpha and model.lora_targets shape LoRA adapters, which model.lora_rank 0 "
+                             "turns off: set model.lora_rank (e.g. 16), or drop them")
+        if self.whisper_full_window and encoder_type != "whisper":
+            raise UsageError(f"model.whisper_full_window is for Whisper encoders; {self.encoder} is '{encoder_type}', "
+                             "whose batches are never padded to a window: drop the setting")
 
 
 SETTINGS = tuple(f.name for f in fields(Settings))

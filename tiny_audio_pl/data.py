@@ -48,6 +48,7 @@ from tiny_audio_pl.stream import (
     ignore_stop_signals,
 )
 
+MAX_BATCH_CLIPS = 64  # the default; another value is a choice of the user's
 DEFAULT_SET = "validation"  # the evaluation set data.val_split makes when data.eval_sets is unset (metrics val/*)
 
 
@@ -150,7 +151,7 @@ class SpeechDataModule(LightningDataModule):
         id_column: str = "ID",
         batch_size: PositiveInt = 8,
         batch_seconds: PositiveFloat | None = None,
-        max_batch_clips: PositiveInt = 64,
+        max_batch_clips: PositiveInt = MAX_BATCH_CLIPS,
         max_train_samples: PositiveInt | None = None,
         max_eval_samples: PositiveInt | None = None,
         num_workers: NonNegativeInt = 4,
@@ -226,6 +227,9 @@ class SpeechDataModule(LightningDataModule):
         if weighted:  # a setting that would do nothing is a mistake, not a silent no-op
             raise UsageError(f"data.eval_sets {weighted}: weight mixes data.train_sources only; each evaluation "
                              "set is scored on its own (drop the weight)")
+        if batch_seconds is None and max_batch_clips != MAX_BATCH_CLIPS:
+            raise UsageError("data.max_batch_clips bounds the batches of data.batch_seconds, which is not set (batches "
+                             "are data.batch_size clips): set data.batch_seconds, or drop data.max_batch_clips")
         if batch_seconds is not None and not group_by_length:
             raise UsageError("data.group_by_length false has no effect with data.batch_seconds: budget batches are "
                              "always formed from clips of similar length. Drop one of the two settings")

@@ -57,6 +57,7 @@ from tiny_audio_pl.checkpoint import (
 from tiny_audio_pl.cli import missing_tracker
 from tiny_audio_pl.cluster import check_job, note_early_signals
 from tiny_audio_pl.data import SpeechDataModule
+from tiny_audio_pl.encoder import encoder_config
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.model import SpeechLLM
 from tiny_audio_pl.modeling import DECODING, SETTINGS, Settings
@@ -252,8 +253,9 @@ class TinyAudioCLI(LightningCLI):
         check_strategy(config.trainer.strategy)
         note_cpu_processes(config.trainer)
         check_job(config.trainer.devices, config.trainer.num_nodes)  # a Slurm job's tasks against the trainer's
-        Settings(**{name: config.model[name] for name in SETTINGS})  # its checks, before anything loads
+        settings = Settings(**{name: config.model[name] for name in SETTINGS})  # its checks, before anything loads
         SpeechDataModule(**config.data.as_dict()).check(subcommand)  # opens no audio, loads no model
+        settings.check_used(encoder_config(settings.encoder, settings.trust_remote_code).model_type)  # config.json only
         check_writable(self.log_root, "the run folder (set --trainer.default_root_dir to a folder you can write)")
         if "OMP_NUM_THREADS" not in os.environ:  # the user's own setting wins
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
