@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import DECODER, HUBERT, SPEECH, WHISPER, connected_data
+from tiny_audio_pl.configuration import Decoding
 from tiny_audio_pl.encoder import AudioEncoder
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.evaluation import Evaluation
@@ -108,26 +109,25 @@ def test_batched_decoding_equals_one_by_one(tiny_model, dev_batch):
 
 def test_decoding_options_beam_search_repetition_guard_and_duration_cap(tiny_model, dev_batch):
     """One beam is greedy; no token pair repeats under no_repeat_ngram_size 2; max_tokens_per_second ends each
-    clip's transcript by its duration; the settings return to the model's own after the block."""
+    clip's transcript by its duration. Each is a value passed to the call: the model's own settings never change."""
     net = tiny_model.model
     features, lengths = dev_batch["features"], dev_batch["feature_lengths"]
+    own = Decoding.of(net.config)
     greedy = net.generate(features, lengths)
-    with net.decoding(beam_size=1):
-        assert torch.equal(net.generate(features, lengths), greedy)
+    assert torch.equal(net.generate(features, lengths, decoding=own.but(beam_size=1)), greedy)
     stops = {net.processor.end_id, net.processor.tokenizer.pad_token_id}
-    with net.decoding(beam_size=3, no_repeat_ngram=2):
-        for row in net.generate(features, lengths).tolist():
-            pairs = [tuple(row[i:i + 2]) for i in range(len(row) - 1) if not stops & set(row[i:i + 2])]
-            assert len(pairs) == len(set(pairs))
-    with net.decoding(max_tokens_per_second=0.5):
-        capped = net.generate(features, lengths)
+    for row in net.generate(features, lengths, decoding=own.but(beam_size=3, no_repeat_ngram=2)).tolist():
+        pairs = [tuple(row[i:i + 2]) for i in range(len(row) - 1) if not stops & set(row[i:i + 2])]
+        assert len(pairs) == len(set(pairs))
+    capped = net.generate(features, lengths, decoding=own.but(max_tokens_per_second=0.5))
     for row, duration in zip(capped.tolist(), (lengths / 100).tolist()):  # Whisper: 100 mel frames a second
         assert len([t for t in row if t not in stops]) <= math.ceil(0.5 * (duration + 0.04)) + 1  # + audio rounding
     assert capped.shape[1] < greedy.shape[1]
-    assert net.config.beam_size == 1 and net.config.max_tokens_per_second == 0
+    assert Decoding.of(net.config) == own  # a call's decoding is its own
     with pytest.raises(ValueError, match="not decoding options: top_k"):
-        with net.decoding(top_k=5):
-            pass
+        own.but(top_k=5)
+    with pytest.raises(UsageError, match="max_new_tokens and beam_size must be >= 1"):
+        own.but(beam_size=0)
 
 
 def test_frozen_models_stay_frozen_in_train_mode(tiny_model):

@@ -162,23 +162,23 @@ def use_model(args: list[str]) -> None:
         quiet()
         from tqdm import tqdm
 
+        from tiny_audio_pl.configuration import DECODING, Decoding
         from tiny_audio_pl.export import load_model
-        from tiny_audio_pl.modeling import DECODING
         from tiny_audio_pl.transcribe import pick_device, transcribe_files
 
         device = pick_device(options.device)
         model = load_model(options.ckpt, options.dtype or ("float32" if device.type == "cpu" else None)).to(device)
-        decoding = {name: getattr(options, name) for name in DECODING if getattr(options, name)}
-        with model.decoding(**decoding):  # the model's own settings, but for those given here
-            for result in transcribe_files(model, files, options.batch_size):
-                if result.error:
-                    failed += 1
-                    report_failure(result.file, result.error, options.json, tqdm.write)  # above the progress bar
-                elif options.json:
-                    fields = dataclasses.asdict(result) | {"duration_s": round(result.duration_s, 3)}
-                    print(json.dumps({k: v for k, v in fields.items() if k != "error"}), flush=True)
-                else:
-                    print(f"{result.file}\t{result.text}", flush=True)
+        asked = {name: getattr(options, name) for name in DECODING if getattr(options, name)}
+        decoding = Decoding.of(model.config).but(**asked)  # the model's own settings, but for those given here
+        for result in transcribe_files(model, files, options.batch_size, decoding=decoding):
+            if result.error:
+                failed += 1
+                report_failure(result.file, result.error, options.json, tqdm.write)  # above the progress bar
+            elif options.json:
+                fields = dataclasses.asdict(result) | {"duration_s": round(result.duration_s, 3)}
+                print(json.dumps({k: v for k, v in fields.items() if k != "error"}), flush=True)
+            else:
+                print(f"{result.file}\t{result.text}", flush=True)
     if failed:
         raise SystemExit(f"{failed} of {len(files) + len(problems)} file(s) could not be transcribed")
 
@@ -242,9 +242,9 @@ def download_config(files: list[str], overrides: list[str], max_files: int | Non
     from huggingface_hub import constants
     from huggingface_hub.utils import logging as hub_logging
 
+    from tiny_audio_pl.configuration import Settings
     from tiny_audio_pl.data import SpeechDataModule
     from tiny_audio_pl.hub import download
-    from tiny_audio_pl.modeling import Settings
     from tiny_audio_pl.network import network_trouble
 
     model = {"encoder": Settings.encoder, "decoder": Settings.decoder, **(config.get("model") or {})}

@@ -27,16 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from tiny_audio_pl.checkpoint import give_usual_mode, note_unkept_prompt, read_training_checkpoint, trained_weights
+from tiny_audio_pl.configuration import SETTINGS, TinyAudioConfig
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.hub import local_folder
-from tiny_audio_pl.modeling import (
-    SETTINGS,
-    WEIGHTS,
-    TinyAudioConfig,
-    TinyAudioModel,
-    build_processor,
-    write_model_folder,
-)
+from tiny_audio_pl.modeling import WEIGHTS, TinyAudioModel, build_processor, write_model_folder
 
 MODEL_TYPE = TinyAudioConfig.model_type
 OLD_FORMAT = "tiny-audio-projector"  # folders of tiny-audio before the model was a transformers model

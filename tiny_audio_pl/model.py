@@ -28,9 +28,10 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
 from tiny_audio_pl.checkpoint import run_folder, trained_weights
+from tiny_audio_pl.configuration import Settings, TinyAudioConfig
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.evaluation import Evaluation, metrics, report
-from tiny_audio_pl.modeling import Settings, TinyAudioConfig, TinyAudioModel
+from tiny_audio_pl.modeling import TinyAudioModel
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +45,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .configuration import DECODING, SETTINGS, Settings, TinyAudioConfig
+from .configuration import Decoding, TinyAudioConfig
 from .encoder import AudioEncoder, encoder_config
 from .errors import UsageError, explained_loading
 from .processing import ChatPrompt, TinyAudioProcessor
@@ -281,41 +280,28 @@ class TinyAudioModel(PreTrainedModel):
 
     @torch.no_grad()
     def generate(self, input_features: torch.Tensor, feature_lengths: torch.Tensor,
-                 prompts: list[str | None] | None = None) -> torch.Tensor:
+                 prompts: list[str | None] | None = None, decoding: Decoding | None = None) -> torch.Tensor:
         """Batched decoding of a padded batch (:meth:`generate_from_audio`): the answer's token ids ``[B, T]``."""
-        return self.generate_from_audio(*self.embed_audio(input_features, feature_lengths), prompts)
-
-    @contextmanager
-    def decoding(self, **options: Any) -> Iterator[None]:
-        """The decoding settings (``DECODING``) changed while the block runs, e.g. ``beam_size=4`` for one call."""
-        unknown = sorted(set(options) - set(DECODING))
-        if unknown:
-            raise ValueError(f"not decoding options: {', '.join(unknown)}; they are {', '.join(DECODING)}")
-        saved = {name: getattr(self.config, name) for name in options}
-        Settings(**{**{name: getattr(self.config, name) for name in SETTINGS}, **options})  # checked
-        vars(self.config).update(options)
-        try:
-            yield
-        finally:
-            vars(self.config).update(saved)
+        return self.generate_from_audio(*self.embed_audio(input_features, feature_lengths), prompts, decoding)
 
     @torch.no_grad()
     def generate_from_audio(self, audio: torch.Tensor, audio_lengths: list[int],
-                            prompts: list[str | None] | None = None) -> torch.Tensor:
-        """Batched decoding from projected audio ``[B, N, D]`` (from :meth:`embed_audio`), as the settings say:
-        greedy or beam search (``beam_size``), a repetition guard (``no_repeat_ngram``) and a cap on each
-        clip's new tokens from its duration (``max_tokens_per_second``) under ``max_new_tokens``."""
+                            prompts: list[str | None] | None = None, decoding: Decoding | None = None) -> torch.Tensor:
+        """Batched decoding from projected audio ``[B, N, D]`` (from :meth:`embed_audio`), as ``decoding`` says (the
+        model's own settings by default): greedy or beam search (``beam_size``), a repetition guard
+        (``no_repeat_ngram``) and a cap on each clip's new tokens from its duration (``max_tokens_per_second``)
+        under ``max_new_tokens``."""
         chats = self.chat_prompts(prompts, len(audio_lengths))
         shared = common_prefix(chats)
         layout = self.assemble(audio, audio_lengths, chats, padding="left", skip=len(shared))
         end, pad = self.processor.end_id, self.processor.tokenizer.pad_token_id
-        settings = self.config
+        settings = decoding or Decoding.of(self.config)
         config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False,
                                   num_beams=settings.beam_size, no_repeat_ngram_size=settings.no_repeat_ngram,
                                   eos_token_id=end, pad_token_id=end if pad is None else pad)
         processors = LogitsProcessorList()
         if settings.max_tokens_per_second:
-            seconds = [n * settings.projector_stack / self.encoder.frames_per_second for n in audio_lengths]
+            seconds = [n * self.config.projector_stack / self.encoder.frames_per_second for n in audio_lengths]
             limits = torch.tensor([math.ceil(settings.max_tokens_per_second * s) + 1 for s in seconds])  # [B]
             processors.append(EndAfter(limits.repeat_interleave(settings.beam_size).to(audio.device), end))
         # Each row is [shared prompt (cached)] [left padding] [rest]: transformers takes the embeddings of the
@@ -329,11 +315,12 @@ class TinyAudioModel(PreTrainedModel):
                                          logits_processor=processors, **self.shared_prompt.argument(cache))
 
     def transcribe(self, input_features: torch.Tensor, feature_lengths: torch.Tensor,
-                   prompts: list[str | None] | None = None) -> list[str]:
+                   prompts: list[str | None] | None = None, decoding: Decoding | None = None) -> list[str]:
         """Batched decoding of a padded batch (each clip with its own prompt, if given); one string per clip."""
-        return self.processor.decode(self.generate(input_features, feature_lengths, prompts))
+        return self.processor.decode(self.generate(input_features, feature_lengths, prompts, decoding))
 
-    def transcribe_windows(self, windows: list[list[np.ndarray]], batch_size: int = 8) -> list[str]:
+    def transcribe_windows(self, windows: list[list[np.ndarray]], batch_size: int = 8,
+                           decoding: Decoding | None = None) -> list[str]:
         """Each recording's transcript from the features of its windows (``processor.windows``).
 
         The windows of all recordings are decoded together, ``batch_size`` at a time, shortest first
@@ -347,7 +334,7 @@ class TinyAudioModel(PreTrainedModel):
         for start in range(0, len(order), batch_size):
             chosen = order[start:start + batch_size]
             features, lengths = self.processor.pad([flat[j][1] for j in chosen])
-            for j, text in zip(chosen, self.transcribe(features.to(self.device), lengths)):
+            for j, text in zip(chosen, self.transcribe(features.to(self.device), lengths, decoding=decoding)):
                 texts[j] = text
         joined: list[list[str]] = [[] for _ in windows]
         for (i, _), text in zip(flat, texts):  # in time order within each recording

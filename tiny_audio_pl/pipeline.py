@@ -21,7 +21,7 @@ from typing import Any
 
 from transformers import Pipeline
 
-from .modeling import DECODING
+from .configuration import DECODING, Decoding
 
 # generate_kwargs as transformers names them -> the model's decoding settings
 OPTIONS = {"num_beams": "beam_size", "no_repeat_ngram_size": "no_repeat_ngram"} | {name: name for name in DECODING}
@@ -42,7 +42,9 @@ class TinyAudioPipeline(Pipeline):
         if refused:
             raise ValueError(f"this model's pipeline does not support {', '.join(refused)}: it returns "
                              f"{{'text': ...}}; its options are batch_size and generate_kwargs {', '.join(OPTIONS)}")
-        return {}, {"decoding": {OPTIONS[key]: value for key, value in asked.items()}}, {}
+        # A value per call: two threads of one pipeline never change each other's decoding.
+        decoding = Decoding.of(self.model.config).but(**{OPTIONS[key]: value for key, value in asked.items()})
+        return {}, {"decoding": decoding}, {}
 
     def __call__(self, inputs: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> Any:
         """One input, or a list; a list with ``batch_size`` > 1 is decoded that many inputs at a time."""
@@ -50,10 +52,10 @@ class TinyAudioPipeline(Pipeline):
             return super().__call__(inputs, *args, **kwargs)
         _, forward, _ = self._sanitize_parameters(**kwargs)
         results = []
-        with self.model.decoding(**forward["decoding"]):
-            for start in range(0, len(inputs), batch_size):
-                windows = [self.preprocess(item)["windows"] for item in inputs[start:start + batch_size]]
-                results += [{"text": text} for text in self.model.transcribe_windows(windows, batch_size)]
+        for start in range(0, len(inputs), batch_size):
+            windows = [self.preprocess(item)["windows"] for item in inputs[start:start + batch_size]]
+            results += [{"text": text} for text in self.model.transcribe_windows(windows, batch_size,
+                                                                                 forward["decoding"])]
         return results
 
     def preprocess(self, inputs: Any) -> dict[str, Any]:
@@ -61,10 +63,9 @@ class TinyAudioPipeline(Pipeline):
         processor = self.model.processor
         return {"windows": processor.windows(processor.load(inputs))}
 
-    def _forward(self, model_inputs: dict[str, Any], decoding: dict[str, Any]) -> dict[str, Any]:
+    def _forward(self, model_inputs: dict[str, Any], decoding: Decoding) -> dict[str, Any]:
         windows = model_inputs["windows"]
-        with self.model.decoding(**decoding):
-            return {"text": self.model.transcribe_windows([windows], len(windows))[0]}
+        return {"text": self.model.transcribe_windows([windows], len(windows), decoding)[0]}
 
     def postprocess(self, model_outputs: dict[str, Any]) -> dict[str, str]:
         return {"text": model_outputs["text"]}

@@ -17,6 +17,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
+from tiny_audio_pl.configuration import Decoding
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.modeling import TinyAudioModel
 
@@ -31,12 +32,13 @@ class Transcript:
 
 
 def transcribe_files(model: TinyAudioModel, files: list[str], batch_size: int = 8, progress: bool = True,
-                     chunk_batches: int = 16) -> Iterator[Transcript]:
+                     chunk_batches: int = 16, decoding: Decoding | None = None) -> Iterator[Transcript]:
     """Transcribe ``files`` in batches; yields one :class:`Transcript` per file, in the given order.
 
     Files are read ``chunk_batches`` batches of windows at a time, so memory stays bounded however
     many files there are. A file that cannot be used (unreadable, too short, or failing in the
-    model) yields a transcript with ``error`` set, and the other files are transcribed as usual.
+    model) yields a transcript with ``error`` set, and the other files are transcribed as usual. ``decoding``:
+    the model's own settings by default.
     """
     processor = model.processor
     # A bar for a person watching a terminal; none in a log file (disable=None: off when not a TTY).
@@ -54,26 +56,26 @@ def transcribe_files(model: TinyAudioModel, files: list[str], batch_size: int = 
         result.windows = len(windows)
         pending.append((result, windows))
         if sum(r.windows for r, _ in pending) >= batch_size * chunk_batches:  # a few dozen entries at most
-            yield from _decode(model, pending, batch_size)
+            yield from _decode(model, pending, batch_size, decoding)
             bar.update(len(pending))
             pending = []
-    yield from _decode(model, pending, batch_size)
+    yield from _decode(model, pending, batch_size, decoding)
     bar.update(len(pending))
     bar.close()
 
 
-def _decode(model: TinyAudioModel, pending: list[tuple[Transcript, list[np.ndarray]]], batch_size: int
-            ) -> Iterator[Transcript]:
+def _decode(model: TinyAudioModel, pending: list[tuple[Transcript, list[np.ndarray]]], batch_size: int,
+            decoding: Decoding | None) -> Iterator[Transcript]:
     """Transcribe the readable files of ``pending`` together; if that fails, each file on its own, so
     that only the files whose own windows fail get an error."""
     readable = [(result, windows) for result, windows in pending if windows]
     try:
-        texts = model.transcribe_windows([windows for _, windows in readable], batch_size)
+        texts = model.transcribe_windows([windows for _, windows in readable], batch_size, decoding)
     except Exception:  # noqa: BLE001 - find the file(s) at fault
         texts = []
         for result, windows in readable:
             try:
-                texts += model.transcribe_windows([windows], batch_size)
+                texts += model.transcribe_windows([windows], batch_size, decoding)
             except Exception as error:  # noqa: BLE001 - reported for this file
                 result.error = f"transcription failed: {type(error).__name__}: {error}"
                 texts.append("")
