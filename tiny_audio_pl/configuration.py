@@ -84,7 +84,6 @@ class Settings:
         if self.frozen_dtype not in ("float32", "bfloat16", "float16"):
             raise UsageError(f"model.frozen_dtype must be float32, bfloat16 or float16, got {self.frozen_dtype!r}")
 
-
     def check_used(self, encoder_type: str) -> None:
         """One line for a setting that would do nothing (a user would believe they changed something). Checked
         when a command starts, not when a model is loaded: a checkpoint written with one still loads."""

@@ -252,13 +252,10 @@ def _decoding_line(config: TinyAudioConfig) -> str:
 
 def _data_line(data: dict[str, Any]) -> str:
     """What the run trained on, for the model card: the dataset's split, or the mix of sources."""
+    if data.get("train_sources"):
+        return "a mix of " + ", ".join(f"{s['name']} (weight {s.get('weight', 1.0)})" for s in _sources(data, "train"))
     config = f" ({data['config_name']})" if data.get("config_name") else ""
-    own = f"`{data.get('dataset')}`{config}, split `{data.get('train_split')}`"
-    sources = data.get("train_sources") or []
-    if not sources:
-        return own
-    return "a mix of " + ", ".join(f"{s.get('name')} (weight {s.get('weight', 1.0)})"
-                                   for s in (vars(s) if not isinstance(s, dict) else s for s in sources))
+    return f"`{data.get('dataset')}`{config}, split `{data.get('train_split')}`"
 
 
 def push_to_hub(folder: str | Path, repo_id: str) -> str:

@@ -393,5 +393,4 @@ def run(args: list[str] | None, description: str) -> None:
                  save_config_callback=RunConfig, auto_configure_optimizers=False,
                  # allow_abbrev off: argparse would take --trainer.max_step for --trainer.max_steps (a typo in YAML
                  # is an error; on the command line it must be one too)
-                 parser_kwargs={"exit_on_error": False, "description": description, "allow_abbrev": False,
-                                **{name: {"allow_abbrev": False} for name in ("fit", "validate")}})
+                 parser_kwargs={"exit_on_error": False, "description": description, "allow_abbrev": False})

@@ -119,7 +119,6 @@ class TinyAudioModel(PreTrainedModel):
         remote = config.trust_remote_code
         encoder_config(config.encoder, remote)  # a wrong encoder fails here, before any weights are read
         self.processor = processor or build_processor(config)
-        config.prompt_ids = self.processor.prompt_ids  # the rendering this model uses from now on
         dtype = getattr(torch, config.frozen_dtype)
         self.encoder = AudioEncoder(config.encoder, config.whisper_full_window, dtype, remote)
         with explained_loading(config.decoder, "decoder"):

@@ -113,7 +113,7 @@ def split_windows(audio: np.ndarray, sample_rate: int, window_s: float = WHISPER
     return [piece for piece in pieces if len(piece)]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChatPrompt:
     """Token ids around the audio: ``prefix_ids`` [audio embeddings] ``suffix_ids``, then the answer."""
 
@@ -200,7 +200,8 @@ class TinyAudioProcessor:
         prompt it was rendered for, the end-of-turn id, and each user prompt's ids before and after the audio.
         """
         return {"system_prompt": self.system_prompt, "end_of_turn": self.end_id,
-                "prompts": {text: [chat.prefix_ids, chat.suffix_ids] for text, chat in self._prompts.items()}}
+                "prompts": {text: [list(chat.prefix_ids), list(chat.suffix_ids)]  # copies: the caller keeps them
+                            for text, chat in self._prompts.items()}}
 
     @classmethod
     def from_models(cls, encoder: str, decoder: str, system_prompt: str = "",
