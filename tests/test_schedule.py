@@ -23,3 +23,11 @@ def test_cosine_decays_to_the_floor_at_the_end():
 def test_no_warmup_starts_at_the_peak():
     assert warmup_cosine(0, warmup_steps=0, total_steps=100) == 1.0
     assert warmup_cosine(50, warmup_steps=0, total_steps=100) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
+
+
+def test_an_alignment_stage_and_the_rest_each_warm_up_and_decay():
+    schedule = [warmup_cosine(step, warmup_steps=10, total_steps=300, align_steps=100) for step in range(300)]
+    assert schedule[0] == schedule[100] == pytest.approx(0.1)  # each stage starts its own warmup
+    assert schedule[9] == schedule[109] == pytest.approx(1.0)
+    assert schedule[99] < 0.01 and schedule[299] < 0.01  # and decays to the floor by its end
+    assert schedule[55] == pytest.approx(0.5, abs=0.02) and schedule[205] == pytest.approx(0.5, abs=0.02)

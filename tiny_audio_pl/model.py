@@ -27,6 +27,7 @@ from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativ
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
+from tiny_audio_pl.alignment import TokenAlignment
 from tiny_audio_pl.checkpoint import run_folder, trained_weights
 from tiny_audio_pl.configuration import Settings, TinyAudioConfig
 from tiny_audio_pl.errors import UsageError
@@ -34,8 +35,16 @@ from tiny_audio_pl.evaluation import Evaluation, metrics, report
 from tiny_audio_pl.modeling import TinyAudioModel
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier: linear warmup to 1 over ``warmup_steps``, then cosine to ``min_ratio`` at ``total_steps``."""
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0, align_steps: int = 0
+                  ) -> float:
+    """LR multiplier: linear warmup to 1 over ``warmup_steps``, then cosine to ``min_ratio`` at ``total_steps``.
+
+    With ``align_steps``, the alignment stage (steps below it) and the rest each have a warmup and cosine of their own.
+    """
+    if align_steps:
+        in_stage = step < align_steps
+        return warmup_cosine(step if in_stage else step - align_steps, warmup_steps,
+                             align_steps if in_stage else total_steps - align_steps, min_ratio)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -53,6 +62,7 @@ class SpeechLLM(LightningModule):
         min_lr_ratio: ClosedUnitInterval = 0.0,
         num_logged_examples: NonNegativeInt = 8,
         max_nonfinite_steps: PositiveInt = 5,
+        align_steps: NonNegativeInt = 0,
         **settings: Any,
     ) -> None:
         """Load the frozen models and build the projector.
@@ -66,6 +76,10 @@ class SpeechLLM(LightningModule):
                 hypothesis).
             max_nonfinite_steps: a batch with a non-finite loss, or an optimizer step with non-finite
                 gradients, is skipped and counted; this many in a row stop the run.
+            align_steps: an alignment stage first: this many optimizer steps train the projector alone, by CTC of the
+                transcript over the decoder's vocabulary read through its frozen embeddings (no decoder pass: a
+                fraction of a step's cost, ``alignment.py``); the decoder's loss then takes over, with a warmup and
+                cosine of its own. 0: none.
             settings: the network's :class:`~tiny_audio_pl.modeling.Settings` (``model.encoder``,
                 ``model.decoder``, ``model.projector_*`` ...), documented there and listed by ``--help``.
         """
@@ -77,6 +91,7 @@ class SpeechLLM(LightningModule):
         self.hparams.update(asdict(network))  # every setting, given or default: the export reads them
         self.model = TinyAudioModel(TinyAudioConfig(**asdict(network)))
         self.evaluation = Evaluation(num_logged_examples)
+        self.alignment = TokenAlignment(self.model.decoder.get_input_embeddings().weight) if align_steps else None
         self.strict_loading = False  # checkpoints carry only the trained weights; on_load_checkpoint reads them
         self._validation: dict[str, Any] = {}  # the last validation's step and scores, kept in checkpoints
         self.utterances_file: Path | None = None  # the last validation's per-utterance file (rank 0)
@@ -124,10 +139,15 @@ class SpeechLLM(LightningModule):
         # non-finite loss makes non-finite gradients, which on_before_optimizer_step skips.
         targets = self.targets(batch)
         audio, audio_lengths = self.model.embed_audio(batch["features"], batch["feature_lengths"])
-        loss = self.model.loss(audio, audio_lengths, targets, batch.get("prompt"), reduction="sum")
+        if self.global_step < self.hparams.align_steps:
+            targets = [t[:-1] for t in targets]  # the transcript's tokens, without the end-of-turn token
+            loss, name = self.alignment(audio, audio_lengths, targets), "train/align_loss"
+        else:
+            loss = self.model.loss(audio, audio_lengths, targets, batch.get("prompt"), reduction="sum")
+            name = "train/loss"
         tokens = sum(len(t) for t in targets)  # counted on the CPU
         self._step_tokens += tokens
-        self.log("train/loss", loss.detach() / tokens, prog_bar=True, batch_size=tokens)
+        self.log(name, loss.detach() / max(tokens, 1), prog_bar=True, batch_size=tokens)
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -210,7 +230,7 @@ class SpeechLLM(LightningModule):
         optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay,
                                       fused=fused)
         schedule = partial(warmup_cosine, warmup_steps=self.hparams.warmup_steps, total_steps=int(total),
-                           min_ratio=self.hparams.min_lr_ratio)
+                           min_ratio=self.hparams.min_lr_ratio, align_steps=self.hparams.align_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         # Logged as train/lr by the CLI's LearningRateMonitor (self.log of a float would sync the GPU).
         return {"optimizer": optimizer,
