@@ -1,5 +1,7 @@
 """The alignment stage: CTC over the decoder's vocabulary, the projector trained alone, then the decoder's loss."""
 
+import math
+
 import torch
 
 from conftest import SMOKE
@@ -26,10 +28,13 @@ def test_alignment_stage_trains_the_projector_alone_then_the_decoder_takes_over(
     (tmp_path / "assets").symlink_to(SMOKE.rsplit("/configs", 1)[0] + "/assets")
     monkeypatch.chdir(tmp_path)
     main(["fit", "-c", SMOKE, "--model.lora_rank", "4", "--model.align_steps", "20", "--trainer.max_steps", "24",
-          "--checkpoint.every_n_train_steps", "20", "--trainer.val_check_interval", "24", "--data.max_eval_samples", "4",
-          "--model.max_new_tokens", "4", "--trainer.enable_progress_bar", "false"])
+          "--checkpoint.every_n_train_steps", "20", "--trainer.val_check_interval", "20",
+          "--data.max_eval_samples", "4", "--model.max_new_tokens", "4", "--trainer.enable_progress_bar", "false"])
     folder = tmp_path / "lightning_logs/version_0/checkpoints"
-    aligned, last = (read_checkpoint(folder / name)["state_dict"] for name in ("step=20.ckpt", "last.ckpt"))
+    aligned, last = (read_checkpoint(folder / name) for name in ("step=20.ckpt", "last.ckpt"))
+    # The stage's validation scores the projector alone (its best path; no decoder pass, so no audio gain).
+    assert math.isnan(aligned["validation"]["metrics"]["val/audio_gain"]) and aligned["validation"]["step"] == 20
+    aligned, last = aligned["state_dict"], last["state_dict"]
     assert all(not value.any() for name, value in aligned.items() if ".lora_B." in name)  # no decoder pass yet
     assert any(value.any() for name, value in last.items() if ".lora_B." in name)  # then the decoder's loss
 

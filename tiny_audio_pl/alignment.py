@@ -60,3 +60,9 @@ class TokenAlignment(nn.Module):
         labels = torch.tensor([token + 1 for tokens in targets for token in tokens], device=audio.device)
         return F.ctc_loss(log_probs, labels, torch.tensor(audio_lengths), torch.tensor([len(t) for t in targets]),
                           blank=0, reduction="sum", zero_infinity=True)
+
+    def best_path(self, audio: torch.Tensor, audio_lengths: list[int]) -> list[list[int]]:
+        """Each clip's token ids read off its best path (repeats merged, blanks dropped): the stage's transcripts."""
+        best = self.log_probs(audio).argmax(-1).tolist()  # [B, N]
+        paths = [row[:n] for row, n in zip(best, audio_lengths)]
+        return [[t - 1 for i, t in enumerate(p) if t and (i == 0 or t != p[i - 1])] for p in paths]

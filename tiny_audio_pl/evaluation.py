@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
+from tiny_audio_pl.alignment import TokenAlignment
 from tiny_audio_pl.data import DEFAULT_SET
 from tiny_audio_pl.modeling import TinyAudioModel
 from tiny_audio_pl.scoring import Utterance, score, wer_interval, write_utterances
@@ -104,24 +105,22 @@ class Evaluation:
         self.tallies = {}
 
     @torch.no_grad()
-    def score(self, model: TinyAudioModel, batch: dict[str, Any], targets: list[list[int]]) -> None:
+    def score(self, model: TinyAudioModel, batch: dict[str, Any], targets: list[list[int]],
+              alignment: TokenAlignment | None = None) -> None:
         """Losses (grounding included), transcripts (the model's decoding settings) and WER of one batch of the set
-        ``batch["set"]``."""
+        ``batch["set"]``. With ``alignment`` (a run still in its alignment stage, whose decoder has learnt nothing
+        yet), the projector is scored alone: its CTC loss and its best-path transcripts, no grounding losses."""
         start = time.perf_counter()
         size, prompts = len(batch["text"]), batch.get("prompt")
         audio, audio_lengths = model.embed_audio(batch["features"], batch["feature_lengths"])  # once for all
         tally = self.tallies.setdefault(batch["set"], SetTally())
-        tokens = sum(len(t) for t in targets)
-        tally.tokens += tokens
-        right = model.loss(audio, audio_lengths, targets, prompts, reduction="sum").item()
-        tally.loss_sum += right
-        tally.no_audio_sum += model.loss(audio, [0] * size, targets, prompts, reduction="sum").item()
-        if size > 1:  # each clip's transcript with its neighbour's audio
-            neighbours = audio_lengths[-1:] + audio_lengths[:-1]
-            tally.wrong_audio_sum += model.loss(audio.roll(1, 0), neighbours, targets, prompts, reduction="sum").item()
-            tally.paired_loss_sum += right
-            tally.paired_tokens += tokens
-        hypotheses = model.processor.decode(model.generate_from_audio(audio, audio_lengths, prompts))
+        if alignment is not None:
+            targets = [t[:-1] for t in targets]  # no end-of-turn token
+            tally.tokens += sum(len(t) for t in targets)
+            tally.loss_sum += alignment(audio, audio_lengths, targets).item()
+            hypotheses = model.processor.decode(alignment.best_path(audio, audio_lengths))
+        else:
+            hypotheses = self._decoded(model, tally, audio, audio_lengths, targets, prompts)
         tally.utterances += size
         tally.audio_s += sum(batch["duration"])
         tally.compute_s += time.perf_counter() - start
@@ -131,6 +130,22 @@ class Evaluation:
         rate = batch.get("sample_rate")
         tally.examples += [(i, r, h, a, rate) for i, r, h, a in zip(batch["id"], batch["text"], hypotheses, clips)
                            ][:room]
+
+    @staticmethod
+    def _decoded(model: TinyAudioModel, tally: SetTally, audio: torch.Tensor, audio_lengths: list[int],
+                 targets: list[list[int]], prompts: list[str] | None) -> list[str]:
+        """The decoder's losses (own audio, a neighbour's, none) into ``tally``, and its transcripts."""
+        size, tokens = len(targets), sum(len(t) for t in targets)
+        tally.tokens += tokens
+        right = model.loss(audio, audio_lengths, targets, prompts, reduction="sum").item()
+        tally.loss_sum += right
+        tally.no_audio_sum += model.loss(audio, [0] * size, targets, prompts, reduction="sum").item()
+        if size > 1:  # each clip's transcript with its neighbour's audio
+            neighbours = audio_lengths[-1:] + audio_lengths[:-1]
+            tally.wrong_audio_sum += model.loss(audio.roll(1, 0), neighbours, targets, prompts, reduction="sum").item()
+            tally.paired_loss_sum += right
+            tally.paired_tokens += tokens
+        return model.processor.decode(model.generate_from_audio(audio, audio_lengths, prompts))
 
     def merged(self) -> dict[str, SetTally]:
         """The pass's tallies of all ranks (the same on every rank; a collective under DDP)."""

@@ -79,7 +79,8 @@ class SpeechLLM(LightningModule):
             align_steps: an alignment stage first: this many optimizer steps train the projector alone, by CTC of the
                 transcript over the decoder's vocabulary read through its frozen embeddings (no decoder pass: a
                 fraction of a step's cost, ``alignment.py``); the decoder's loss then takes over, with a warmup and
-                cosine of its own. 0: none.
+                cosine of its own. Validations of the stage score the projector alone: its CTC loss and best-path
+                transcripts. 0: none.
             settings: the network's :class:`~tiny_audio_pl.modeling.Settings` (``model.encoder``,
                 ``model.decoder``, ``model.projector_*`` ...), documented there and listed by ``--help``.
         """
@@ -195,7 +196,8 @@ class SpeechLLM(LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         """One batch of one evaluation set, scored by :class:`~tiny_audio_pl.evaluation.Evaluation`."""
         if batch["text"]:
-            self.evaluation.score(self.model, batch, self.targets(batch))
+            aligning = self.trained_steps <= self.hparams.align_steps and self.alignment is not None
+            self.evaluation.score(self.model, batch, self.targets(batch), self.alignment if aligning else None)
 
     def on_validation_epoch_start(self) -> None:
         self.evaluation.start()
