@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from tiny_audio_pl.lightning_private import signal_connector
+
 
 class RankRecorder(Callback):
     """Appends what this rank trains on and its validation numbers to ``dirpath/rank{R}.jsonl``."""
@@ -65,7 +67,7 @@ class RankRecorder(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         end = time.monotonic() + self.pause
-        while time.monotonic() < end and not getattr(trainer._signal_connector, "received", None):
+        while time.monotonic() < end and not getattr(signal_connector(trainer), "received", None):
             time.sleep(0.05)  # cut short by a stop signal, as a real step would end
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

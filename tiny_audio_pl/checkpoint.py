@@ -39,6 +39,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tiny_audio_pl.cluster import StopSignals
 from tiny_audio_pl.errors import DataUnavailable, UsageError
+from tiny_audio_pl.lightning_private import set_signal_connector, should_accumulate, signal_connector
 
 _UMASK = os.umask(0)  # read the process umask (there is no getter) ...
 os.umask(_UMASK)  # ... and put it back
@@ -164,15 +165,15 @@ class Checkpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         """Once an optimizer step is complete, the ranks agree whether a signal stops the run after it."""
-        if not trainer.fit_loop.epoch_loop._should_accumulate():
+        if not should_accumulate(trainer):
             self._signals.agree()
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if not isinstance(trainer._signal_connector, StopSignals):  # before the trainer registers its handlers
-            trainer._signal_connector = StopSignals(trainer)
-        self._signals = trainer._signal_connector
+        if not isinstance(signal_connector(trainer), StopSignals):  # before the trainer registers its handlers
+            set_signal_connector(trainer, StopSignals(trainer))
+        self._signals = signal_connector(trainer)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a user's own CheckpointIO
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 

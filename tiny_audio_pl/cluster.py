@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
-from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
 from tiny_audio_pl.errors import UsageError
+from tiny_audio_pl.lightning_private import SignalConnector, cluster_environment
 
 # Lightning's default for SLURMEnvironment and the job script's --signal; dataloader workers ignore it too
 # (stream.ignore_stop_signals).
@@ -57,11 +57,11 @@ def note_early_signals() -> None:
 
 def slurm_job(trainer: Trainer) -> SLURMEnvironment | None:
     """The trainer's Slurm environment, when it runs as the tasks of a Slurm job."""
-    environment = trainer._accelerator_connector.cluster_environment
+    environment = cluster_environment(trainer)
     return environment if isinstance(environment, SLURMEnvironment) else None
 
 
-class StopSignals(_SignalConnector):
+class StopSignals(SignalConnector):
     """Lightning's signal connector, replaced: a handler notes the signal; :meth:`agree` stops every rank together."""
 
     def __init__(self, trainer: Trainer) -> None:
