@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import DECODER, HUBERT, SPEECH, WHISPER, connected_data
-from tiny_audio_pl.configuration import Decoding
+from tiny_audio_pl.decoding import Decoding
 from tiny_audio_pl.encoder import AudioEncoder
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.evaluation import Evaluation

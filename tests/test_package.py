@@ -10,7 +10,7 @@ from tiny_audio_pl.modeling import CODE
 PACKAGE = ROOT / "tiny_audio_pl"
 MODEL_PART = {name.removesuffix(".py") for name in CODE}  # copied into exports
 DATA_PART = {"data", "clips", "stream", "network", "hub"}
-TRAINING_PART = {"model", "checkpoint", "cluster"}
+TRAINING_PART = {"model", "alignment", "checkpoint", "cluster", "lightning_private"}
 
 
 def package_imports(name: str) -> tuple[set[str], set[str]]:

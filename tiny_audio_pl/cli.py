@@ -34,7 +34,9 @@ from typing import Any, NoReturn
 
 import yaml
 
+from tiny_audio_pl.decoding import flags as decoding_flags
 from tiny_audio_pl.errors import DataUnavailable, UsageError
+from tiny_audio_pl.trackers import missing_tracker
 
 TRACEBACK = "TINY_AUDIO_TRACEBACK"  # set to 1 to see the traceback behind a one-line error
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
@@ -68,10 +70,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def use_model(args: list[str]) -> None:
-    """``tiny-audio transcribe``, ``export``, ``compare``, ``demo`` and ``download``: plain argparse, no Trainer."""
-    parser = OneLineParser(prog="tiny-audio")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+def add_transcribe(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser("transcribe", help="transcribe audio files (wav, flac, ogg, mp3; any rate/channels)")
     run.add_argument("audio", nargs="+", help="audio files, or folders to search for them")
     run.add_argument("--ckpt", required=True, help="checkpoint of `tiny-audio fit` or folder of `tiny-audio export`")
@@ -81,75 +80,15 @@ def use_model(args: list[str]) -> None:
     run.add_argument("--device", help="cuda, cuda:1, cpu, mps (default: the best available)")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                      help="frozen models' dtype (default: the training setting, float32 on a CPU)")
-    run.add_argument("--max-new-tokens", type=positive_int, help="generation limit per 30 s window")
-    run.add_argument("--beam-size", type=positive_int, help="beam search with this many beams (default: the model's "
-                     "setting, 1: greedy)")
-    run.add_argument("--no-repeat-ngram", type=positive_int, help="never repeat an n-gram of this many tokens")
-    run.add_argument("--max-tokens-per-second", type=float, help="end a transcript after this many tokens per "
-                     "second of audio")
-    out = commands.add_parser("export", help="write the shareable model folder for a checkpoint")
-    out.add_argument("--ckpt", required=True, help="a checkpoint written by `tiny-audio fit`")
-    out.add_argument("--out", required=True, help="folder to write: a transformers model folder (config.json, "
-                     "model.safetensors, processor/, the code, README.md)")
-    out.add_argument("--overwrite", action="store_true",
-                     help="replace the export's files in a non-empty folder that is not an earlier export")
-    out.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this hub repository")
-    versus = commands.add_parser("compare", help="each system's WER per set and overall, and every other system "
-                                 "against the first: the difference with its paired-bootstrap interval and a verdict")
-    versus.add_argument("systems", nargs="+", metavar="SYSTEM", help="run folders (their newest utterances/step=N"
-                        ".tsv), per-utterance files, or checkpoints (validated first with their run's config.yaml); "
-                        "the first is the baseline")
-    versus.add_argument("--resamples", type=positive_int, default=1000, help="bootstrap resamples (default: 1000)")
-    versus.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
-    versus.add_argument("--json", action="store_true", help="print the comparison as JSON")
-    versus.add_argument("--plot", metavar="FILE.png", help="also draw each set's WER with its interval")
-    page = commands.add_parser("demo", help="try a model in the browser: upload or record audio, read the transcript")
-    page.add_argument("--ckpt", help="checkpoint of `tiny-audio fit` or folder of `tiny-audio export`: a page to "
-                      "transcribe with it")
-    page.add_argument("--run", action="append", default=[], help="a run folder or per-utterance file: a page of its "
-                      "errors, worst first, with the audio; twice: two runs side by side, most different first")
-    page.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
-    page.add_argument("--port", type=positive_int, default=7860, help="port (default: 7860)")
-    page.add_argument("--max-minutes", type=float, default=5.0, help="longest audio the page accepts (default: 5)")
-    fetch = commands.add_parser("download", help="fetch a config's models and data into the hub cache, for nodes "
-                                "without internet (then run with HF_HUB_OFFLINE=1)")
-    fetch.add_argument("-c", "--config", action="append", required=True,
-                       help="config file(s), as for fit; --section.key value overrides too (--data.config_name small)")
-    fetch.add_argument("--max-files", type=positive_int, help="only the first N files of each split (a smaller "
-                       "copy: training then sees only those)")
-    options, overrides = parser.parse_known_args(args)
-    if options.command == "download":
-        return download_config(options.config, overrides, options.max_files)
-    if overrides:
-        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-    if options.command == "demo":
-        check_port(options.host, options.port)  # before anything loads
-        if not options.ckpt and not options.run:
-            parser.error("demo: give --ckpt (transcribe in the page), --run (a run's errors) or both")
-        if len(options.run) > 2:
-            parser.error("demo: --run at most twice (two runs side by side)")
-        for path in [options.ckpt, *options.run]:
-            if path and not Path(path).exists():
-                raise UsageError(f"{path}: no such file or folder")
-        if importlib.util.find_spec("gradio") is None:  # an optional extra
-            raise UsageError('the demo needs gradio: pip install -e ".[demo]"')
-        quiet()
-        from tiny_audio_pl.demo import serve
+    for flag, name, kind, text in decoding_flags():
+        run.add_argument(flag, dest=name, type=kind, help=f"{text} (default: the model's setting)")
 
-        return serve(options.ckpt, options.run, options.host, options.port, options.max_minutes)
-    if options.command == "compare":
-        from tiny_audio_pl.compare import run as compare
 
-        return compare(options.systems, options.resamples, options.seed, options.json, options.plot)
-    if options.command == "export":
-        quiet()
-        from tiny_audio_pl.export import export, push_to_hub
+def run_transcribe(options: argparse.Namespace) -> None:
+    from tiny_audio_pl.decoding import DECODING, Decoding
 
-        folder = export(options.ckpt, options.out, overwrite=options.overwrite)
-        print(f"wrote {folder}")
-        if options.push_to_hub:
-            print(f"uploaded: {push_to_hub(folder, options.push_to_hub)}")
-        return
+    asked = {name: getattr(options, name) for name in DECODING if getattr(options, name) is not None}
+    Decoding(**asked)  # its checks, before any model loads
     if options.device:  # a device this machine does not have is told first (checking it needs torch)
         from tiny_audio_pl.transcribe import pick_device
 
@@ -162,13 +101,11 @@ def use_model(args: list[str]) -> None:
         quiet()
         from tqdm import tqdm
 
-        from tiny_audio_pl.configuration import DECODING, Decoding
         from tiny_audio_pl.export import load_model
         from tiny_audio_pl.transcribe import pick_device, transcribe_files
 
         device = pick_device(options.device)
         model = load_model(options.ckpt, options.dtype or ("float32" if device.type == "cpu" else None)).to(device)
-        asked = {name: getattr(options, name) for name in DECODING if getattr(options, name)}
         decoding = Decoding.of(model.config).but(**asked)  # the model's own settings, but for those given here
         for result in transcribe_files(model, files, options.batch_size, decoding=decoding):
             if result.error:
@@ -181,6 +118,107 @@ def use_model(args: list[str]) -> None:
                 print(f"{result.file}\t{result.text}", flush=True)
     if failed:
         raise SystemExit(f"{failed} of {len(files) + len(problems)} file(s) could not be transcribed")
+
+
+def add_export(commands: argparse._SubParsersAction) -> None:
+    out = commands.add_parser("export", help="write the shareable model folder for a checkpoint")
+    out.add_argument("--ckpt", required=True, help="a checkpoint written by `tiny-audio fit`")
+    out.add_argument("--out", required=True, help="folder to write: a transformers model folder (config.json, "
+                     "model.safetensors, processor/, the code, README.md)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace the export's files in a non-empty folder that is not an earlier export")
+    out.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this hub repository")
+
+
+def run_export(options: argparse.Namespace) -> None:
+    quiet()
+    from tiny_audio_pl.export import export, push_to_hub
+
+    folder = export(options.ckpt, options.out, overwrite=options.overwrite)
+    print(f"wrote {folder}")
+    if options.push_to_hub:
+        print(f"uploaded: {push_to_hub(folder, options.push_to_hub)}")
+
+
+def add_compare(commands: argparse._SubParsersAction) -> None:
+    versus = commands.add_parser("compare", help="each system's WER per set and overall, and every other system "
+                                 "against the first: the difference with its paired-bootstrap interval and a verdict")
+    versus.add_argument("systems", nargs="+", metavar="SYSTEM", help="run folders (their newest utterances/step=N"
+                        ".tsv), per-utterance files, or checkpoints (validated first with their run's config.yaml); "
+                        "the first is the baseline")
+    versus.add_argument("--resamples", type=positive_int, default=1000, help="bootstrap resamples (default: 1000)")
+    versus.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
+    versus.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    versus.add_argument("--plot", metavar="FILE.png", help="also draw each set's WER with its interval")
+
+
+def run_compare(options: argparse.Namespace) -> None:
+    from tiny_audio_pl.compare import run as compare
+
+    compare(options.systems, options.resamples, options.seed, options.json, options.plot)
+
+
+def add_demo(commands: argparse._SubParsersAction) -> None:
+    page = commands.add_parser("demo", help="try a model in the browser: upload or record audio, read the transcript")
+    page.add_argument("--ckpt", help="checkpoint of `tiny-audio fit` or folder of `tiny-audio export`: a page to "
+                      "transcribe with it")
+    page.add_argument("--run", action="append", default=[], help="a run folder or per-utterance file: a page of its "
+                      "errors, worst first, with the audio; twice: two runs side by side, most different first")
+    page.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    page.add_argument("--port", type=positive_int, default=7860, help="port (default: 7860)")
+    page.add_argument("--max-minutes", type=float, default=5.0, help="longest audio the page accepts (default: 5)")
+
+
+def run_demo(options: argparse.Namespace) -> None:
+    check_port(options.host, options.port)  # before anything loads
+    if not options.ckpt and not options.run:
+        raise UsageError("demo: give --ckpt (transcribe in the page), --run (a run's errors) or both")
+    if len(options.run) > 2:
+        raise UsageError("demo: --run at most twice (two runs side by side)")
+    for path in [options.ckpt, *options.run]:
+        if path and not Path(path).exists():
+            raise UsageError(f"{path}: no such file or folder")
+    if importlib.util.find_spec("gradio") is None:  # an optional extra
+        raise UsageError('the demo needs gradio: pip install -e ".[demo]"')
+    quiet()
+    from tiny_audio_pl.demo import serve
+
+    serve(options.ckpt, options.run, options.host, options.port, options.max_minutes)
+
+
+def add_download(commands: argparse._SubParsersAction) -> None:
+    fetch = commands.add_parser("download", help="fetch a config's models and data into the hub cache, for nodes "
+                                "without internet (then run with HF_HUB_OFFLINE=1)")
+    fetch.add_argument("-c", "--config", action="append", required=True,
+                       help="config file(s), as for fit; --section.key value overrides too (--data.config_name small)")
+    fetch.add_argument("--max-files", type=positive_int, help="only the first N files of each split (a smaller "
+                       "copy: training then sees only those)")
+
+
+def run_download(options: argparse.Namespace, overrides: list[str]) -> None:
+    from tiny_audio_pl.download import download_config
+
+    download_config(options.config, overrides, options.max_files)
+
+
+# The commands without a Trainer (plain argparse): how each reads its arguments, and what it runs.
+PLAIN = {"transcribe": (add_transcribe, run_transcribe), "export": (add_export, run_export),
+         "compare": (add_compare, run_compare), "demo": (add_demo, run_demo), "download": (add_download, run_download)}
+
+
+def run_plain(args: list[str]) -> None:
+    """``tiny-audio transcribe``, ``export``, ``compare``, ``demo`` or ``download``."""
+    parser = OneLineParser(prog="tiny-audio")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for add, _ in PLAIN.values():
+        add(commands)
+    options, overrides = parser.parse_known_args(args)
+    run = PLAIN[options.command][1]
+    if options.command == "download":  # its --section.key value overrides, as for fit
+        return run(options, overrides)
+    if overrides:
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    return run(options)
 
 
 def check_port(host: str, port: int) -> None:
@@ -220,63 +258,6 @@ def file_list(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
         else:
             problems.append((str(path), "no such file or folder"))
     return files, problems
-
-
-def download_config(files: list[str], overrides: list[str], max_files: int | None) -> None:
-    """``tiny-audio download``: the models and every split a config (``-c`` files, then ``--section.key value``
-    overrides, as ``fit`` reads them) names, into the hub cache."""
-    config: dict[str, Any] = {}
-    for path in files:
-        _merge(config, yaml.safe_load(Path(path).read_text()) or {})
-    pairs = iter(overrides)
-    for option in pairs:
-        key, _, value = option.partition("=")
-        value = value if "=" in option else next(pairs, None)
-        if not key.startswith("--") or "." not in key or value is None:
-            raise UsageError(f"download: unrecognized argument {option} (options are --section.key value)")
-        *sections, name = key[2:].split(".")
-        target = config
-        for section in sections:
-            target = target.setdefault(section, {})
-        target[name] = yaml.safe_load(value)
-    from huggingface_hub import constants
-    from huggingface_hub.utils import logging as hub_logging
-
-    from tiny_audio_pl.configuration import Settings
-    from tiny_audio_pl.data import SpeechDataModule
-    from tiny_audio_pl.hub import download
-    from tiny_audio_pl.network import network_trouble
-
-    model = {"encoder": Settings.encoder, "decoder": Settings.decoder, **(config.get("model") or {})}
-    try:
-        data = SpeechDataModule(**(config.get("data") or {}))
-    except TypeError as error:
-        raise UsageError(f"download: the data section: {error}") from error
-    splits = [(s.dataset, s.config_name, s.split) for s in data.train_streams() + data.evaluation_sets()]
-    names = (model["encoder"], model["decoder"], *(split[0] for split in splits))
-    if constants.HF_HUB_OFFLINE and not all(Path(name).is_dir() for name in names):
-        raise UsageError("download fetches from the Hub, and HF_HUB_OFFLINE is set: run it where there is a network, "
-                         "with HF_HUB_OFFLINE unset (HF_HUB_OFFLINE=0 tiny-audio download ...)")
-    hub_logging.set_verbosity_error()  # its retry notices: a failure is told below, in one line
-    try:
-        lines = download([model["encoder"], model["decoder"]], splits, max_files)
-    except Exception as error:
-        trouble = network_trouble(error)
-        if trouble is None:
-            raise
-        raise UsageError(f"cannot reach the Hub ({trouble}): check the network, or HF_ENDPOINT for a mirror, "
-                         "and run it again (what was fetched is kept)") from error
-    for line in lines or ["nothing to fetch: the config names local folders only"]:
-        print(line, flush=True)
-
-
-def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
-    """``new`` into ``into``, section by section (a later config file overrides an earlier one's keys)."""
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
 
 
 def check_config_files(args: Sequence[str]) -> None:
@@ -326,21 +307,6 @@ RETIRED = {"data.encoder": "the data is prepared by the model's own processor: s
            "model.ctc_weight": "the CTC alignment loss was removed for not helping, see docs/experiments.md"}
 
 
-# Experiment trackers' loggers: the package each needs, and how to install it.
-TRACKERS = {"WandbLogger": ("wandb", 'pip install -e ".[wandb]"'),
-            "MLFlowLogger": ("mlflow", 'pip install -e ".[mlflow]"'),
-            "CometLogger": ("comet_ml", "pip install comet-ml"),
-            "NeptuneLogger": ("neptune", "pip install neptune")}
-
-
-def missing_tracker(text: str) -> str | None:
-    """One line for a tracker's logger named in ``text`` whose package is not installed, else None."""
-    for name, (module, install) in TRACKERS.items():
-        if name in text and importlib.util.find_spec(module) is None:
-            return f"trainer.logger {name} needs the {module} package: {install}"
-    return None
-
-
 def one_line(error: BaseException) -> str:
     """The message of a one-line error, also when a dataloader worker raised it (torch then puts the worker's
     traceback in the message, ending with ``module.Class: message``)."""
@@ -358,8 +324,8 @@ def main(args: list[str] | None = None) -> None:
         return
     try:
         check_config_files(argv)
-        if argv[0] in ("transcribe", "export", "compare", "demo", "download"):
-            use_model(argv)
+        if argv[0] in PLAIN:
+            run_plain(argv)
             return
         quiet()
         from tiny_audio_pl.lightning_cli import run

@@ -5,11 +5,12 @@ Copied into exported model folders with ``modeling.py``: it imports only transfo
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from transformers import PretrainedConfig
 
+from .decoding import Decoding
 from .errors import UsageError
 
 LORA_ALPHA = 32.0  # the default; another value is a choice of the user's
@@ -95,49 +96,7 @@ class Settings:
                              "whose batches are never padded to a window: drop the setting")
 
 
-@dataclass(frozen=True)
-class Decoding:
-    """How one call decodes, as a value: a model's settings (:meth:`of`) with the call's own changes (:meth:`but`).
-
-    Passed to each call, never set on the model, so that two callers at once (two visitors of the demo, two
-    threads of a pipeline) cannot change each other's decoding. Named as the model's settings, not as
-    transformers' generation options (``num_beams``): transformers refuses those in a model's ``config.json``.
-
-    Args:
-        max_new_tokens: the most tokens a transcript may have.
-        beam_size: beams of the search (1: greedy).
-        no_repeat_ngram: above 0, no n-gram of this many tokens twice in a transcript.
-        max_tokens_per_second: above 0, each transcript ends after this many tokens per second of its audio (+1).
-    """
-
-    max_new_tokens: int = 128
-    beam_size: int = 1
-    no_repeat_ngram: int = 0
-    max_tokens_per_second: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.beam_size < 1:
-            raise UsageError(f"max_new_tokens and beam_size must be >= 1, got {self.max_new_tokens} and "
-                             f"{self.beam_size}")
-        if self.no_repeat_ngram < 0 or self.max_tokens_per_second < 0:
-            raise UsageError(f"no_repeat_ngram and max_tokens_per_second must be >= 0, got {self.no_repeat_ngram} and "
-                             f"{self.max_tokens_per_second}")
-
-    @classmethod
-    def of(cls, settings: Any) -> Decoding:
-        """The decoding a model's settings (or config) say."""
-        return cls(**{name: getattr(settings, name) for name in DECODING})
-
-    def but(self, **options: Any) -> Decoding:
-        """This decoding with some options changed, e.g. ``beam_size=4``; anything else is a ValueError."""
-        unknown = sorted(set(options) - set(DECODING))
-        if unknown:
-            raise ValueError(f"not decoding options: {', '.join(unknown)}; they are {', '.join(DECODING)}")
-        return replace(self, **options)
-
-
 SETTINGS = tuple(f.name for f in fields(Settings))
-DECODING = tuple(f.name for f in fields(Decoding))  # also settings: a model's own decoding
 
 
 class TinyAudioConfig(PretrainedConfig):

@@ -54,14 +54,15 @@ from tiny_audio_pl.checkpoint import (
     read_training_checkpoint,
     run_folder,
 )
-from tiny_audio_pl.cli import missing_tracker
 from tiny_audio_pl.cluster import check_job, note_early_signals
-from tiny_audio_pl.configuration import DECODING, SETTINGS, Settings
+from tiny_audio_pl.configuration import SETTINGS, Settings
 from tiny_audio_pl.data import SpeechDataModule
+from tiny_audio_pl.decoding import DECODING
 from tiny_audio_pl.encoder import encoder_config
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.model import SpeechLLM
 from tiny_audio_pl.scoring import read_utterances, write_trn
+from tiny_audio_pl.trackers import missing_tracker
 
 # save_dir "." (the default) means trainer.default_root_dir when that is set, as for Lightning's own logger.
 LOGGER = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",

@@ -45,7 +45,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .configuration import Decoding, TinyAudioConfig
+from .configuration import TinyAudioConfig
+from .decoding import Decoding
 from .encoder import AudioEncoder, encoder_config
 from .errors import UsageError, explained_loading
 from .processing import ChatPrompt, TinyAudioProcessor
@@ -56,8 +57,8 @@ IGNORE = -100
 WEIGHTS = "model.safetensors"
 PROCESSOR = "processor"  # the processor's files, in a folder of their own: the Auto classes would read config.json
 # The files an exported folder needs besides its config, weights and processor files: this model's code.
-CODE = ("modeling.py", "configuration.py", "shared_prompt.py", "processing.py", "pipeline.py", "encoder.py",
-        "projector.py", "errors.py")
+CODE = ("modeling.py", "configuration.py", "decoding.py", "shared_prompt.py", "processing.py", "pipeline.py",
+        "encoder.py", "projector.py", "errors.py")
 # Attention kernels for the frozen models. Not cuDNN's: it builds an execution plan for every new
 # input shape, and with batches of varying length nearly every batch is a new shape (measured on an
 # H100: see docs/benchmarks.md). Flash / memory-efficient kernels take any shape at no setup cost.

@@ -21,10 +21,7 @@ from typing import Any
 
 from transformers import Pipeline
 
-from .configuration import DECODING, Decoding
-
-# generate_kwargs as transformers names them -> the model's decoding settings
-OPTIONS = {"num_beams": "beam_size", "no_repeat_ngram_size": "no_repeat_ngram"} | {name: name for name in DECODING}
+from .decoding import GENERATE_KWARGS, Decoding
 
 
 class TinyAudioPipeline(Pipeline):
@@ -38,12 +35,13 @@ class TinyAudioPipeline(Pipeline):
     def _sanitize_parameters(self, max_new_tokens: int | None = None, generate_kwargs: dict[str, Any] | None = None,
                              **unsupported: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         asked = dict(generate_kwargs or {}) | ({"max_new_tokens": max_new_tokens} if max_new_tokens else {})
-        refused = sorted(unsupported) + [f"generate_kwargs[{key!r}]" for key in sorted(asked) if key not in OPTIONS]
+        options = GENERATE_KWARGS  # transformers' names and ours -> ours
+        refused = sorted(unsupported) + [f"generate_kwargs[{key!r}]" for key in sorted(asked) if key not in options]
         if refused:
             raise ValueError(f"this model's pipeline does not support {', '.join(refused)}: it returns "
-                             f"{{'text': ...}}; its options are batch_size and generate_kwargs {', '.join(OPTIONS)}")
+                             f"{{'text': ...}}; its options are batch_size and generate_kwargs {', '.join(options)}")
         # A value per call: two threads of one pipeline never change each other's decoding.
-        decoding = Decoding.of(self.model.config).but(**{OPTIONS[key]: value for key, value in asked.items()})
+        decoding = Decoding.of(self.model.config).but(**{options[key]: value for key, value in asked.items()})
         return {}, {"decoding": decoding}, {}
 
     def __call__(self, inputs: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> Any:

@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from tiny_audio_pl.configuration import Decoding
+from tiny_audio_pl.decoding import Decoding
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.modeling import TinyAudioModel
 
