@@ -51,9 +51,9 @@ import tiny_audio_pl.modeling as modeling
 from data_pipeline import make_clips
 from tiny_audio_pl.cli import quiet
 from tiny_audio_pl.clips import ClipPreparer, collate
-from tiny_audio_pl.model import SpeechLLM
 from tiny_audio_pl.shared_prompt import common_prefix
 from tiny_audio_pl.stream import length_grouped
+from tiny_audio_pl.training import SpeechLLM
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ class StepTimes(Callback):
 
 def positions(model: SpeechLLM, batch: dict[str, Any]) -> dict[str, int]:
     """The decoder's positions in one batch, by part."""
-    net = model.model
+    net = model.network
     chats = net.chat_prompts(batch["prompt"], len(batch["text"]))
     shared = len(common_prefix(chats))
     audio = net.projector.output_lengths(net.encoder.frame_lengths(batch["feature_lengths"])).tolist()
@@ -100,7 +100,7 @@ def positions(model: SpeechLLM, batch: dict[str, Any]) -> dict[str, int]:
 
 def useful_flops(model: SpeechLLM, batch: dict[str, Any]) -> dict[str, float]:
     """Analytic FLOPs of one optimizer step on ``batch``, by part (see the module docstring)."""
-    net, parts = model.model, positions(model, batch)
+    net, parts = model.network, positions(model, batch)
     dec = net.decoder.config
     d, layers = dec.hidden_size, dec.num_hidden_layers
     head_dim = getattr(dec, "head_dim", None) or d // dec.num_attention_heads
@@ -156,7 +156,7 @@ def apply_change(change: str | None, model: SpeechLLM) -> None:
     elif change == "flush-denormal":
         torch.set_flush_denormal(True)
     elif change == "compile-norms":
-        decoder = model.model.decoder.get_decoder()
+        decoder = model.network.decoder.get_decoder()
         for module in [m for m in decoder.modules() if type(m).__name__.endswith("RMSNorm")] + [
                 layer.mlp for layer in decoder.layers]:
             module.compile(dynamic=True)
@@ -201,7 +201,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = SpeechLLM(**settings)
     apply_change(args.change, model)
-    preparer = ClipPreparer(model.model.processor, min_duration=0.1, max_duration=30.0, max_target_tokens=10_000,
+    preparer = ClipPreparer(model.network.processor, min_duration=0.1, max_duration=30.0, max_target_tokens=10_000,
                             text_normalization="lower")
     batch_size, warmup = data["batch_size"], 2
     rng = np.random.default_rng(0)
@@ -217,7 +217,7 @@ def main() -> None:
     loader = DataLoader(clips, batch_sampler=batches, collate_fn=collate)
     trainer.fit(model, train_dataloaders=loader)
     peak = max(peak_before, sgemm_gflops())
-    trained = list(model.model.trainable_parameters().values())
+    trained = list(model.network.trainable_parameters().values())
     adamw = {"fused": round(adamw_step_ms(trained, fused=True), 1),
              "for_loop": round(adamw_step_ms(trained, fused=False), 1)}
 

@@ -73,9 +73,9 @@ from torch.utils.data import DataLoader
 from data_pipeline import make_clips
 from tiny_audio_pl.cli import quiet
 from tiny_audio_pl.clips import ClipPreparer, collate
-from tiny_audio_pl.model import SpeechLLM
 from tiny_audio_pl.modeling import TinyAudioModel
 from tiny_audio_pl.stream import budget_batches, length_grouped
+from tiny_audio_pl.training import SpeechLLM
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,7 +204,7 @@ def batches_by_budget(durations: list[float], seconds: float, max_clips: int, wi
 
 def decoder_lengths(model: SpeechLLM, batch: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
     """Per clip: decoder positions (prompt + audio + target), audio tokens and labelled positions."""
-    net = model.model
+    net = model.network
     frames = net.encoder.frame_lengths(batch["feature_lengths"])
     audio = net.projector.output_lengths(frames).tolist()
     targets = [len(t) for t in model.targets(batch)]
@@ -213,7 +213,7 @@ def decoder_lengths(model: SpeechLLM, batch: dict[str, Any]) -> tuple[list[int],
 
 def useful_flops(model: SpeechLLM, batch: dict[str, Any]) -> float:
     """Analytic FLOPs of the work a perfect implementation must do for one batch (see module docstring)."""
-    net = model.model
+    net = model.network
     enc = net.encoder.model.config
     dec = net.decoder.config
     d, heads = dec.hidden_size, dec.num_attention_heads
@@ -266,7 +266,7 @@ def run_mode(model: SpeechLLM, mode: Mode, prepared: list[dict], batches: list[l
              warmup: list[list[int]], trainer_config: dict[str, Any], accumulate: int, device: str,
              profiler: torch.profiler.profile | None = None) -> dict[str, Any]:
     """Train on ``warmup`` then ``batches`` (timed) with the mode's switches; return its figures."""
-    model.model.encoder.full_window = mode.full_window
+    model.network.encoder.full_window = mode.full_window
     loader = DataLoader(prepared, batch_sampler=warmup + batches, collate_fn=collate,
                         pin_memory=device == "cuda")
     stopwatch = Stopwatch(len(warmup), profiler)
@@ -361,9 +361,9 @@ def main() -> None:
     modes = [m for m in MODES if m.name in args.modes.split(",")]
     torch.manual_seed(0)
     model = SpeechLLM(**config["model"])
-    initial_projector = {k: v.clone() for k, v in model.model.projector.state_dict().items()}
+    initial_projector = {k: v.clone() for k, v in model.network.projector.state_dict().items()}
 
-    preparer = ClipPreparer(model.model.processor, min_duration=0.1, max_duration=30.0, max_target_tokens=10_000,
+    preparer = ClipPreparer(model.network.processor, min_duration=0.1, max_duration=30.0, max_target_tokens=10_000,
                             text_normalization="lower")
     # Untimed clips first: enough for the count modes' warmup and two budget steps (compilation).
     warm = max(num_warmup * batch_size, int(((args.warmup or 1) + 1) * budget_accumulate * seconds / 6))
@@ -375,7 +375,7 @@ def main() -> None:
 
     results, worst = [], {}
     for mode in modes:
-        model.model.projector.load_state_dict(initial_projector)
+        model.network.projector.load_state_dict(initial_projector)
         if mode.budget:
             steps = budget_accumulate
             batches = [[timed[i] for i in b] for b in batches_by_budget(durations, seconds, max_clips, window)]
@@ -387,7 +387,7 @@ def main() -> None:
             steps = accumulate
             batches = [[timed[i] for i in b] for b in batches_in_order(durations, batch_size, mode.grouped, window)]
             warmup = [list(range(i * batch_size, (i + 1) * batch_size)) for i in range(num_warmup)]
-        for module in compiled_modules(model.model, mode.compiled):
+        for module in compiled_modules(model.network, mode.compiled):
             module.compile(dynamic=True)
         results.append(run_mode(model, mode, prepared, batches, warmup, trainer_config, steps, device))
         results[-1]["compiled_graphs"] = counters["stats"]["unique_graphs"]

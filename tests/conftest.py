@@ -106,7 +106,7 @@ def workdir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model():
     """The smoke configuration's model (random projector), shared by tests that only read it."""
-    from tiny_audio_pl.model import SpeechLLM
+    from tiny_audio_pl.training import SpeechLLM
 
     torch.manual_seed(0)
     return SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=64, max_new_tokens=12).eval()

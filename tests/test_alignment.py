@@ -8,11 +8,11 @@ from conftest import SMOKE
 from tiny_audio_pl.alignment import TokenAlignment
 from tiny_audio_pl.checkpoint import read_checkpoint
 from tiny_audio_pl.cli import main
-from tiny_audio_pl.model import SpeechLLM
+from tiny_audio_pl.training import SpeechLLM
 
 
 def test_the_transcripts_embeddings_in_order_read_as_the_transcript(tiny_model):
-    embeddings = tiny_model.model.decoder.get_input_embeddings().weight.detach()  # [V, D]
+    embeddings = tiny_model.network.decoder.get_input_embeddings().weight.detach()  # [V, D]
     alignment = TokenAlignment(embeddings)
     tokens = [[5, 9, 9, 40], [77, 3]]
     blank = embeddings.mean(0)  # no direction about the mean: it reads as blank
@@ -43,9 +43,9 @@ def test_alignment_stage_trains_the_projector_alone_then_the_decoder_takes_over(
         model = SpeechLLM(encoder="assets/tiny-whisper", decoder="assets/tiny-smollm3", projector_hidden=256,
                           lora_rank=4, align_steps=1).eval()
         if state is not None:
-            model.model.load_trained({k.removeprefix("model."): v for k, v in state.items()}, "test")
+            model.network.load_trained(state, "test")
         with torch.no_grad():
-            audio, lengths = model.model.embed_audio(dev_batch["features"], dev_batch["feature_lengths"])
+            audio, lengths = model.network.embed_audio(dev_batch["features"], dev_batch["feature_lengths"])
             return model.alignment(audio, lengths, [t[:-1] for t in model.targets(dev_batch)]).item()
 
     assert alignment_loss(aligned) < 0.8 * alignment_loss(None)  # on clips it never saw

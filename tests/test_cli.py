@@ -82,7 +82,7 @@ def test_fit_validate_and_resume_on_the_tiny_assets(workdir):
     last = run / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 4
-    assert checkpoint["state_dict"] and all(k.startswith("model.projector.") for k in checkpoint["state_dict"])
+    assert checkpoint["state_dict"] and all(k.startswith("projector.") for k in checkpoint["state_dict"])
     assert "optimizer_states" in checkpoint and "lr_schedulers" in checkpoint
     projector_bytes = sum(v.numel() * v.element_size() for v in checkpoint["state_dict"].values())
     assert last.stat().st_size < 4 * projector_bytes + 1_000_000  # weights + Adam moments + loop state

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from conftest import DECODER, ROOT, SMOKE, WHISPER, cli, cli_env, run_cli
 from tiny_audio_pl.errors import UsageError
-from tiny_audio_pl.model import SpeechLLM
+from tiny_audio_pl.training import SpeechLLM
 
 
 def test_unreachable_model_id_offline_says_so(monkeypatch):

@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 
 from conftest import ROOT, cli, cli_env, run_cli
-from tiny_audio_pl.compare import newest_utterances
+from tiny_audio_pl.runs import RunFolder
 from tiny_audio_pl.scoring import read_utterances
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -135,7 +135,7 @@ def test_the_error_browser_shows_the_worst_utterance_with_its_audio_and_marked_e
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    worst = read_utterances(newest_utterances(trained.parent.parent))
+    worst = read_utterances(RunFolder.of_file(trained).newest_utterances())
     worst = max(worst, key=lambda u: u.errors)
     browser.get(demo)
     WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#errors-tab-button, button[role=tab]"))

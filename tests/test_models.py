@@ -26,7 +26,7 @@ def test_encoder_weights_are_the_checkpoints(path, prefix):
 
 
 def test_labels_cover_only_the_transcript_and_end_of_turn(tiny_model):
-    net, processor = tiny_model.model, tiny_model.model.processor
+    net, processor = tiny_model.network, tiny_model.network.processor
     audio = torch.randn(2, 5, net.decoder.config.hidden_size)
     targets = processor.targets(["the red fox", "a dog"])
     layout = net.assemble(audio, [5, 3], net.chat_prompts(None, 2), targets)
@@ -49,7 +49,7 @@ def test_labels_cover_only_the_transcript_and_end_of_turn(tiny_model):
 
 def test_loss_equals_full_vocabulary_loss(tiny_model, dev_batch):
     """Computing the LM head only at labelled positions gives the same objective as the full logits."""
-    net = tiny_model.model
+    net = tiny_model.network
     with torch.no_grad():
         loss = tiny_model(dev_batch)
         audio, lengths = net.embed_audio(dev_batch["features"], dev_batch["feature_lengths"])
@@ -69,12 +69,12 @@ def _clips(batch: dict, rows: list[int]) -> dict:
 def _tally(model, batch: dict, name: str):
     """The grounding sums the evaluation gathers for ``batch``, as the loop's validation step asks it."""
     evaluation = Evaluation(logged_examples=0)
-    evaluation.score(model.model, {**batch, "set": name}, batch["targets"])
+    evaluation.score(model.network, {**batch, "set": name}, batch["targets"])
     return evaluation.tallies[name]
 
 
 def test_grounding_losses_use_the_neighbours_audio_and_no_audio(tiny_model, dev_batch):
-    net, targets = tiny_model.model, dev_batch["targets"]
+    net, targets = tiny_model.network, dev_batch["targets"]
     tally = _tally(tiny_model, dev_batch, "dev")
     metrics = tally.metrics()
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_grounding_losses_use_the_neighbours_audio_and_no_audio(tiny_model, dev_
 
 
 def test_batched_decoding_equals_one_by_one(tiny_model, dev_batch):
-    net = tiny_model.model
+    net = tiny_model.network
     batched = net.transcribe(dev_batch["features"], dev_batch["feature_lengths"])
     single = [net.transcribe(dev_batch["features"][i:i + 1, :, :n], dev_batch["feature_lengths"][i:i + 1])[0]
               for i, n in enumerate(dev_batch["feature_lengths"].tolist())]
@@ -110,7 +110,7 @@ def test_batched_decoding_equals_one_by_one(tiny_model, dev_batch):
 def test_decoding_options_beam_search_repetition_guard_and_duration_cap(tiny_model, dev_batch):
     """One beam is greedy; no token pair repeats under no_repeat_ngram_size 2; max_tokens_per_second ends each
     clip's transcript by its duration. Each is a value passed to the call: the model's own settings never change."""
-    net = tiny_model.model
+    net = tiny_model.network
     features, lengths = dev_batch["features"], dev_batch["feature_lengths"]
     own = Decoding.of(net.config)
     greedy = net.generate(features, lengths)
@@ -132,7 +132,7 @@ def test_decoding_options_beam_search_repetition_guard_and_duration_cap(tiny_mod
 
 def test_frozen_models_stay_frozen_in_train_mode(tiny_model):
     tiny_model.train()
-    net = tiny_model.model
+    net = tiny_model.network
     try:
         assert not net.encoder.training and not net.decoder.training
         assert net.projector.training
@@ -144,18 +144,18 @@ def test_frozen_models_stay_frozen_in_train_mode(tiny_model):
 
 
 def test_hubert_encoder_runs_through_the_same_model():
-    from tiny_audio_pl.model import SpeechLLM
+    from tiny_audio_pl.training import SpeechLLM
 
     model = SpeechLLM(encoder=HUBERT, decoder=DECODER, projector_hidden=32)
     waveform, lengths = torch.randn(2, 16_000), torch.tensor([16_000, 12_000])
-    audio, audio_lengths = model.model.embed_audio(waveform, lengths)
+    audio, audio_lengths = model.network.embed_audio(waveform, lengths)
     # HuBERT's 320x downsampling gives 49 and 37 frames; stacked by 2: 25 and 19 audio tokens of the decoder's width
     assert audio.shape == (2, 25, 128) and audio_lengths == [25, 19]
     loss = model({"features": waveform, "feature_lengths": lengths, "text": ["a", "b c"]})
     loss.backward()
-    grads = [p.grad for p in model.model.projector.parameters()]
+    grads = [p.grad for p in model.network.projector.parameters()]
     assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
-    assert all(p.grad is None for p in model.model.encoder.parameters())  # frozen: no gradient reaches it
+    assert all(p.grad is None for p in model.network.encoder.parameters())  # frozen: no gradient reaches it
 
 
 @pytest.mark.parametrize("path", [WHISPER, HUBERT])
@@ -187,32 +187,32 @@ def test_whisper_full_window_switch_pads_to_thirty_seconds(dev_batch):
 
 
 def test_bf16_frozen_models_train_the_projector(dev_batch):
-    from tiny_audio_pl.model import SpeechLLM
+    from tiny_audio_pl.training import SpeechLLM
 
     model = SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=32, frozen_dtype="bfloat16")
-    assert model.model.decoder.dtype == torch.bfloat16 and model.model.projector.gate.weight.dtype == torch.float32
+    assert model.network.decoder.dtype == torch.bfloat16 and model.network.projector.gate.weight.dtype == torch.float32
     loss = model(dev_batch)
     loss.backward()
-    assert torch.isfinite(loss) and model.model.projector.down.weight.grad.abs().sum() > 0
+    assert torch.isfinite(loss) and model.network.projector.down.weight.grad.abs().sum() > 0
 
 
 def test_nonfinite_gradients_skip_the_step_and_too_many_stop_the_run():
-    from tiny_audio_pl.model import SpeechLLM
+    from tiny_audio_pl.training import SpeechLLM
 
     model = SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=16, max_nonfinite_steps=3)
     model.log = lambda *args, **kwargs: None  # no trainer attached
     for _ in range(2):
-        for p in model.model.projector.parameters():
+        for p in model.network.projector.parameters():
             p.grad = torch.full_like(p, float("nan"))
         model.on_before_optimizer_step(None)
-        assert all(p.grad is None for p in model.model.projector.parameters())
-    for p in model.model.projector.parameters():
+        assert all(p.grad is None for p in model.network.projector.parameters())
+    for p in model.network.projector.parameters():
         p.grad = torch.ones_like(p)
     model.on_before_optimizer_step(None)  # a good step resets the count
     assert model._nonfinite_in_row == 0 and model._nonfinite_total == 2
     with pytest.raises(UsageError, match="3 times in a row"):
         for _ in range(3):
-            for p in model.model.projector.parameters():
+            for p in model.network.projector.parameters():
                 p.grad = torch.full_like(p, float("inf"))
             model.on_before_optimizer_step(None)
 

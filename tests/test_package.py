@@ -10,7 +10,7 @@ from tiny_audio_pl.modeling import CODE
 PACKAGE = ROOT / "tiny_audio_pl"
 MODEL_PART = {name.removesuffix(".py") for name in CODE}  # copied into exports
 DATA_PART = {"data", "clips", "stream", "network", "hub"}
-TRAINING_PART = {"model", "alignment", "checkpoint", "cluster", "lightning_private"}
+TRAINING_PART = {"training", "alignment", "checkpoint", "runs", "cluster", "lightning_private"}
 
 
 def package_imports(name: str) -> tuple[set[str], set[str]]:
@@ -41,3 +41,25 @@ def test_data_and_model_code_do_not_reach_into_each_other():
     for name in MODEL_PART | TRAINING_PART:
         absolute, relative = package_imports(name)
         assert not (absolute | relative) & DATA_PART, name
+
+
+def test_no_two_modules_import_each_other_however_indirectly():
+    """A circle makes a module half-initialised when the other imports it, and the code's layers unreadable."""
+    names = {path.stem for path in PACKAGE.glob("*.py")} - {"__init__"}
+    edges = {name: {n for n in set.union(*package_imports(name)) if n in names} for name in names}
+    done: set[str] = set()
+
+    def circle_from(name: str, path: list[str]) -> list[str] | None:
+        if name in path:
+            return path[path.index(name):] + [name]
+        if name in done:
+            return None
+        for other in sorted(edges[name]):
+            found = circle_from(other, [*path, name])
+            if found:
+                return found
+        done.add(name)
+        return None
+
+    circles = [c for c in (circle_from(name, []) for name in sorted(names)) if c]
+    assert not circles, f"import circle: {' -> '.join(circles[0])}"

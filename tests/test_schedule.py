@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from tiny_audio_pl.model import warmup_cosine
+from tiny_audio_pl.training import warmup_cosine
 
 
 def test_warmup_rises_linearly_to_the_peak():

@@ -12,15 +12,15 @@ from torch.utils.data import DataLoader
 
 from conftest import DECODER, ROOT, WHISPER, cli_env
 from throughput import seed_ways
-from tiny_audio_pl.model import SpeechLLM
 from tiny_audio_pl.stream import length_grouped
+from tiny_audio_pl.training import SpeechLLM
 
 
 def _loss_and_grads(model: SpeechLLM, batch: dict) -> tuple[float, list[torch.Tensor]]:
     model.zero_grad()
     loss = model(batch)
     loss.backward()
-    return loss.item(), [p.grad.clone() for p in model.model.projector.parameters()]
+    return loss.item(), [p.grad.clone() for p in model.network.projector.parameters()]
 
 
 def test_optimised_step_has_the_naive_steps_loss_and_gradients(dev_batch):
@@ -41,7 +41,7 @@ def test_whisper_full_window_is_the_one_change_of_objective(dev_batch):
     model = SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=64).eval()
     with torch.no_grad():
         trimmed = model(dev_batch).item()
-        model.model.encoder.full_window = True
+        model.network.encoder.full_window = True
         full = model(dev_batch).item()
     assert trimmed != full
     assert abs(trimmed - full) / full < 0.2  # same task, different encoder input: see docs/benchmarks.md
@@ -60,7 +60,7 @@ def _first_step_gradients(model: SpeechLLM, batches: list[dict]) -> list[torch.T
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=0)
     trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch))
-    return [p.grad.clone() for p in model.model.projector.parameters()]  # nothing zeroes them after the last step
+    return [p.grad.clone() for p in model.network.projector.parameters()]  # nothing zeroes them after the last step
 
 
 def test_an_optimizer_step_weighs_every_target_token_alike(dev_batch):
@@ -68,19 +68,19 @@ def test_an_optimizer_step_weighs_every_target_token_alike(dev_batch):
     the step's tokens, not a mean of the micro-batches' means (which weighs the tokens of small batches more)."""
     torch.manual_seed(0)
     model = SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=64)
-    start = {k: v.clone() for k, v in model.model.projector.state_dict().items()}
+    start = {k: v.clone() for k, v in model.network.projector.state_dict().items()}
     parts = [[0], [1, 2], [3], [4, 5]]
     accumulated = _first_step_gradients(model, [_sub_batch(dev_batch, rows) for rows in parts])
-    model.model.projector.load_state_dict(start)
+    model.network.projector.load_state_dict(start)
     whole = _first_step_gradients(model, [_sub_batch(dev_batch, list(range(6)))])
     for mine, theirs in zip(accumulated, whole):
         assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-6), (mine - theirs).abs().max()
 
-    model.model.projector.load_state_dict(start)
+    model.network.projector.load_state_dict(start)
     model.zero_grad()
     for rows in parts:  # what a mean of per-micro-batch means would give
         (model(_sub_batch(dev_batch, rows)) / len(parts)).backward()
-    means = [p.grad for p in model.model.projector.parameters()]
+    means = [p.grad for p in model.network.projector.parameters()]
     assert not all(torch.allclose(m, w, rtol=1e-2) for m, w in zip(means, whole))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-_WHERE = {"Projector": "projector", "Source": "data", "SpeechDataModule": "data", "SpeechLLM": "model",
+_WHERE = {"Projector": "projector", "Source": "data", "SpeechDataModule": "data", "SpeechLLM": "training",
           "TinyAudioConfig": "modeling", "TinyAudioModel": "modeling", "TinyAudioProcessor": "processing"}
 __all__ = sorted(_WHERE)
 

@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tiny_audio_pl.cluster import StopSignals
+from tiny_audio_pl.configuration import SETTINGS
 from tiny_audio_pl.errors import DataUnavailable, UsageError
 from tiny_audio_pl.lightning_private import set_signal_connector, should_accumulate, signal_connector
 
@@ -48,20 +50,6 @@ os.umask(_UMASK)  # ... and put it back
 def give_usual_mode(path: Path) -> None:
     """The mode a plain ``open`` or ``mkdir`` would have given (``mkstemp`` / ``mkdtemp`` make private ones)."""
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
-
-
-def run_folder(trainer: Trainer) -> Path:
-    """This run's own folder, whatever the logger: ``save_dir/<name>/<run>`` of the first logger, where
-    Lightning puts the run's ``checkpoints/`` (TensorBoard's and CSV's ``log_dir``; for W&B and MLflow
-    the project or experiment and the run id), or ``default_root_dir`` without a logger. The run's
-    ``config.yaml`` and ``utterances/`` go there too, so a second run never overwrites the first's."""
-    if not trainer.loggers:
-        return Path(trainer.default_root_dir)
-    logger = trainer.loggers[0]
-    if logger.version is None:  # W&B names its run once it has started it
-        logger.experiment  # noqa: B018 - starts the run (rank 0)
-    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
@@ -84,32 +72,86 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
                          "from the same folder. Nothing was written.") from error
 
 
-def read_training_checkpoint(path: str | Path, mmap: bool = False, what: str = "checkpoint") -> dict[str, Any]:
-    """A checkpoint written by ``tiny-audio fit``, or one line saying that ``path`` is not one."""
-    if Path(path).suffix == ".safetensors":
-        raise UsageError(f"{what}: {path} holds a model's weights (as `tiny-audio export` writes them), not a training "
-                         "checkpoint: pass a lightning_logs/version_N/checkpoints/*.ckpt file (an exported folder "
-                         "is used with `tiny-audio transcribe --ckpt FOLDER`)")
-    checkpoint = read_checkpoint(path, mmap=mmap)
-    if not isinstance(checkpoint, dict) or not {"pytorch-lightning_version", "hyper_parameters",
-                                                 "state_dict"} <= checkpoint.keys():
-        raise UsageError(f"{what}: {path} is a torch file but not a checkpoint written by `tiny-audio fit`; pass a "
-                         "lightning_logs/version_N/checkpoints/*.ckpt file")
-    return checkpoint
+LEGACY_PREFIX = "model."  # checkpoints before 2026-12-07 kept the trained tensors under the loop's attribute
 
 
-def note_unkept_prompt(checkpoint: dict[str, Any], path: str | Path) -> None:
-    """One line when a checkpoint keeps no prompt token ids (written before they were kept): its prompt is
-    rendered from the decoder's chat template now, which may differ from the one it trained on (a date)."""
-    if checkpoint["hyper_parameters"].get("prompt_ids") is None:
-        print(f"{path} keeps no prompt token ids (written before they were kept): using the prompt rendered from "
-              "the decoder's chat template today", file=sys.stderr)
+@dataclass(frozen=True)
+class TrainedCheckpoint:
+    """A checkpoint of ``tiny-audio fit``, read once, and what it holds, by name: the one reader of its contents.
 
+    ``SpeechLLM.on_save_checkpoint`` writes them beside Lightning's own (optimizer, schedule, loop and data state):
 
-def trained_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A training checkpoint's trained tensors under the model's own names (``projector.*``, ``decoder.*lora*``):
-    what ``TinyAudioModel.load_trained`` reads. The loop saves them under its ``model.`` attribute."""
-    return {name.removeprefix("model."): value for name, value in checkpoint["state_dict"].items()}
+    - ``state_dict``: the trained tensors only, under the network's own names (``projector.*``, the LoRA adapters'
+      ``decoder.*``), as an export's ``model.safetensors`` holds them; before 2026-12-07 with a ``model.`` prefix,
+      which :meth:`weights` drops;
+    - ``hyper_parameters``: the ``model.*`` options (the network's ``Settings`` and the loop's own) and the prompts'
+      token ids (``prompt_ids``);
+    - ``validation``: the step and the ``val/*`` scores of the latest validation.
+
+    Args:
+        contents: the loaded checkpoint.
+        source: what to call it in messages (its path).
+    """
+
+    contents: dict[str, Any]
+    source: str = "the checkpoint"
+
+    @classmethod
+    def read(cls, path: str | Path, mmap: bool = False, what: str = "checkpoint") -> TrainedCheckpoint:
+        """The checkpoint at ``path``, or one line saying that it is not one of ``tiny-audio fit`` (``what``: the
+        option that named it). ``mmap=True`` maps the tensors instead of reading them."""
+        if Path(path).suffix == ".safetensors":
+            raise UsageError(f"{what}: {path} holds a model's weights (as `tiny-audio export` writes them), not a "
+                             "training checkpoint: pass a lightning_logs/version_N/checkpoints/*.ckpt file (an "
+                             "exported folder is used with `tiny-audio transcribe --ckpt FOLDER`)")
+        contents = read_checkpoint(path, mmap=mmap)
+        if not isinstance(contents, dict) or not {"pytorch-lightning_version", "hyper_parameters",
+                                                  "state_dict"} <= contents.keys():
+            raise UsageError(f"{what}: {path} is a torch file but not a checkpoint written by `tiny-audio fit`; pass "
+                             "a lightning_logs/version_N/checkpoints/*.ckpt file")
+        return cls(contents, str(path))
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The trained tensors under the network's own names: what ``TinyAudioModel.load_trained`` reads."""
+        state = self.contents["state_dict"]
+        legacy = state and all(name.startswith(LEGACY_PREFIX) for name in state)
+        return {name.removeprefix(LEGACY_PREFIX) if legacy else name: value for name, value in state.items()}
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps behind the weights."""
+        return int(self.contents.get("global_step", 0))
+
+    @property
+    def hyper_parameters(self) -> dict[str, Any]:
+        return self.contents["hyper_parameters"]
+
+    @property
+    def validation(self) -> dict[str, Any]:
+        """``{"step": N, "metrics": {"val/wer": ...}}`` of the latest validation; empty if none ran."""
+        return self.contents.get("validation") or {}
+
+    def settings(self) -> dict[str, Any]:
+        """The network's settings it was trained with (as given: local folders not yet resolved)."""
+        return {name: value for name, value in self.hyper_parameters.items() if name in SETTINGS}
+
+    def facts(self) -> dict[str, Any]:
+        """How the weights were trained, for the model card and the demo (an export's ``config.training``)."""
+        weights = self.weights()
+        return {"global_step": self.step, "learning_rate": self.hyper_parameters.get("learning_rate"),
+                "warmup_steps": self.hyper_parameters.get("warmup_steps"),
+                "projector_parameters": sum(v.numel() for k, v in weights.items() if k.startswith("projector.")),
+                "adapter_parameters": sum(v.numel() for k, v in weights.items() if not k.startswith("projector.")),
+                "data": {k: v for k, v in self.contents.get("datamodule_hyper_parameters", {}).items()
+                         if not k.startswith("_")},
+                "validation": self.validation}
+
+    def note_unkept_prompt(self) -> None:
+        """One line when it keeps no prompt token ids (written before they were kept): its prompt is rendered from
+        the decoder's chat template now, which may differ from the one it trained on (a date)."""
+        if self.hyper_parameters.get("prompt_ids") is None:
+            print(f"{self.source} keeps no prompt token ids (written before they were kept): using the prompt "
+                  "rendered from the decoder's chat template today", file=sys.stderr)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

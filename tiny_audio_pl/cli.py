@@ -291,7 +291,7 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
     # The val/* values are merged over the ranks before they are logged (Evaluation.merged): no sync_dist needed.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
-    # SpeechLLM keeps the lengths on the CPU on purpose (model.py), whatever the data module.
+    # SpeechLLM keeps the lengths on the CPU on purpose (training.py), whatever the data module.
     warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device`")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not any(text in record.getMessage() for text in ("litlogger", "TPU available")))

@@ -32,6 +32,7 @@ import yaml
 
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.hub import local_folder
+from tiny_audio_pl.runs import RunFolder, utterances_step
 from tiny_audio_pl.scoring import Utterance, corpus_wer, read_utterances, resample
 
 OVERALL = "overall"
@@ -47,15 +48,9 @@ class System:
     utterances: dict[tuple[str, str], Utterance]
 
 
-def newest_utterances(folder: Path) -> Path | None:
-    """The per-utterance file of the latest step in a run folder (``utterances/step=N.tsv``), or None."""
-    files = [p for p in folder.glob("utterances/step=*.tsv") if p.stem.removeprefix("step=").isdigit()]
-    return max(files, key=lambda p: int(p.stem.removeprefix("step="))) if files else None
-
-
 def validate_checkpoint(checkpoint: Path, into: Path) -> Path:
     """Validate ``checkpoint`` with the config its run saved; the per-utterance file it writes in ``into``."""
-    config = checkpoint.resolve().parent.parent / "config.yaml"  # lightning_logs/version_N/{config.yaml,checkpoints/}
+    config = RunFolder.of_file(checkpoint).config
     if not config.is_file():
         raise UsageError(f"{checkpoint}: no config.yaml in its run folder ({config.parent}) to validate it with: run "
                          "`tiny-audio validate -c CONFIG --ckpt_path CHECKPOINT` and compare its run folder")
@@ -64,7 +59,7 @@ def validate_checkpoint(checkpoint: Path, into: Path) -> Path:
                str(checkpoint.resolve()), "--trainer.logger", "false", "--trainer.default_root_dir",
                str(into.resolve()), "--trainer.enable_progress_bar", "false"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=_started_in(config, checkpoint))
-    found = newest_utterances(into)
+    found = RunFolder(into).newest_utterances()
     if result.returncode != 0 or found is None:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise UsageError(f"validating {checkpoint} failed: {last}")
@@ -87,11 +82,11 @@ def load_system(label: str, path: str, scratch: Path) -> System:
     """A system from a per-utterance file, a run folder or a checkpoint (see module docstring)."""
     given = Path(path)
     if given.is_dir():
-        found = newest_utterances(given)
-        if found is None and (given / "checkpoints").is_dir():  # a run whose validation never ran
-            newest = given / "checkpoints" / "last.ckpt"
+        run = RunFolder(given)
+        found = run.newest_utterances()
+        if found is None and run.checkpoints.is_dir():  # a run whose validation never ran
             raise UsageError(f"{path}: this run has no validation yet (no utterances/step=*.tsv): name its checkpoint "
-                             f"instead ({newest if newest.exists() else given / 'checkpoints'}), which is validated "
+                             f"instead ({run.last if run.last.exists() else run.checkpoints}), which is validated "
                              "first, or a run that validated")
         if found is None:
             raise UsageError(f"{path}: a folder without utterances/step=*.tsv; name a run folder (lightning_logs/"
@@ -221,10 +216,8 @@ def _shown_path(path: Path) -> str:
 
 def short_name(source: str) -> str:
     """A system's name: ``RUN_FOLDER step N`` for a run's ``utterances/step=N.tsv``, else the file's path."""
-    path = Path(source)
-    if path.parent.name == "utterances" and path.stem.startswith("step="):
-        return f"{_shown_path(path.parent.parent)} step {path.stem.removeprefix('step=')}"
-    return _shown_path(path)
+    step = utterances_step(source)
+    return _shown_path(Path(source)) if step is None else f"{_shown_path(RunFolder.of_file(source).path)} step {step}"
 
 
 def plot_format(path: Path) -> None:

@@ -26,29 +26,23 @@ import soundfile as sf
 import yaml
 from kaldialign import align
 
-from tiny_audio_pl.checkpoint import read_training_checkpoint
-from tiny_audio_pl.compare import newest_utterances, short_name
+from tiny_audio_pl.compare import short_name
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.export import load_model
 from tiny_audio_pl.hub import local_folder
 from tiny_audio_pl.modeling import TinyAudioModel
 from tiny_audio_pl.processing import decode_audio
+from tiny_audio_pl.runs import RunFolder
 from tiny_audio_pl.scoring import normalize_for_wer, read_utterances
 
 GAP = "*"  # kaldialign's mark for a word that is not there
 
 
-def training_facts(path: str, model: TinyAudioModel) -> dict[str, Any]:
-    """How the model was trained: an export's config says it, a training checkpoint holds it."""
-    if Path(path).is_file():
-        checkpoint = read_training_checkpoint(path, mmap=True)
-        return {"global_step": checkpoint.get("global_step"), "validation": checkpoint.get("validation", {})}
-    return getattr(model.config, "training", None) or {}
-
-
-def model_facts(model: TinyAudioModel, source: str, training: dict[str, Any]) -> str:
-    """The model card's facts, as Markdown: what it is, how long it trained, its last validation."""
+def model_facts(model: TinyAudioModel, source: str) -> str:
+    """The model card's facts, as Markdown: what it is, how long it trained, its last validation (an export's
+    config holds them, and ``load_model`` puts a checkpoint's there)."""
     config = model.config
+    training = getattr(config, "training", None) or {}
     validation = training.get("validation") or {}
     scores = ", ".join(f"{name} {value:.4g}" for name, value in sorted(validation.get("metrics", {}).items())
                        if name.endswith("wer") or name.endswith("/loss"))
@@ -123,12 +117,12 @@ class RunErrors:
         self.rows = [[table[k] for table in tables] for k in self.keys]  # [utterance][run]
         if len(tables) > 1:  # most different first
             self.rows.sort(key=lambda row: (-abs(row[1].errors - row[0].errors), -row[0].errors))
-        self.config = self.files[0].parent.parent / "config.yaml"  # RUN/utterances/step=N.tsv
+        self.config = RunFolder.of_file(self.files[0]).config
         self._audio: dict[tuple[str, str], Any] | None = None
 
     @staticmethod
     def _utterances(path: Path) -> Path:
-        found = newest_utterances(path) if path.is_dir() else path if path.is_file() else None
+        found = RunFolder(path).newest_utterances() if path.is_dir() else path if path.is_file() else None
         if found is None:
             raise UsageError(f"--run {path}: neither a run folder with utterances/step=N.tsv nor such a file")
         return found
@@ -225,7 +219,7 @@ def serve(checkpoint: str | None, runs: list[str], host: str, port: int, max_min
     """Load what was asked for (a model, float32 on a CPU; a run's errors) and serve the page until interrupted."""
     errors = RunErrors(runs) if runs else None
     model = load_model(checkpoint, "float32") if checkpoint else None
-    facts = model_facts(model, checkpoint, training_facts(checkpoint, model)) if model is not None else ""
+    facts = model_facts(model, checkpoint) if model is not None else ""
     app = build_app(model, facts, max_minutes, errors)
     app.queue()
     app.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True,

@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 from tiny_audio_pl.alignment import TokenAlignment
 from tiny_audio_pl.data import DEFAULT_SET
 from tiny_audio_pl.modeling import TinyAudioModel
+from tiny_audio_pl.runs import RunFolder
 from tiny_audio_pl.scoring import Utterance, score, wer_interval, write_utterances
 
 
@@ -161,13 +162,13 @@ def metrics(per_set: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"{metric_prefix(name)}{key}": value for name, scores in per_set.items() for key, value in scores.items()}
 
 
-def report(tallies: dict[str, SetTally], per_set: dict[str, dict[str, float]], folder: Path, step: int,
+def report(tallies: dict[str, SetTally], per_set: dict[str, dict[str, float]], run: RunFolder, step: int,
            loggers: list[Logger]) -> Path:
     """The results table (``per_set``: each tally's metrics) printed and sent to every logger with each set's
-    examples, every utterance into ``folder/utterances/step=N.tsv`` (returned)."""
+    examples, every utterance into the run's per-utterance file of ``step`` (returned)."""
     table = results_table(tallies, per_set)
     print(table)
-    path = folder / "utterances" / f"step={step}.tsv"
+    path = run.utterances(step)
     write_utterances([row for tally in tallies.values() for row in tally.rows], path)
     print(f"per-utterance results: {path}")
     for logger in loggers:

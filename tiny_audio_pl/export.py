@@ -26,8 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tiny_audio_pl.checkpoint import give_usual_mode, note_unkept_prompt, read_training_checkpoint, trained_weights
-from tiny_audio_pl.configuration import SETTINGS, TinyAudioConfig
+from tiny_audio_pl.checkpoint import TrainedCheckpoint, give_usual_mode
+from tiny_audio_pl.configuration import TinyAudioConfig
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.hub import local_folder
 from tiny_audio_pl.modeling import WEIGHTS, TinyAudioModel, build_processor, write_model_folder
@@ -53,11 +53,12 @@ def load_model(path: str | Path, dtype: str | None = None) -> TinyAudioModel:
             raise UsageError(f"{path} is not a folder written by tiny-audio export (its config.json has no model_type "
                              f"'{MODEL_TYPE}'): pass such a folder or a .ckpt file")
         return TinyAudioModel.from_pretrained(path, dtype=dtype)
-    checkpoint = read_training_checkpoint(path, what="--ckpt")
-    config = TinyAudioConfig(**model_settings(checkpoint, path))
+    checkpoint = TrainedCheckpoint.read(path, what="--ckpt")  # read once: its weights, settings and facts
+    config = TinyAudioConfig(**model_settings(checkpoint))
+    config.training = checkpoint.facts()
     if dtype:
         config.frozen_dtype = dtype
-    return TinyAudioModel(config).load_trained(trained_weights(checkpoint), path).eval()
+    return TinyAudioModel(config).load_trained(checkpoint.weights(), path).eval()
 
 
 def export_kind(folder: Path) -> str | None:
@@ -71,16 +72,16 @@ def export_kind(folder: Path) -> str | None:
     return config.get("model_type") if config.get("model_type") == MODEL_TYPE else config.get("format")
 
 
-def model_settings(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The model settings saved in the checkpoint at ``path``, local model folders made absolute.
+def model_settings(checkpoint: TrainedCheckpoint) -> dict[str, Any]:
+    """The model settings saved in a checkpoint, local model folders made absolute.
 
     Relative folders are looked up from the current folder, then from each folder above the
     checkpoint (a run writes ``lightning_logs/version_N/checkpoints/`` under the folder it ran in).
     """
-    note_unkept_prompt(checkpoint, path)
-    settings = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in SETTINGS}
+    checkpoint.note_unkept_prompt()
+    settings = checkpoint.settings()
     for name in ("encoder", "decoder"):
-        found = local_folder(settings[name], path)
+        found = local_folder(settings[name], Path(checkpoint.source))
         settings[name] = str(found.resolve()) if found else settings[name]  # else a hub id
     return settings
 
@@ -92,7 +93,7 @@ def export(checkpoint_path: str | Path, out: str | Path, overwrite: bool = False
     ``overwrite``. The files are written into a temporary folder inside ``out`` and moved into place
     only once all of them are complete, so a failed export leaves ``out`` as it was.
     """
-    checkpoint = read_training_checkpoint(checkpoint_path, what="--ckpt")
+    checkpoint = TrainedCheckpoint.read(checkpoint_path, what="--ckpt")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file: name a folder")
@@ -109,7 +110,7 @@ def export(checkpoint_path: str | Path, out: str | Path, overwrite: bool = False
     except OSError as error:
         raise UsageError(f"cannot write to --out {out}: {error.strerror or error}") from error
     try:
-        _write_export(checkpoint, Path(checkpoint_path), staging)
+        _write_export(checkpoint, staging)
         written = sorted(staging.iterdir())
         for path in written:
             for part in (path, *path.rglob("*")):
@@ -133,21 +134,11 @@ def export(checkpoint_path: str | Path, out: str | Path, overwrite: bool = False
     return out
 
 
-def _write_export(checkpoint: dict[str, Any], checkpoint_path: Path, folder: Path) -> None:
+def _write_export(checkpoint: TrainedCheckpoint, folder: Path) -> None:
     """The export's files, into ``folder``."""
-    settings = model_settings(checkpoint, checkpoint_path)  # local folders absolute: usable anywhere
-    config = TinyAudioConfig(**settings)
-    weights = trained_weights(checkpoint)
-    processor = build_processor(config)
-    config.training = {
-        "global_step": checkpoint.get("global_step"),
-        "learning_rate": checkpoint["hyper_parameters"].get("learning_rate"),
-        "warmup_steps": checkpoint["hyper_parameters"].get("warmup_steps"),
-        "projector_parameters": sum(v.numel() for k, v in weights.items() if k.startswith("projector.")),
-        "adapter_parameters": sum(v.numel() for k, v in weights.items() if not k.startswith("projector.")),
-        "data": {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")},
-        "validation": checkpoint.get("validation", {})}
-    write_model_folder(folder, config, weights, processor)
+    config = TinyAudioConfig(**model_settings(checkpoint))  # local folders absolute: usable anywhere
+    config.training = checkpoint.facts()
+    write_model_folder(folder, config, checkpoint.weights(), build_processor(config))
     (folder / "README.md").write_text(model_card(config))
 
 

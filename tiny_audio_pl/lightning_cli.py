@@ -47,22 +47,17 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from tiny_audio_pl.checkpoint import (
-    Checkpoint,
-    note_unkept_prompt,
-    read_checkpoint,
-    read_training_checkpoint,
-    run_folder,
-)
+from tiny_audio_pl.checkpoint import Checkpoint, TrainedCheckpoint, read_checkpoint
 from tiny_audio_pl.cluster import check_job, note_early_signals
 from tiny_audio_pl.configuration import SETTINGS, Settings
 from tiny_audio_pl.data import SpeechDataModule
 from tiny_audio_pl.decoding import DECODING
 from tiny_audio_pl.encoder import encoder_config
 from tiny_audio_pl.errors import UsageError
-from tiny_audio_pl.model import SpeechLLM
+from tiny_audio_pl.runs import RunFolder
 from tiny_audio_pl.scoring import read_utterances, write_trn
 from tiny_audio_pl.trackers import missing_tracker
+from tiny_audio_pl.training import SpeechLLM
 
 # save_dir "." (the default) means trainer.default_root_dir when that is set, as for Lightning's own logger.
 LOGGER = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -249,8 +244,7 @@ class TinyAudioCLI(LightningCLI):
         self._resolve_ckpt_path(subcommand, config, self.loggers[0] if self.loggers else None)
         path = config.get("ckpt_path")
         if path and path not in ("best", "hpc") and not path.startswith("registry"):
-            checkpoint = read_training_checkpoint(path, mmap=True, what="--ckpt_path")  # Lightning reads it later
-            note_unkept_prompt(checkpoint, path)
+            TrainedCheckpoint.read(path, mmap=True, what="--ckpt_path").note_unkept_prompt()  # Lightning reads it later
         check_strategy(config.trainer.strategy)
         note_cpu_processes(config.trainer)
         check_job(config.trainer.devices, config.trainer.num_nodes)  # a Slurm job's tasks against the trainer's
@@ -298,7 +292,7 @@ class TinyAudioCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        self.datamodule.connect(self.model.model.processor)
+        self.datamodule.connect(self.model.network.processor)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with the step progress bar unless the bar is off or the config brings its own."""
@@ -344,7 +338,7 @@ class TinyAudioCLI(LightningCLI):
         trainer = self.trainer
         if not trainer.is_global_zero:
             return
-        lines = [f"run folder   {os.path.normpath(run_folder(trainer))}"]
+        lines = [f"run folder   {os.path.normpath(RunFolder.of_trainer(trainer).path)}"]
         checkpoint = next((c for c in trainer.checkpoint_callbacks if c.last_model_path), None)
         if self.subcommand == "fit" and checkpoint:
             lines.append(f"checkpoint   {os.path.normpath(checkpoint.last_model_path)} (step {trainer.global_step})")
@@ -369,18 +363,18 @@ class TinyAudioCLI(LightningCLI):
 
 
 class RunConfig(SaveConfigCallback):
-    """``config.yaml`` in the run's own folder (:func:`~tiny_audio_pl.checkpoint.run_folder`), whatever the logger:
+    """``config.yaml`` in the run's own folder (:class:`~tiny_audio_pl.runs.RunFolder`), whatever the logger:
     Lightning's would write it into a W&B or MLflow ``save_dir`` shared by every run. It holds the prompts' token
     ids the run uses (``model.prompt_ids``), so ``fit -c`` that file trains on the same prompt."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
             return
-        folder = run_folder(trainer)
+        folder = RunFolder.of_trainer(trainer)
         if trainer.is_global_zero:
-            folder.mkdir(parents=True, exist_ok=True)
-            self.config.model.prompt_ids = pl_module.model.processor.prompt_ids  # as rendered when the run started
-            self.parser.save(self.config, folder / self.config_filename, skip_none=False, overwrite=True,
+            folder.path.mkdir(parents=True, exist_ok=True)
+            self.config.model.prompt_ids = pl_module.network.processor.prompt_ids  # as rendered when the run started
+            self.parser.save(self.config, folder.config, skip_none=False, overwrite=True,
                              multifile=self.multifile)
             self.already_saved = True
 

@@ -28,11 +28,12 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
 from tiny_audio_pl.alignment import TokenAlignment
-from tiny_audio_pl.checkpoint import run_folder, trained_weights
+from tiny_audio_pl.checkpoint import TrainedCheckpoint
 from tiny_audio_pl.configuration import Settings, TinyAudioConfig
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.evaluation import Evaluation, metrics, report
 from tiny_audio_pl.modeling import TinyAudioModel
+from tiny_audio_pl.runs import RunFolder
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0, align_steps: int = 0
@@ -85,14 +86,14 @@ class SpeechLLM(LightningModule):
                 ``model.decoder``, ``model.projector_*`` ...), documented there and listed by ``--help``.
         """
         super().__init__()
-        network = Settings(**settings)
+        given = Settings(**settings)
         # Not model.prompt_ids: trackers log hyperparameters by name, and its names are prompts ("<audio>" is refused by
         # MLflow). Checkpoints get the ids in on_save_checkpoint.
         self.save_hyperparameters(ignore=["prompt_ids"])
-        self.hparams.update(asdict(network))  # every setting, given or default: the export reads them
-        self.model = TinyAudioModel(TinyAudioConfig(**asdict(network)))
+        self.hparams.update(asdict(given))  # every setting, given or default: the export reads them
+        self.network = TinyAudioModel(TinyAudioConfig(**asdict(given)))
         self.evaluation = Evaluation(num_logged_examples)
-        self.alignment = TokenAlignment(self.model.decoder.get_input_embeddings().weight) if align_steps else None
+        self.alignment = TokenAlignment(self.network.decoder.get_input_embeddings().weight) if align_steps else None
         self.strict_loading = False  # checkpoints carry only the trained weights; on_load_checkpoint reads them
         self._validation: dict[str, Any] = {}  # the last validation's step and scores, kept in checkpoints
         self.utterances_file: Path | None = None  # the last validation's per-utterance file (rank 0)
@@ -103,9 +104,9 @@ class SpeechLLM(LightningModule):
         self._step_tokens = 0  # target tokens of the optimizer step so far, on this rank
 
     def setup(self, stage: str) -> None:
-        trainable = sum(p.numel() for p in self.model.trainable_parameters().values())
+        trainable = sum(p.numel() for p in self.network.trainable_parameters().values())
         frozen = sum(p.numel() for p in self.parameters()) - trainable
-        p, dim, config = self.model.projector, self.model.encoder.dim, self.model.config
+        p, dim, config = self.network.projector, self.network.encoder.dim, self.network.config
         lora = f"; LoRA rank {config.lora_rank} adapters trainable" if config.lora_rank else ""
         rank_zero_info(
             f"encoder  {config.encoder} (frozen)\n"
@@ -116,11 +117,11 @@ class SpeechLLM(LightningModule):
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean next-token loss over the target tokens of a collated batch."""
-        return self.model(batch["features"], batch["feature_lengths"], self.targets(batch), batch.get("prompt"))
+        return self.network(batch["features"], batch["feature_lengths"], self.targets(batch), batch.get("prompt"))
 
     def targets(self, batch: dict[str, Any]) -> list[list[int]]:
         """The batch's target token ids: tokenized by the data workers, or here when a batch was made by hand."""
-        return batch.get("targets") or self.model.processor.targets(batch["text"])
+        return batch.get("targets") or self.network.processor.targets(batch["text"])
 
     # -------------------------------------------------------------------------------------- training
     def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int
@@ -139,12 +140,12 @@ class SpeechLLM(LightningModule):
         # No finiteness check here: it would make the CPU wait for the GPU every micro-batch. A
         # non-finite loss makes non-finite gradients, which on_before_optimizer_step skips.
         targets = self.targets(batch)
-        audio, audio_lengths = self.model.embed_audio(batch["features"], batch["feature_lengths"])
+        audio, audio_lengths = self.network.embed_audio(batch["features"], batch["feature_lengths"])
         if self.global_step < self.hparams.align_steps:
             targets = [t[:-1] for t in targets]  # the transcript's tokens, without the end-of-turn token
             loss, name = self.alignment(audio, audio_lengths, targets), "train/align_loss"
         else:
-            loss = self.model.loss(audio, audio_lengths, targets, batch.get("prompt"), reduction="sum")
+            loss = self.network.loss(audio, audio_lengths, targets, batch.get("prompt"), reduction="sum")
             name = "train/loss"
         tokens = sum(len(t) for t in targets)  # counted on the CPU
         self._step_tokens += tokens
@@ -162,7 +163,7 @@ class SpeechLLM(LightningModule):
         under DDP).
         """
         tokens, self._step_tokens = self._step_tokens, 0
-        params = [p for p in self.model.trainable_parameters().values() if p.grad is not None]
+        params = [p for p in self.network.trainable_parameters().values() if p.grad is not None]
         if not params:
             return
         world = self.trainer.world_size if self._trainer else 1
@@ -197,7 +198,7 @@ class SpeechLLM(LightningModule):
         """One batch of one evaluation set, scored by :class:`~tiny_audio_pl.evaluation.Evaluation`."""
         if batch["text"]:
             aligning = self.trained_steps <= self.hparams.align_steps and self.alignment is not None
-            self.evaluation.score(self.model, batch, self.targets(batch), self.alignment if aligning else None)
+            self.evaluation.score(self.network, batch, self.targets(batch), self.alignment if aligning else None)
 
     def on_validation_epoch_start(self) -> None:
         self.evaluation.start()
@@ -217,14 +218,15 @@ class SpeechLLM(LightningModule):
             # moves after validation) and at step 0 in validate.
             for logger in self.loggers:
                 logger.log_metrics(scores, step=self.trained_steps)
-            self.utterances_file = report(tallies, per_set, run_folder(self.trainer), self.trained_steps, self.loggers)
+            self.utterances_file = report(tallies, per_set, RunFolder.of_trainer(self.trainer), self.trained_steps,
+                                         self.loggers)
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise UsageError("set trainer.max_steps: a streaming dataset has no length, so the LR schedule "
                              "cannot be sized from epochs")
-        params = list(self.model.trainable_parameters().values())
+        params = list(self.network.trainable_parameters().values())
         # Fused (one pass over the weights, not a kernel per operation and tensor: 14 ms against 48 ms a step for the
         # laptop recipe's 20.5 M trained parameters on 2 CPU cores, benchmarks/laptop_step.py), except under mixed
         # precision, where Lightning refuses to clip a fused optimizer's gradients (there the step costs little).
@@ -242,18 +244,18 @@ class SpeechLLM(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the trained weights (the model's :meth:`~TinyAudioModel.trainable_state_dict`): the
         frozen models are reloaded from their names."""
-        checkpoint["state_dict"] = {f"model.{name}": value for name, value in self.model.trainable_state_dict().items()}
+        checkpoint["state_dict"] = self.network.trainable_state_dict()  # under the network's names, as in an export
         if self._validated_at is not None:
             self._validation = {"step": self._validated_at, "metrics": {
                 k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}}
         checkpoint["validation"] = self._validation  # for the model card of `tiny-audio export`
         # The prompts' token ids as rendered when the run started, with any prompt met since: a resumed run,
         # `validate`, `transcribe` and an export rebuild the processor from them, never from a new rendering.
-        checkpoint["hyper_parameters"]["prompt_ids"] = self.model.processor.prompt_ids
+        checkpoint["hyper_parameters"]["prompt_ids"] = self.network.processor.prompt_ids
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Load the trained weights through the model's own reader (all of them, or one line), and nothing else."""
-        self.model.load_trained(trained_weights(checkpoint), "the checkpoint")
+        self.network.load_trained(TrainedCheckpoint(checkpoint).weights(), "the checkpoint")
         checkpoint["state_dict"] = {}  # loaded: Lightning's own (non-strict) load has nothing left to do
         self._validation = checkpoint.get("validation", {})
         self._loaded_step = checkpoint.get("global_step", 0)
