@@ -256,7 +256,7 @@ def test_a_config_run_from_another_folder_says_where_its_paths_are_read(tmp_path
 def test_more_cpu_processes_than_cores_is_said(capsys):
     from jsonargparse import Namespace
 
-    from tiny_audio_pl.lightning_cli import note_cpu_processes
+    from tiny_audio_pl.trainer_checks import note_cpu_processes
 
     cores = os.cpu_count() or 1
     note_cpu_processes(Namespace(devices=cores + 1, accelerator="cpu"))
@@ -272,6 +272,8 @@ def test_more_cpu_processes_than_cores_is_said(capsys):
     (["--model.encoder", "assets/tiny-hubert", "--model.whisper_full_window", "true"],
      "model.whisper_full_window is for Whisper encoders; assets/tiny-hubert is 'hubert'"),
     (["--data.max_batch_clips", "8"], "data.max_batch_clips bounds the batches of data.batch_seconds"),
-], ids=["lora_alpha", "lora_targets", "full window", "max_batch_clips"])
+    (["--trainer.devices", "2", "--model.lora_rank", "2", "--model.align_steps", "5"],
+     "pass --trainer.strategy ddp_find_unused_parameters_true"),
+], ids=["lora_alpha", "lora_targets", "full window", "max_batch_clips", "alignment under ddp"])
 def test_a_setting_that_would_do_nothing_is_one_line(args, message, here, capfd):
     assert message in _one_line_error(capfd, here, "fit", "-c", SMOKE, *args)

@@ -304,7 +304,8 @@ def quiet() -> None:
 RETIRED = {"data.encoder": "the data is prepared by the model's own processor: set model.encoder",
            "data.decoder": "the data is prepared by the model's own processor: set model.decoder",
            "data.trust_remote_code": "set model.trust_remote_code",
-           "model.ctc_weight": "the CTC alignment loss was removed for not helping, see docs/experiments.md"}
+           "model.ctc_weight": "the CTC loss beside the decoder's was removed for not helping; model.align_steps "
+                               "trains the projector by CTC alone before the decoder's loss, see docs/experiments.md"}
 
 
 def one_line(error: BaseException) -> str:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +56,7 @@ from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.runs import RunFolder
 from tiny_audio_pl.scoring import read_utterances, write_trn
 from tiny_audio_pl.trackers import missing_tracker
+from tiny_audio_pl.trainer_checks import check_steps, check_strategy, check_writable, note_cpu_processes
 from tiny_audio_pl.training import SpeechLLM
 
 # save_dir "." (the default) means trainer.default_root_dir when that is set, as for Lightning's own logger.
@@ -108,55 +108,6 @@ def newest_beside(last: Path) -> Path:
         except (UsageError, AttributeError, TypeError, ValueError):
             continue
     return max(steps, key=lambda path: (steps[path], path == last), default=last)
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """One line if ``folder`` cannot be created or written; writes nothing that stays."""
-    existing = folder.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is a file")
-        tempfile.TemporaryFile(dir=existing).close()  # the real test: root ignores permission bits
-    except OSError as error:
-        raise UsageError(f"cannot write {folder}: {error.strerror or error}; {what}") from error
-
-
-def check_steps(trainer: Namespace) -> None:
-    """``trainer.max_steps`` set and positive, or one line; a note when no validation will run."""
-    steps = trainer.max_steps
-    if steps is None or steps == -1:  # Lightning's "unset"
-        raise UsageError("set --trainer.max_steps (e.g. 10000): the data is a stream with no length, so the run and "
-                         "its learning-rate schedule are measured in optimizer steps")
-    if steps <= 0:
-        raise UsageError(f"trainer.max_steps must be a positive number of optimizer steps, got {steps}")
-    batches = steps * (trainer.accumulate_grad_batches or 1)
-    interval = trainer.val_check_interval
-    if isinstance(interval, int) and trainer.check_val_every_n_epoch is None and interval > batches:
-        print(f"no validation in this run: trainer.val_check_interval is {interval} batches and the run has {batches}"
-              f"; set --trainer.val_check_interval {batches} to score it at the end")
-
-
-def note_cpu_processes(trainer: Namespace) -> None:
-    """A line when ``trainer.devices`` asks a CPU for more processes than it has cores: each is a DDP rank with its
-    own batches (so the optimizer step sees that many times the clips, and the result changes), all on too few
-    cores."""
-    devices, cores = int(trainer.devices) if str(trainer.devices).isdigit() else 0, os.cpu_count() or 1
-    on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available()
-                                             and not torch.backends.mps.is_available())
-    if on_cpu and devices > cores:
-        print(f"trainer.devices {devices} on a CPU of {cores} cores: {devices} DDP processes, each training on its own "
-              f"batches ({devices} times the clips per optimizer step) and sharing the cores")
-
-
-def check_strategy(strategy: Any) -> None:
-    """One line for a strategy that shards the weights: checkpoints hold the trained weights as one whole copy."""
-    name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", type(strategy).__name__)
-    if any(word in str(name).lower() for word in ("fsdp", "deepspeed")):
-        raise UsageError(f"trainer.strategy {name} is not supported: the checkpoints hold the trained weights "
-                         "whole, and this strategy shards them. Use ddp: only the projector (and LoRA adapters) "
-                         "train, which every rank holds whole (36.7 M parameters in the recipe)")
 
 
 class StepProgressBar(RichProgressBar):
@@ -245,7 +196,7 @@ class TinyAudioCLI(LightningCLI):
         path = config.get("ckpt_path")
         if path and path not in ("best", "hpc") and not path.startswith("registry"):
             TrainedCheckpoint.read(path, mmap=True, what="--ckpt_path").note_unkept_prompt()  # Lightning reads it later
-        check_strategy(config.trainer.strategy)
+        check_strategy(config.trainer, config.model)
         note_cpu_processes(config.trainer)
         check_job(config.trainer.devices, config.trainer.num_nodes)  # a Slurm job's tasks against the trainer's
         settings = Settings(**{name: config.model[name] for name in SETTINGS})  # its checks, before anything loads
