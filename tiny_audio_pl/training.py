@@ -6,11 +6,14 @@ The network lives in ``modeling.py``; this LightningModule trains it. What it ad
   the target tokens of all its micro-batches and ranks (:meth:`SpeechLLM.on_before_optimizer_step`),
   so every token weighs the same whatever the batch sizes;
 - AdamW over the trained parameters only, linear warmup then cosine, stepped every optimizer step;
+- optionally an alignment stage first (``align_steps``): the projector alone, by CTC over the decoder's
+  vocabulary (``alignment.py``), then the decoder's loss with a warmup and cosine of its own;
 - non-finite gradients skip the step and are counted; too many in a row stop the run;
 - validation: each batch handed to ``evaluation.py``, which scores it (losses with each clip's own
   audio, its neighbour's and none, greedy transcripts, WER) and reports each set;
-- checkpoints hold only the trained weights, written and read by the model's own trained-state
-  methods (plus optimizer, scheduler, loop and data state) and the scores of the latest validation;
+- checkpoints hold only the trained weights, under the network's own names, written and read by its
+  trained-state methods (plus optimizer, scheduler, loop and data state), the scores of the latest
+  validation and the prompts' token ids (:class:`~tiny_audio_pl.checkpoint.TrainedCheckpoint` reads them);
   the frozen models are reloaded by name.
 """
 
@@ -82,7 +85,7 @@ class SpeechLLM(LightningModule):
                 fraction of a step's cost, ``alignment.py``); the decoder's loss then takes over, with a warmup and
                 cosine of its own. Validations of the stage score the projector alone: its CTC loss and best-path
                 transcripts. 0: none.
-            settings: the network's :class:`~tiny_audio_pl.modeling.Settings` (``model.encoder``,
+            settings: the network's :class:`~tiny_audio_pl.configuration.Settings` (``model.encoder``,
                 ``model.decoder``, ``model.projector_*`` ...), documented there and listed by ``--help``.
         """
         super().__init__()
