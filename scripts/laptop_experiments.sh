@@ -14,7 +14,8 @@ set -euo pipefail
 MODELS=$1 SPEECH=$2 OUT=$3
 shift 3
 # Each run is configs/laptop.yaml plus its change; the runs before a default changed undo it.
-STACK4="--model.lora_rank 0"                                    # before LoRA
+LORA="--model.align_steps 0 --trainer.max_steps 600 --trainer.val_check_interval 100"  # before the alignment stage
+STACK4="$LORA --model.lora_rank 0"                              # before LoRA
 BIAS="$STACK4 --model.projector_stack 2"                        # before stack 4
 FAST="$BIAS --model.projector_bias false"                       # before the output bias: lr 1e-3, warmup 100
 OLD="$FAST --model.learning_rate 1e-4 --model.warmup_steps 500" # the defaults before these experiments
@@ -34,16 +35,18 @@ declare -A RUNS=(
   [bias-data-800]="$BIAS --data.max_train_samples 800"        # a quarter of the training clips
   [stack4-1500]="$STACK4 --trainer.max_steps 1500"           # the best then, run long enough to meet the bar
   [stack4-1500-16k]="$STACK4 --trainer.max_steps 1500 $MORE" # the same, with five times the data
-  [stack4-lora-16]=""                                         # idea: let the decoder adapt too (LoRA); laptop.yaml as it is
-  [lora-1500-16k]="--trainer.max_steps 1500 $MORE"           # the best, long, with five times the data
-  [lora-mlp]="--model.lora_targets '[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]'"  # adapters in the MLPs too
-  [lora-lr-2e-3]="--model.learning_rate 2e-3"                 # the adapters may want a faster rate than the projector did
-  [lora-16k]="$MORE"                                          # the default on five times the data, 600 steps
+  [stack4-lora-16]="$LORA"                                    # idea: let the decoder adapt too (LoRA)
+  [lora-1500-16k]="$LORA --trainer.max_steps 1500 $MORE"     # the best, long, with five times the data
+  [lora-mlp]="$LORA --model.lora_targets '[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]'"  # MLPs too
+  [lora-lr-2e-3]="$LORA --model.learning_rate 2e-3"           # the adapters may want a faster rate than the projector
+  [lora-16k]="$LORA $MORE"                                    # the default on five times the data, 600 steps
   # a check, not an idea: can the loop learn 64 clips it sees 37 times in 300 steps? (validated on themselves)
-  [lora-overfit-64]="--data.max_train_samples 64 --data.val_split train --trainer.max_steps 300"
+  [lora-overfit-64]="$LORA --data.max_train_samples 64 --data.val_split train --trainer.max_steps 300"
+  [align2000-16k]="$MORE"                                     # idea: the projector alone by CTC first; laptop.yaml as it is
 )
 ORDER=(baseline lr-1e-3 fast fast-full-window fast-bias bias-lr-3e-3 bias-stack-4 bias-warmup-0 bias-data-800
-       stack4-1500 stack4-lora-16 stack4-1500-16k lora-1500-16k lora-mlp lora-lr-2e-3 lora-16k lora-overfit-64)
+       stack4-1500 stack4-lora-16 stack4-1500-16k lora-1500-16k lora-mlp lora-lr-2e-3 lora-16k lora-overfit-64
+       align2000-16k)
 mkdir -p "$OUT"
 for name in "${@:-${ORDER[@]}}"; do
   [ -e "$OUT/$name/done" ] && continue

@@ -172,7 +172,7 @@ class TinyAudioCLI(LightningCLI):
         if config is None:
             return
         if subcommand == "fit":
-            check_steps(config.trainer)
+            check_steps(config.trainer, config.model.align_steps)
         if subcommand == "validate" and not config.get("ckpt_path"):
             print("validate without --ckpt_path scores the untrained projector (step 0): pass --ckpt_path last, or a "
                   "checkpoint, to score a trained one")

@@ -29,8 +29,9 @@ def check_writable(folder: Path, what: str) -> None:
         raise UsageError(f"cannot write {folder}: {error.strerror or error}; {what}") from error
 
 
-def check_steps(trainer: Namespace) -> None:
-    """``trainer.max_steps`` set and positive, or one line; a note when no validation will run."""
+def check_steps(trainer: Namespace, align_steps: int = 0) -> None:
+    """``trainer.max_steps`` set and positive, or one line; a note when no validation will run, and when the decoder
+    will not train (``model.align_steps`` covers the run)."""
     steps = trainer.max_steps
     if steps is None or steps == -1:  # Lightning's "unset"
         raise UsageError("set --trainer.max_steps (e.g. 10000): the data is a stream with no length, so the run and "
@@ -42,6 +43,9 @@ def check_steps(trainer: Namespace) -> None:
     if isinstance(interval, int) and trainer.check_val_every_n_epoch is None and interval > batches:
         print(f"no validation in this run: trainer.val_check_interval is {interval} batches and the run has {batches}"
               f"; set --trainer.val_check_interval {batches} to score it at the end")
+    if align_steps >= steps:
+        print(f"the whole run is the alignment stage (model.align_steps {align_steps}, trainer.max_steps {steps}): the "
+              "decoder's loss never trains; raise trainer.max_steps to train with it after")
 
 
 def note_cpu_processes(trainer: Namespace) -> None:
