@@ -1,21 +1,45 @@
-"""A checkpoint and an export written by an earlier tiny-audio (tests/fixtures/run-2026-12-06) load, export,
-transcribe and resume with today's code."""
+"""Checkpoints written before 2026-12-07 load, export, transcribe and resume with today's code.
+
+They differ from today's in one thing: the trained tensors were kept under the training loop's attribute of the
+time, ``model.`` (``model.projector.*``, ``model.decoder.*lora*``), where today's keep the network's own names. The
+fixture writes a run with today's code and puts its checkpoint back in that layout, as the older code wrote it.
+"""
 
 import shutil
+from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import ROOT, SMOKE, make_workdir
+from conftest import SMOKE, make_workdir
 from tiny_audio_pl.checkpoint import TrainedCheckpoint
 from tiny_audio_pl.cli import main
 from tiny_audio_pl.export import load_model
 
-OLD = ROOT / "tests" / "fixtures" / "run-2026-12-06"
+
+@pytest.fixture(scope="module")
+def old_run(tmp_path_factory) -> Path:
+    """A run folder whose ``step=4.ckpt`` (``last.ckpt`` links to it) is in the older layout, with LoRA adapters."""
+    workdir = make_workdir(tmp_path_factory.mktemp("old") / "run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        main(["fit", "-c", SMOKE, "--model.projector_hidden", "32", "--model.lora_rank", "2", "--model.lora_targets",
+              "[q_proj]", "--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
+              "--checkpoint.every_n_train_steps", "4", "--data.max_eval_samples", "4", "--model.max_new_tokens", "4",
+              "--trainer.enable_progress_bar", "false", "--data.num_workers", "0"])
+    path = workdir / "lightning_logs/version_0/checkpoints/step=4.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["state_dict"] = {f"model.{name}": value for name, value in checkpoint["state_dict"].items()}
+    del checkpoint["hyper_parameters"]["align_steps"]  # not an option yet
+    torch.save(checkpoint, path)
+    return workdir
 
 
-def test_an_old_checkpoint_and_its_export_load_to_the_same_model_and_transcript(monkeypatch, dev_batch):
-    monkeypatch.chdir(ROOT)  # the export names its models assets/...
-    from_checkpoint, from_export = load_model(OLD / "step=4.ckpt"), load_model(OLD / "export")
+def test_an_old_checkpoint_and_its_export_load_to_the_same_model_and_transcript(old_run, monkeypatch, dev_batch):
+    monkeypatch.chdir(old_run)
+    checkpoint = old_run / "lightning_logs/version_0/checkpoints/step=4.ckpt"
+    main(["export", "--ckpt", str(checkpoint), "--out", "exported"])
+    from_checkpoint, from_export = load_model(checkpoint), load_model("exported")
     trained = from_checkpoint.trainable_state_dict()
     assert any(".lora_A." in name for name in trained) and any(name.startswith("projector.") for name in trained)
     assert trained.keys() == from_export.trainable_state_dict().keys()
@@ -25,17 +49,13 @@ def test_an_old_checkpoint_and_its_export_load_to_the_same_model_and_transcript(
     assert from_checkpoint.transcribe(features, lengths) == from_export.transcribe(features, lengths)
 
 
-def test_an_old_checkpoint_exports_and_resumes(tmp_path, monkeypatch):
-    workdir = make_workdir(tmp_path / "run")
-    checkpoint = workdir / "lightning_logs/version_0/checkpoints/step=4.ckpt"
-    checkpoint.parent.mkdir(parents=True)
-    shutil.copy(OLD / "step=4.ckpt", checkpoint)
-    (checkpoint.parent / "last.ckpt").symlink_to(checkpoint.name)  # as the run left it
+def test_an_old_checkpoint_resumes(old_run, tmp_path, monkeypatch):
+    workdir = tmp_path / "run"
+    shutil.copytree(old_run, workdir, symlinks=True)
     monkeypatch.chdir(workdir)
-    main(["export", "--ckpt", str(checkpoint), "--out", "exported"])
-    assert TrainedCheckpoint.read(checkpoint).weights().keys() == load_model("exported").trainable_state_dict().keys()
-    main(["fit", "-c", SMOKE, "--ckpt_path", "last", "--trainer.max_steps", "6",
-          "--trainer.val_check_interval", "6", "--checkpoint.every_n_train_steps", "2", "--data.max_eval_samples", "4",
-          "--trainer.enable_progress_bar", "false", "--data.num_workers", "0"])
-    resumed = TrainedCheckpoint.read(checkpoint.parent / "last.ckpt")
-    assert resumed.step == 6 and resumed.weights().keys() == TrainedCheckpoint.read(checkpoint).weights().keys()
+    before = TrainedCheckpoint.read("lightning_logs/version_0/checkpoints/step=4.ckpt").weights()
+    main(["fit", "-c", SMOKE, "--ckpt_path", "last", "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
+          "--checkpoint.every_n_train_steps", "2", "--data.max_eval_samples", "4", "--trainer.enable_progress_bar",
+          "false", "--data.num_workers", "0"])
+    resumed = TrainedCheckpoint.read("lightning_logs/version_0/checkpoints/last.ckpt")
+    assert resumed.step == 6 and resumed.weights().keys() == before.keys()
