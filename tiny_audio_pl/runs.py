@@ -63,9 +63,8 @@ class RunFolder:
 
     def newest_utterances(self) -> Path | None:
         """The per-utterance file of the latest validated step, or None."""
-        files = {utterances_step(p): p for p in self.path.glob("utterances/step=*.tsv")}
-        files.pop(None, None)
-        return files[max(files)] if files else None
+        steps = {step: p for p in self.path.glob("utterances/step=*.tsv") if (step := utterances_step(p)) is not None}
+        return steps[max(steps)] if steps else None
 
 
 def utterances_step(path: str | Path) -> int | None:

@@ -200,7 +200,7 @@ class SpeechLLM(LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         """One batch of one evaluation set, scored by :class:`~tiny_audio_pl.evaluation.Evaluation`."""
         if batch["text"]:
-            aligning = self.trained_steps <= self.hparams.align_steps and self.alignment is not None
+            aligning = self.alignment is not None and self.trained_steps <= self.hparams.align_steps
             self.evaluation.score(self.network, batch, self.targets(batch), self.alignment if aligning else None)
 
     def on_validation_epoch_start(self) -> None:
