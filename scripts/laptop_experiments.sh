@@ -42,11 +42,12 @@ declare -A RUNS=(
   [lora-16k]="$LORA $MORE"                                    # the default on five times the data, 600 steps
   # a check, not an idea: can the loop learn 64 clips it sees 37 times in 300 steps? (validated on themselves)
   [lora-overfit-64]="$LORA --data.max_train_samples 64 --data.val_split train --trainer.max_steps 300"
-  [align2000-16k]="$MORE"                                     # idea: the projector alone by CTC first; laptop.yaml as it is
+  [align2000-16k]="$MORE --model.align_steps 2000 --trainer.max_steps 3400"  # idea: the projector alone by CTC first
+  [align3000-16k]="$MORE --model.align_steps 3000 --trainer.max_steps 3900"  # a longer stage of the cheap step
 )
 ORDER=(baseline lr-1e-3 fast fast-full-window fast-bias bias-lr-3e-3 bias-stack-4 bias-warmup-0 bias-data-800
        stack4-1500 stack4-lora-16 stack4-1500-16k lora-1500-16k lora-mlp lora-lr-2e-3 lora-16k lora-overfit-64
-       align2000-16k)
+       align2000-16k align3000-16k)
 mkdir -p "$OUT"
 for name in "${@:-${ORDER[@]}}"; do
   [ -e "$OUT/$name/done" ] && continue
