@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 from filelock import FileLock
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # as cli_env: read once, when huggingface_hub is imported
 # What a user's shell exports must not steer the suite (read before datasets or transformers is imported): the
 # Hub tests go online through the stand-in, which datasets' and transformers' own offline switches would refuse,
 # and no test may read a user's cache or token or write to their tracker server.
@@ -64,6 +68,51 @@ def run_cli(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProces
     return subprocess.run(cli(*args), cwd=workdir, env=cli_env(**env), capture_output=True, text=True, timeout=300)
 
 
+def run_here(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """``tiny-audio ARGS`` as :func:`run_cli` runs it, but in this process: without a new interpreter's ~5 s of
+    imports, for the commands that need no process of their own (no signal sent to it, no moved clock, no setting
+    read at import such as ``HF_ENDPOINT``; those run with :func:`run_cli`).
+
+    It runs in ``workdir`` with ``env`` added to the environment, both put back afterwards. Its stdout and stderr
+    are what it printed and logged: the logging handlers that write to a terminal write into them meanwhile, and
+    records that would reach no handler are written to stderr, as Python's last-resort handler does in a process
+    of its own. The return code is its exit status; an exception gives 1 and its traceback on stderr."""
+    from tiny_audio_pl.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    terminals = [h for logger in loggers for h in logger.handlers if type(h) is logging.StreamHandler]
+    streams = [handler.stream for handler in terminals]
+    last_resort = logging.StreamHandler(err)
+    environment, cwd = dict(os.environ), os.getcwd()
+    os.environ.update(env)
+    os.chdir(workdir)
+    logging.getLogger().addHandler(last_resort)
+    try:
+        for handler in terminals:
+            handler.setStream(err)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+                if isinstance(stop.code, str):
+                    print(stop.code, file=err)
+            except Exception:
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        for handler, stream in zip(terminals, streams):
+            handler.setStream(stream)
+        logging.getLogger().removeHandler(last_resort)
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environment)
+    return subprocess.CompletedProcess(["tiny-audio", *args], code, out.getvalue(), err.getvalue())
+
+
 def last_checkpoint(workdir: Path) -> dict:
     """The first run's ``last.ckpt`` under ``workdir``."""
     return torch.load(workdir / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
@@ -96,6 +145,23 @@ def connected_data(encoder: str = WHISPER, decoder: str = DECODER, **options):
     data = SpeechDataModule(**options)
     data.connect(build_processor(TinyAudioConfig(encoder=encoder, decoder=decoder)))
     return data
+
+
+def hub_env(endpoint: str, home: Path) -> dict[str, str]:
+    """Online through ``endpoint`` (the Hub stand-in), with its own hub cache; a read that stalls 2 s is retried."""
+    return cli_env(HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
+                   HF_HUB_DOWNLOAD_TIMEOUT="2")
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """A Hub-compatible server on loopback (``hub_server.py``) with repositories laid out as the real ones
+    (``hub_repos.py``): for commands run with :func:`hub_env`."""
+    from hub_repos import build_repos
+    from hub_server import HubServer
+
+    with HubServer(build_repos(tmp_path_factory.mktemp("hub"))) as server:
+        yield server
 
 
 @pytest.fixture
@@ -132,14 +198,21 @@ def trained(tmp_path_factory, worker_id: str) -> Path:
     with FileLock(shared / "trained.lock"):
         if not checkpoint.exists():
             make_workdir(workdir)
-            result = run_cli(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "20", "--trainer.val_check_interval",
+            result = run_here(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "20", "--trainer.val_check_interval",
                              "20", "--checkpoint.every_n_train_steps", "20", "--data.max_eval_samples", "4",
                              "--model.max_new_tokens", "8", "--trainer.enable_progress_bar", "false")
             assert result.returncode == 0, result.stderr[-2000:]
     return checkpoint
 
 
+# The files that take longest, first: pytest-xdist hands each file whole to one worker (--dist loadfile) in this
+# order, so none of them starts late and leaves the other workers idle at the end. The DDP and Slurm tests also wait
+# on Slurm's clock (a time limit), which the other workers spend on the rest of the suite.
+LONGEST_FIRST = ["test_ddp.py", "test_hub.py", "test_hub_configs.py", "test_resume.py", "test_network_faults.py",
+                 "test_loggers.py", "test_speed.py", "test_demo.py", "test_transcribe.py", "test_notebooks.py"]
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The DDP and Slurm tests first: they wait a minute or more on Slurm's clock (a time limit), which the
-    other worker spends on the rest of the suite instead of idling at its end."""
-    items.sort(key=lambda item: item.path.name != "test_ddp.py")  # a stable sort: the rest keep their order
+    """The files of :data:`LONGEST_FIRST` first, in its order; the rest keep theirs (a stable sort)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -11,7 +11,7 @@ import soundfile as sf
 import soxr
 from datasets import Audio, Features, Value, load_dataset
 
-from conftest import DECODER, SMOKE, SPEECH, WHISPER, run_cli
+from conftest import DECODER, SMOKE, SPEECH, WHISPER, run_here
 from tiny_audio_pl.clips import ClipPreparer
 from tiny_audio_pl.processing import TinyAudioProcessor
 
@@ -73,7 +73,7 @@ def test_each_bad_case_gets_its_reason(bad_dataset):
 
 
 def _fit(workdir, dataset, *extra: str) -> subprocess.CompletedProcess:
-    return run_cli(workdir, "fit", "-c", SMOKE, "--data.dataset", str(dataset), "--data.val_split", "train",
+    return run_here(workdir, "fit", "-c", SMOKE, "--data.dataset", str(dataset), "--data.val_split", "train",
                    "--data.max_duration", "5", "--data.max_target_tokens", "64", "--trainer.max_steps", "12",
                    "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--data.num_workers", "1",
                    "--trainer.enable_progress_bar", "false", *extra)

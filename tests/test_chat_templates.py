@@ -8,12 +8,11 @@ whole conversation, answer included: what the decoder learns to write is the ans
 
 import datetime
 import json
-import subprocess
 
 import pytest
 from transformers import AutoFeatureExtractor, AutoTokenizer
 
-from conftest import ASSETS, DECODER, WHISPER, cli, cli_env, make_workdir
+from conftest import ASSETS, DECODER, WHISPER, make_workdir, run_here
 from tiny_audio_pl.checkpoint import read_checkpoint
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.processing import TinyAudioProcessor
@@ -101,8 +100,7 @@ def test_a_checkpoint_without_kept_ids_loads_with_one_line(trained, tmp_path):
     old = read_checkpoint(trained)
     del old["hyper_parameters"]["prompt_ids"]
     torch.save(old, workdir / "old.ckpt")
-    result = subprocess.run(cli("transcribe", "assets/clips/dev-0000.wav", "--ckpt", "old.ckpt"), cwd=workdir,
-                            env=cli_env(), capture_output=True, text=True, timeout=300)
+    result = run_here(workdir, "transcribe", "assets/clips/dev-0000.wav", "--ckpt", "old.ckpt")
     assert result.returncode == 0, result.stderr
     note = "keeps no prompt token ids (written before they were kept): using the prompt rendered from the decoder's"
     assert result.stderr.splitlines() == [f"old.ckpt {note} chat template today"]

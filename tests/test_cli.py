@@ -10,7 +10,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, SMOKE, cli, cli_env, run_cli
+from conftest import ROOT, SMOKE, cli, cli_env, run_here
 from tiny_audio_pl.cli import main
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -65,7 +65,7 @@ def test_hubert_mac_and_big_gpu_configs_compose(capsys):
 
 
 def _run(workdir: Path, *args: str) -> str:
-    result = run_cli(workdir, *args)
+    result = run_here(workdir, *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -105,12 +105,12 @@ def test_fit_validate_and_resume_on_the_tiny_assets(workdir):
 def test_auto_resume_starts_fresh_only_when_asked_and_runs_go_under_default_root_dir(workdir):
     quick = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
              "--trainer.default_root_dir", "runs"]
-    result = run_cli(workdir, "fit", "-c", SMOKE, *quick, "--ckpt_path", "auto")
+    result = run_here(workdir, "fit", "-c", SMOKE, *quick, "--ckpt_path", "auto")
     assert result.returncode == 0 and "no checkpoint yet, starting a new run" in result.stdout
     run = workdir / "runs" / "lightning_logs" / "version_0"
     assert (run / "checkpoints" / "step=2.ckpt").is_file() and list(run.glob("events.out.tfevents.*"))
     assert f"run folder   {Path('runs/lightning_logs/version_0')}" in result.stdout
-    result = run_cli(workdir, "fit", "-c", SMOKE, *quick[2:], "--trainer.max_steps", "3", "--ckpt_path", "auto")
+    result = run_here(workdir, "fit", "-c", SMOKE, *quick[2:], "--trainer.max_steps", "3", "--ckpt_path", "auto")
     assert result.returncode == 0
     assert f"resuming from {Path('runs/lightning_logs/version_0/checkpoints/last.ckpt')}" in result.stdout
     assert (run / "checkpoints" / "step=3.ckpt").is_file()
@@ -119,7 +119,7 @@ def test_auto_resume_starts_fresh_only_when_asked_and_runs_go_under_default_root
 
 def test_a_token_in_the_environment_is_written_nowhere(workdir):
     token = "hf_PlantedTokenDoNotWrite1234567890"
-    result = run_cli(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "2", "--data.max_eval_samples", "2",
+    result = run_here(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "2", "--data.max_eval_samples", "2",
                      "--trainer.val_check_interval", "2", HF_TOKEN=token, HUGGING_FACE_HUB_TOKEN=token)
     assert result.returncode == 0, result.stderr[-2000:]
     written = [p for p in workdir.rglob("*") if p.is_file()]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, cli_env
+from conftest import run_here
 from tiny_audio_pl.compare import System, compare
 from tiny_audio_pl.scoring import Utterance, read_utterances, score, write_trn, write_utterances
 
@@ -80,11 +80,10 @@ def test_word_errors_equal_sclites_on_a_real_validation(trained, tmp_path):
     """A run's validation, written with `validate --sclite DIR` and scored by sclite: the same corpus WER,
     substitutions, deletions and insertions as the per-utterance file (same normalised text, same alignment)."""
     run = trained.parent.parent
-    result = subprocess.run(cli("validate", "-c", str(run / "config.yaml"), "--ckpt_path", str(trained),
-                                "--data.max_eval_samples", "16", "--trainer.logger", "false",
-                                "--trainer.default_root_dir", str(tmp_path / "run"), "--sclite", str(tmp_path / "trn"),
-                                "--trainer.enable_progress_bar", "false"),
-                            cwd=run.parents[1], env=cli_env(), capture_output=True, text=True, timeout=300)
+    result = run_here(run.parents[1], "validate", "-c", str(run / "config.yaml"), "--ckpt_path", str(trained),
+                      "--data.max_eval_samples", "16", "--trainer.logger", "false", "--trainer.default_root_dir",
+                      str(tmp_path / "run"), "--sclite", str(tmp_path / "trn"),
+                      "--trainer.enable_progress_bar", "false")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = read_utterances(next((tmp_path / "run" / "utterances").glob("step=*.tsv")))
     assert len(rows) == 16
@@ -103,14 +102,13 @@ def test_compare_command_text_json_and_plot(tmp_path):
     a, b = (rows + [Utterance(**{**vars(row), "set": "other"}) for row in rows[:50]] for rows in _pair("win"))
     write_utterances(a, tmp_path / "a" / "utterances" / "step=100.tsv")  # a run folder
     write_utterances(b, tmp_path / "b.tsv")  # a per-utterance file
-    text = subprocess.run(cli("compare", str(tmp_path / "a"), str(tmp_path / "b.tsv"), "--plot",
-                              str(tmp_path / "w.png")), env=cli_env(), capture_output=True, text=True, timeout=120)
+    text = run_here(tmp_path, "compare", str(tmp_path / "a"), str(tmp_path / "b.tsv"), "--plot",
+                    str(tmp_path / "w.png"))
     assert text.returncode == 0, text.stderr
     assert "B better" in text.stdout and "most changed utterances" in text.stdout
-    assert f"A = {tmp_path / 'a'} step 100\nB = {tmp_path / 'b.tsv'}\n" in text.stdout  # the run, then the file
+    assert "A = a step 100\nB = b.tsv\n" in text.stdout  # the run, then the file, as named from where it ran
     assert (tmp_path / "w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    as_json = subprocess.run(cli("compare", str(tmp_path / "a"), str(tmp_path / "b.tsv"), "--json"),
-                             env=cli_env(), capture_output=True, text=True, timeout=120)
+    as_json = run_here(tmp_path, "compare", str(tmp_path / "a"), str(tmp_path / "b.tsv"), "--json")
     figures = json.loads(as_json.stdout)
     assert set(figures["sets"]) == {"dev", "other", "overall"} and figures["resamples"] == 1000
     overall = figures["sets"]["overall"]  # both sets pooled: summed errors over summed words
@@ -123,20 +121,17 @@ def test_utterances_that_do_not_match_are_one_line(tmp_path):
     a, b = _pair("tie", count=20)
     write_utterances(a, tmp_path / "a.tsv")
     write_utterances(b[1:], tmp_path / "b.tsv")
-    result = subprocess.run(cli("compare", str(tmp_path / "a.tsv"), str(tmp_path / "b.tsv")), env=cli_env(),
-                            capture_output=True, text=True, timeout=60)
+    result = run_here(tmp_path, "compare", str(tmp_path / "a.tsv"), str(tmp_path / "b.tsv"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "1 only in A, 0 only in B" in result.stderr and "utt0000" in result.stderr
     write_utterances([Utterance(**{**vars(row), "set": "other"}) for row in b], tmp_path / "c.tsv")
-    result = subprocess.run(cli("compare", str(tmp_path / "a.tsv"), str(tmp_path / "c.tsv")), env=cli_env(),
-                            capture_output=True, text=True, timeout=60)
+    result = run_here(tmp_path, "compare", str(tmp_path / "a.tsv"), str(tmp_path / "c.tsv"))
     assert result.returncode == 2 and "different sets" in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_a_checkpoint_is_validated_with_its_runs_config(trained, tmp_path):
     """The same model as a checkpoint and as its run folder's file: validated again, the same utterances and texts."""
-    result = subprocess.run(cli("compare", str(trained.parent.parent), str(trained), "--json"), env=cli_env(),
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = run_here(tmp_path, "compare", str(trained.parent.parent), str(trained), "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(result.stdout)
     pair = figures["sets"]["validation"]["against_first"]["B"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import DECODER, ROOT, SMOKE, WHISPER, cli, cli_env, run_cli
+from conftest import DECODER, ROOT, SMOKE, WHISPER, cli, cli_env, run_here
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.training import SpeechLLM
 
@@ -90,7 +90,7 @@ MISTAKES = {
     "not a Lightning checkpoint": (["--ckpt_path", "plain.pt"], "plain.pt is a torch file but not a checkpoint"),
     "checkpoint is a folder": (["--ckpt_path", "empty"], "checkpoint empty is a folder"),
     "corrupt checkpoint": (["--ckpt_path", "corrupt.ckpt"], "cannot read checkpoint corrupt.ckpt"),
-    "nothing to resume": (["--ckpt_path", "last"], "--ckpt_path last: no last.ckpt under"),
+    "nothing to resume": (["--ckpt_path", "last"], "--ckpt_path last: no checkpoint under"),
     "no length": (["--trainer.max_steps", "-1"], "set --trainer.max_steps"),
     "no steps": (["--trainer.max_steps", "0"], "trainer.max_steps must be a positive number of optimizer steps, got 0"),
     "abbreviated option": (["--trainer.max_step", "10"], "unrecognized arguments: --trainer.max_step 10"),
@@ -215,7 +215,7 @@ def test_download_offline_or_without_a_network_is_one_line(here, capfd):
                             env=cli_env(HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}"))
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
     assert "cannot reach the Hub (ConnectError" in result.stderr and "check the network" in result.stderr
-    smoke = subprocess.run(cli("download", "-c", SMOKE), cwd=here, capture_output=True, text=True, env=cli_env())
+    smoke = run_here(here, "download", "-c", SMOKE)
     assert smoke.stdout == "nothing to fetch: the config names local folders only\n"
 
 
@@ -236,11 +236,11 @@ def test_compare_checks_the_plot_format_before_any_work(here, capfd):
 
 
 def test_a_run_too_short_to_validate_says_so_and_compare_points_at_its_checkpoint(workdir):
-    result = run_cli(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "4", "--trainer.enable_progress_bar", "false")
+    result = run_here(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "4", "--trainer.enable_progress_bar", "false")
     assert result.returncode == 0, result.stderr[-2000:]
     assert ("no validation in this run: trainer.val_check_interval is 60 batches and the run has 4; set "
             "--trainer.val_check_interval 4 to score it at the end") in result.stdout
-    compared = run_cli(workdir, "compare", "lightning_logs/version_0", "lightning_logs/version_0")
+    compared = run_here(workdir, "compare", "lightning_logs/version_0", "lightning_logs/version_0")
     assert compared.returncode == 2 and len(compared.stderr.splitlines()) == 1
     assert ("this run has no validation yet (no utterances/step=*.tsv): name its checkpoint instead "
             "(lightning_logs/version_0/checkpoints/last.ckpt)") in compared.stderr

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import ROOT, cli, cli_env, run_cli
+from conftest import ROOT, cli, cli_env, run_here
 from tiny_audio_pl.runs import RunFolder
 from tiny_audio_pl.scoring import read_utterances
 
@@ -102,7 +102,7 @@ def test_the_demo_transcribes_as_transcribe_does_and_explains_bad_audio(demo, br
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    expected = run_cli(tmp_path, "transcribe", str(CLIP), "--ckpt", str(trained)).stdout.split("\t", 1)[1].strip()
+    expected = run_here(tmp_path, "transcribe", str(CLIP), "--ckpt", str(trained)).stdout.split("\t", 1)[1].strip()
     browser.get(demo)
     WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#transcribe"))
     facts = browser.find_element(By.CSS_SELECTOR, "#facts").text

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SMOKE, SPEECH, run_cli
+from conftest import SMOKE, SPEECH, run_here
 
 
 def test_validate_scores_each_set_on_its_own_row(trained, workdir):
@@ -24,7 +24,7 @@ def test_validate_scores_each_set_on_its_own_row(trained, workdir):
          "text_column": "transcription", "id_column": "key"}]}}
     (workdir / "sets.yaml").write_text(yaml.safe_dump(sets))
 
-    result = run_cli(workdir, "validate", "-c", SMOKE, "-c", "sets.yaml", "--ckpt_path", str(trained),
+    result = run_here(workdir, "validate", "-c", SMOKE, "-c", "sets.yaml", "--ckpt_path", str(trained),
                      "--trainer.enable_progress_bar", "false")
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout[result.stdout.index("set "):].splitlines()
@@ -61,7 +61,7 @@ def test_validate_scores_each_set_on_its_own_row(trained, workdir):
 def test_a_trained_projector_shows_a_positive_audio_gain(workdir):
     """The grounding metric: 150 smoke steps give the wrong clip's audio a clearly higher loss than the right one
     (0.30 nats per token when measured on 2026-12-06, WER 66 % on these 8 clips)."""
-    result = run_cli(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "150", "--trainer.val_check_interval", "150",
+    result = run_here(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "150", "--trainer.val_check_interval", "150",
                      "--model.max_new_tokens", "8", "--data.max_eval_samples", "8", "--trainer.enable_progress_bar",
                      "false")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SMOKE, run_cli
+from conftest import SMOKE, run_cli, run_here
 
 STEPS = 4
 RUN = ["fit", "-c", SMOKE, "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", str(STEPS),
@@ -111,6 +111,6 @@ def test_two_runs_in_a_row_keep_their_own_files_in_every_tracker(first, workdir)
 
 
 def test_a_trackers_missing_package_is_one_line(workdir):
-    result = run_cli(workdir, *RUN, "--trainer.logger", "NeptuneLogger")
+    result = run_here(workdir, *RUN, "--trainer.logger", "NeptuneLogger")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "trainer.logger NeptuneLogger needs the neptune package: pip install neptune" in result.stderr

@@ -7,13 +7,13 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
 
-from conftest import SMOKE, SPEECH, run_cli
+from conftest import SMOKE, SPEECH, run_here
 from tiny_audio_pl.checkpoint import read_checkpoint
 from tiny_audio_pl.export import load_model
 
 
 def test_lora_switch_trains_and_saves_only_adapters_and_projector(workdir):
-    result = run_cli(workdir, "fit", "-c", SMOKE, "--model.lora_rank", "4", "--trainer.max_steps", "6",
+    result = run_here(workdir, "fit", "-c", SMOKE, "--model.lora_rank", "4", "--trainer.max_steps", "6",
                      "--trainer.val_check_interval", "6", "--data.max_eval_samples", "4",
                      "--model.max_new_tokens", "6", "--trainer.enable_progress_bar", "false")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -27,7 +27,7 @@ def test_lora_switch_trains_and_saves_only_adapters_and_projector(workdir):
     assert all(state[k].dtype == torch.float32 for k in adapters)
 
     out = workdir / "exported"
-    assert run_cli(workdir, "export", "--ckpt", str(ckpt), "--out", str(out)).returncode == 0
+    assert run_here(workdir, "export", "--ckpt", str(ckpt), "--out", str(out)).returncode == 0
     exported = load_file(out / "model.safetensors")
     assert set(exported) == set(state)  # adapters and projector, nothing frozen
     config = json.loads((out / "config.json").read_text())
@@ -42,6 +42,6 @@ def test_lora_switch_trains_and_saves_only_adapters_and_projector(workdir):
     row = pq.read_table(next(Path(SPEECH, "dev").glob("*.parquet"))).slice(0, 1).to_pylist()[0]
     clip = workdir / "clip.flac"
     clip.write_bytes(row["wav"]["bytes"])
-    transcripts = [run_cli(workdir, "transcribe", str(clip), "--ckpt", str(source)) for source in (ckpt, out)]
+    transcripts = [run_here(workdir, "transcribe", str(clip), "--ckpt", str(source)) for source in (ckpt, out)]
     assert transcripts[0].returncode == 0 and transcripts[0].stdout.split("\t")[1].strip()
     assert transcripts[0].stdout == transcripts[1].stdout

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import DECODER, ROOT, SMOKE, SPEECH, WHISPER, connected_data, run_cli
+from conftest import DECODER, ROOT, SMOKE, SPEECH, WHISPER, connected_data, run_here
 from tiny_audio_pl.data import Source, SpeechDataModule
 from tiny_audio_pl.errors import UsageError
 
@@ -53,7 +53,7 @@ def test_bad_sources_fail_with_the_field_names():
 
 
 def test_multi_task_config_trains_and_scores_each_task(workdir):
-    result = run_cli(workdir, "fit", "-c", SMOKE, "-c", str(MIX), "--trainer.max_steps", "6",
+    result = run_here(workdir, "fit", "-c", SMOKE, "-c", str(MIX), "--trainer.max_steps", "6",
                      "--trainer.val_check_interval", "6", "--model.max_new_tokens", "6",
                      "--trainer.enable_progress_bar", "false")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -28,6 +28,7 @@ from conftest import (
     later_day,
     make_workdir,
     on_day,
+    run_here,
 )
 
 STEPS = 14
@@ -39,7 +40,15 @@ ENV = cli_env()
 
 
 def _command(*args: str) -> list[str]:
+    """The run in a process of its own: for a signal sent to it, or a moved clock."""
     return cli("fit", "-c", SMOKE, *RUN, *args)
+
+
+def _fit(workdir: Path, *args: str) -> str:
+    """The run in this process (``run_here``); its output."""
+    result = run_here(workdir, "fit", "-c", SMOKE, *RUN, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def _checkpoints(workdir: Path) -> Path:
@@ -65,7 +74,7 @@ def _assert_same_training(resumed: dict, expected: dict) -> None:
 def straight(tmp_path_factory) -> Path:
     """The uninterrupted run: a checkpoint every 2 steps, in its own folder."""
     workdir = make_workdir(tmp_path_factory.mktemp("straight"))
-    subprocess.run(_command(), cwd=workdir, env=ENV, check=True, capture_output=True)
+    _fit(workdir)
     return workdir
 
 
@@ -82,7 +91,7 @@ def test_resume_in_a_later_pass_equals_an_uninterrupted_run(straight, tmp_path, 
     resumed = make_workdir(tmp_path / "resumed")
     start = resumed / "start.ckpt"
     shutil.copy(_checkpoints(straight) / f"step={step}.ckpt", start)
-    subprocess.run(_command("--ckpt_path", str(start)), cwd=resumed, env=ENV, check=True, capture_output=True)
+    _fit(resumed, "--ckpt_path", str(start))
     _assert_same_training(last_checkpoint(resumed), last_checkpoint(straight))
     later = sorted(p.name for p in _checkpoints(straight).glob("step=*.ckpt") if int(p.stem[5:]) > step)
     assert sorted(p.name for p in _checkpoints(resumed).glob("step=*.ckpt")) == later
@@ -127,16 +136,24 @@ def test_sigkill_after_the_first_checkpoint_then_resume_twice_never_goes_back(st
     _wait_for_step(crashed, process, 2)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert last_checkpoint(crashed)["global_step"] < STEPS
-    subprocess.run(_command("--ckpt_path", "last"), cwd=crashed, env=ENV, check=True, capture_output=True)
+    assert max(int(p.stem[5:]) for p in _checkpoints(crashed).glob("step=*.ckpt")) < STEPS  # linked as last or not
+    _fit(crashed, "--ckpt_path", "last")
     _assert_same_training(last_checkpoint(crashed), last_checkpoint(straight))
     _assert_last_names_the_newest_step(crashed)
     files = sorted(p.name for p in _checkpoints(crashed).iterdir())
-    again = subprocess.run(_command("--ckpt_path", "last"), cwd=crashed, env=ENV, check=True, capture_output=True,
-                           text=True)
-    assert "resuming from lightning_logs/version_0/checkpoints/last.ckpt" in again.stdout
+    assert "resuming from lightning_logs/version_0/checkpoints/last.ckpt" in _fit(crashed, "--ckpt_path", "last")
     assert sorted(p.name for p in _checkpoints(crashed).iterdir()) == files  # nothing retrained
     _assert_same_training(last_checkpoint(crashed), last_checkpoint(straight))
+
+
+def test_ckpt_path_last_takes_a_step_never_linked_as_last(straight, tmp_path):
+    """A kill between the run's first step file and its ``last.ckpt`` link leaves that step alone: ``--ckpt_path
+    last`` resumes from it (and ``auto`` does not start a new run beside it)."""
+    workdir = make_workdir(tmp_path / "unlinked")
+    _checkpoints(workdir).mkdir(parents=True)
+    shutil.copy(_checkpoints(straight) / "step=2.ckpt", _checkpoints(workdir))
+    assert "resuming from lightning_logs/version_0/checkpoints/step=2.ckpt" in _fit(workdir, "--ckpt_path", "auto")
+    _assert_same_training(last_checkpoint(workdir), last_checkpoint(straight))
 
 
 def test_ckpt_path_last_passes_over_a_last_behind_a_newer_step(straight, tmp_path):
@@ -145,10 +162,9 @@ def test_ckpt_path_last_passes_over_a_last_behind_a_newer_step(straight, tmp_pat
     shutil.copytree(_checkpoints(straight), _checkpoints(workdir), symlinks=True)
     (_checkpoints(workdir) / "last.ckpt").unlink()
     (_checkpoints(workdir) / "last.ckpt").symlink_to("step=6.ckpt")
-    result = subprocess.run(_command("--ckpt_path", "last"), cwd=workdir, env=ENV, check=True, capture_output=True,
-                            text=True)
-    assert f"last.ckpt is behind step={STEPS}.ckpt, the newest step saved beside it" in result.stdout
-    assert f"resuming from lightning_logs/version_0/checkpoints/step={STEPS}.ckpt" in result.stdout
+    output = _fit(workdir, "--ckpt_path", "last")
+    assert f"last.ckpt is behind step={STEPS}.ckpt, the newest step saved beside it" in output
+    assert f"resuming from lightning_logs/version_0/checkpoints/step={STEPS}.ckpt" in output
     assert sorted(p.name for p in _checkpoints(workdir).iterdir()) == sorted(
         p.name for p in _checkpoints(straight).iterdir())  # nothing retrained
 
@@ -171,7 +187,7 @@ def test_a_stop_signal_to_the_process_group_saves_the_step_exits_0_and_resumes_e
     assert (_checkpoints(workdir) / f"step={saved}.ckpt").is_file()
     assert os.readlink(_checkpoints(workdir) / "last.ckpt") == f"step={saved}.ckpt"
 
-    subprocess.run(_command("--ckpt_path", "last"), cwd=workdir, env=ENV, check=True, capture_output=True)
+    _fit(workdir, "--ckpt_path", "last")
     _assert_same_training(last_checkpoint(workdir), last_checkpoint(straight))
     _assert_last_names_the_newest_step(workdir)
 
@@ -191,8 +207,8 @@ def test_a_second_ctrl_c_stops_at_once():
 
 def test_diverging_run_skips_nonfinite_steps_then_stops_with_a_clear_error(tmp_path):
     workdir = make_workdir(tmp_path / "diverging")
-    result = subprocess.run(_command("--trainer.max_steps", "40", "--model.learning_rate", "1e30",
-                                     "--model.warmup_steps", "0"), cwd=workdir, env=ENV, capture_output=True, text=True)
+    result = run_here(workdir, "fit", "-c", SMOKE, *RUN, "--trainer.max_steps", "40", "--model.learning_rate", "1e30",
+                      "--model.warmup_steps", "0")
     assert result.returncode != 0
     assert "5 times in a row" in result.stderr and "lower model.learning_rate" in result.stderr
 

@@ -16,7 +16,7 @@ import torch
 from datasets import Audio, load_dataset
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, SPEECH, cli, cli_env, later_day, on_day, run_cli
+from conftest import ROOT, SPEECH, cli, cli_env, later_day, on_day, run_here
 from tiny_audio_pl.checkpoint import read_checkpoint
 from tiny_audio_pl.processing import split_windows
 
@@ -71,7 +71,7 @@ def test_an_export_transcribes_on_any_day_as_its_checkpoint_does(trained, clips,
     from tiny_audio_pl.export import load_model
 
     files = [str(clips[name]) for name in ("mono.wav", "long.ogg")]
-    today = run_cli(tmp_path, "transcribe", *files, "--ckpt", str(trained), "--json")
+    today = run_here(tmp_path, "transcribe", *files, "--ckpt", str(trained), "--json")
     assert today.returncode == 0, today.stderr
     model = load_model(str(trained))
     batch = model.processor([files[0]])
@@ -95,7 +95,7 @@ def test_an_export_transcribes_on_any_day_as_its_checkpoint_does(trained, clips,
 
 def test_export_writes_the_trained_weights_the_processor_and_the_code(trained, tmp_path):
     out = tmp_path / "model"
-    result = run_cli(tmp_path, "export", "--ckpt", str(trained), "--out", str(out))
+    result = run_here(tmp_path, "export", "--ckpt", str(trained), "--out", str(out))
     assert result.returncode == 0, result.stderr
     files = {str(p.relative_to(out)) for p in out.rglob("*")}
     assert {"config.json", "model.safetensors", "README.md", "processor/preprocessor_config.json",
@@ -169,9 +169,9 @@ def test_the_exported_folder_loads_in_transformers_alone_and_transcribes_as_tiny
     give the transcripts `tiny-audio transcribe` prints (a 40 s file cut into windows, a 44.1 kHz stereo one),
     also for a list in batches, datasets' array dicts and 2-D stereo; options it cannot honour are refused."""
     out = tmp_path / "model"
-    assert run_cli(tmp_path, "export", "--ckpt", str(trained), "--out", str(out)).returncode == 0
+    assert run_here(tmp_path, "export", "--ckpt", str(trained), "--out", str(out)).returncode == 0
     files = [str(clips[name]) for name in ("mono.wav", "long.ogg", "stereo44k.flac")]
-    ours = run_cli(tmp_path, "transcribe", *files, "--ckpt", str(out), "--json")
+    ours = run_here(tmp_path, "transcribe", *files, "--ckpt", str(out), "--json")
     assert ours.returncode == 0, ours.stderr
     expected = [json.loads(line)["text"] for line in ours.stdout.splitlines()]
     (tmp_path / "load.py").write_text(PIPELINE_FORMS)
@@ -213,7 +213,7 @@ def clips_file(folder: Path) -> Path:
 def test_transcribe_files_and_the_export_round_trip(trained, clips, tmp_path):
     files = [str(clips[name]) for name in ("mono.wav", "stereo44k.flac", "mono.mp3", "long.ogg", "broken.wav")]
     unusable = [str(clips["10ms.wav"]), str(tmp_path / "missing.wav")]
-    from_checkpoint = run_cli(tmp_path, "transcribe", *files, *unusable, "--ckpt", str(trained), "--json",
+    from_checkpoint = run_here(tmp_path, "transcribe", *files, *unusable, "--ckpt", str(trained), "--json",
                               "--batch-size", "2")
     assert from_checkpoint.returncode == 1  # three files could not be used ...
     problems = from_checkpoint.stderr.splitlines()
@@ -233,23 +233,23 @@ def test_transcribe_files_and_the_export_round_trip(trained, clips, tmp_path):
     assert results["stereo44k.flac"]["text"] == results["mono.wav"]["text"]  # downmixed and resampled back
 
     out = tmp_path / "model"
-    assert run_cli(tmp_path, "export", "--ckpt", str(trained), "--out", str(out)).returncode == 0
-    from_export = run_cli(tmp_path, "transcribe", *files[:4], "--ckpt", str(out), "--json", "--batch-size", "2")
+    assert run_here(tmp_path, "export", "--ckpt", str(trained), "--out", str(out)).returncode == 0
+    from_export = run_here(tmp_path, "transcribe", *files[:4], "--ckpt", str(out), "--json", "--batch-size", "2")
     assert from_export.returncode == 0, from_export.stderr
     assert [json.loads(line) for line in from_export.stdout.splitlines()] == [results[Path(f).name] for f in files[:4]]
 
-    plain = run_cli(tmp_path, "transcribe", files[0], "--ckpt", str(out))
+    plain = run_here(tmp_path, "transcribe", files[0], "--ckpt", str(out))
     assert plain.stdout == f"{files[0]}\t{results['mono.wav']['text']}\n"
 
     weights = load_file(out / "model.safetensors")
     save_file(dict(sorted(weights.items())[1:]), out / "model.safetensors")  # a tensor short
-    damaged = run_cli(tmp_path, "transcribe", files[0], "--ckpt", str(out))
+    damaged = run_here(tmp_path, "transcribe", files[0], "--ckpt", str(out))
     assert damaged.returncode == 2 and damaged.stdout == ""
     assert f"{out} does not match its settings: missing ['{min(weights)}']" in damaged.stderr
 
 
 def test_push_to_hub_offline_says_so(trained, tmp_path):
-    result = run_cli(tmp_path, "export", "--ckpt", str(trained), "--out", str(tmp_path / "m"), "--push-to-hub",
+    result = run_here(tmp_path, "export", "--ckpt", str(trained), "--out", str(tmp_path / "m"), "--push-to-hub",
                      "someone/model", HF_TOKEN="hf_secret_token_value")
     assert result.returncode != 0 and "HF_HUB_OFFLINE is set" in result.stderr
     assert "hf_secret_token_value" not in result.stdout + result.stderr

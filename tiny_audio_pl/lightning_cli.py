@@ -80,21 +80,28 @@ def logger_configs(value: Any) -> list[Namespace]:
 
 
 def run_root(logger: Namespace | None, default_root_dir: str | None) -> tuple[Path, str]:
-    """The folder the first logger's runs go in, and the pattern of a run's ``last.ckpt`` under it."""
+    """The folder the first logger's runs go in, and the pattern of a run's checkpoint folder under it."""
     if logger is None:
-        return Path(default_root_dir or ".") / "lightning_logs", "*/checkpoints/last.ckpt"
+        return Path(default_root_dir or ".") / "lightning_logs", "*/checkpoints"
     name_argument, default, _ = RUN_LAYOUT.get(logger.class_path.rsplit(".", 1)[-1], ("name", "lightning_logs", ""))
     save_dir = Path(logger.init_args.get("save_dir") or default_root_dir or ".")
     if name_argument is None:
-        return save_dir, "*/*/checkpoints/last.ckpt"
-    return save_dir / (logger.init_args.get(name_argument) or default or ""), "*/checkpoints/last.ckpt"
+        return save_dir, "*/*/checkpoints"
+    return save_dir / (logger.init_args.get(name_argument) or default or ""), "*/checkpoints"
 
 
 def find_last_checkpoint(checkpoint_dir: str | None, log_root: Path, pattern: str) -> Path | None:
-    """The newest ``last.ckpt``: in ``checkpoint_dir`` if set, else in any run folder under ``log_root``."""
-    candidates = [Path(checkpoint_dir) / "last.ckpt"] if checkpoint_dir else list(log_root.glob(pattern))
-    existing = [c for c in candidates if c.is_file()]
-    return max(existing, key=lambda c: c.stat().st_mtime) if existing else None
+    """The checkpoint to resume: in ``checkpoint_dir`` if set, else in the run folder under ``log_root`` (``pattern``:
+    its checkpoint folders) that saved last. Its ``last.ckpt``, or its newest file where ``last.ckpt`` was never
+    linked (a kill between the first step's file and its link); :func:`newest_beside` then passes over a
+    ``last.ckpt`` left behind a newer step."""
+    folders = [Path(checkpoint_dir)] if checkpoint_dir else log_root.glob(pattern)
+    saved = [path for folder in folders for path in folder.glob("*.ckpt") if path.is_file()]
+    if not saved:
+        return None
+    newest = max(saved, key=lambda path: path.stat().st_mtime)
+    last = newest.parent / "last.ckpt"
+    return last if last.is_file() else newest
 
 
 def newest_beside(last: Path) -> Path:
@@ -218,7 +225,7 @@ class TinyAudioCLI(LightningCLI):
             return
         if found is None:
             where = config.checkpoint.dirpath or self.log_root / self.run_pattern
-            raise UsageError(f"--ckpt_path last: no last.ckpt under {where}. Drop --ckpt_path to start a new "
+            raise UsageError(f"--ckpt_path last: no checkpoint under {where}. Drop --ckpt_path to start a new "
                              "run, pass the path of a checkpoint, or use --ckpt_path auto to resume when there "
                              "is one and start afresh when there is not.")
         newest = newest_beside(found)

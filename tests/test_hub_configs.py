@@ -1,0 +1,54 @@
+"""The shipped configs as users run them: by hub ids through a Hub server, and on a node without internet from
+what ``tiny-audio download`` fetched.
+
+The configs run unchanged but for CPU and size overrides (``test_hub.SMALL``), against
+:class:`hub_server.HubServer` (``HF_ENDPOINT``, loopback only) serving repositories laid out as the real ones.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from test_hub import CONFIGS, SMALL, WHISPER_YAML, run
+
+from conftest import cli_env, hub_env, make_workdir
+
+
+@pytest.mark.parametrize("configs", [["hubert.yaml"], ["multi_task.yaml"], ["laptop"]],
+                         ids=["whisper+hubert", "whisper+multi_task", "laptop"])
+def test_the_shipped_configs_train_from_hub_ids(hub, tmp_path, configs):
+    files = ["-c", str(CONFIGS / "laptop.yaml")] if configs == ["laptop"] else [
+        "-c", WHISPER_YAML, *[arg for name in configs for arg in ("-c", str(CONFIGS / name))]]
+    workdir = make_workdir(tmp_path / "run")
+    validate_at = ["--trainer.val_check_interval", "2"] if configs == ["laptop"] else []
+    result = run(workdir, hub_env(hub.url, tmp_path / "hf"), "fit", *files, *SMALL, *validate_at)
+    assert result.returncode == 0, result.stderr[-3000:]
+    encoder = {"hubert.yaml": "facebook/hubert-xlarge-ls960-ft", "laptop": "openai/whisper-tiny.en"}.get(
+        configs[0], "openai/whisper-large-v3-turbo")
+    assert f"encoder  {encoder} (frozen)" in result.stdout + result.stderr
+    assert "validation   " in result.stdout
+    if configs == ["laptop"]:  # its 2,000 alignment steps cover these 2: said, not silently done
+        assert "the whole run is the alignment stage (model.align_steps 2000, trainer.max_steps 2)" in result.stdout
+    if configs == ["multi_task.yaml"]:
+        assert "speaker_sex_dev: WER" in result.stdout and "transcribe_dev: WER" in result.stdout
+
+
+def test_a_node_without_internet_runs_the_same_config_from_what_download_fetched(hub, tmp_path):
+    """Fetch once where the hub is reachable; then, with the hub gone and HF_HUB_OFFLINE=1, the same command."""
+    home, workdir = tmp_path / "hf", make_workdir(tmp_path / "node")
+    hubert = ["-c", WHISPER_YAML, "-c", str(CONFIGS / "hubert.yaml")]
+    fetched = run(workdir, hub_env(hub.url, home), "download", *hubert)
+    assert fetched.returncode == 0, fetched.stderr[-3000:]
+    assert "model    facebook/hubert-xlarge-ls960-ft" in fetched.stdout
+    assert re.search(r"dataset  speechbrain/LoquaciousSet large train: 2 file\(s\)", fetched.stdout), fetched.stdout
+    snapshot = next((home / "hub/models--facebook--hubert-xlarge-ls960-ft/snapshots").iterdir())
+    assert (snapshot / "model.safetensors").exists() and not (snapshot / "pytorch_model.bin").exists()
+    offline = cli_env(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="1", HF_HOME=str(home))  # nothing listens
+    result = run(workdir, offline, "fit", *hubert, *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "validation   WER" in result.stdout
+    missing = run(workdir, offline, "fit", *hubert, "--data.config_name", "small", *SMALL)  # a split not fetched
+    errors = [line for line in missing.stderr.splitlines() if line.startswith("tiny-audio fit: error:")]
+    assert missing.returncode == 2 and len(errors) == 1 and "Traceback" not in missing.stderr, missing.stderr
+    assert "config small, split 'train'" in errors[0] and "tiny-audio download -c CONFIG" in errors[0]
