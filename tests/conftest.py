@@ -199,20 +199,7 @@ def trained(tmp_path_factory, worker_id: str) -> Path:
         if not checkpoint.exists():
             make_workdir(workdir)
             result = run_here(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "20", "--trainer.val_check_interval",
-                             "20", "--checkpoint.every_n_train_steps", "20", "--data.max_eval_samples", "4",
-                             "--model.max_new_tokens", "8", "--trainer.enable_progress_bar", "false")
+                              "20", "--checkpoint.every_n_train_steps", "20", "--data.max_eval_samples", "4",
+                              "--model.max_new_tokens", "8", "--trainer.enable_progress_bar", "false")
             assert result.returncode == 0, result.stderr[-2000:]
     return checkpoint
-
-
-# The files that take longest, first: pytest-xdist hands each file whole to one worker (--dist loadfile) in this
-# order, so none of them starts late and leaves the other workers idle at the end. The DDP and Slurm tests also wait
-# on Slurm's clock (a time limit), which the other workers spend on the rest of the suite.
-LONGEST_FIRST = ["test_ddp.py", "test_hub.py", "test_hub_configs.py", "test_resume.py", "test_network_faults.py",
-                 "test_loggers.py", "test_speed.py", "test_demo.py", "test_transcribe.py", "test_notebooks.py"]
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The files of :data:`LONGEST_FIRST` first, in its order; the rest keep theirs (a stable sort)."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -74,9 +74,9 @@ def test_each_bad_case_gets_its_reason(bad_dataset):
 
 def _fit(workdir, dataset, *extra: str) -> subprocess.CompletedProcess:
     return run_here(workdir, "fit", "-c", SMOKE, "--data.dataset", str(dataset), "--data.val_split", "train",
-                   "--data.max_duration", "5", "--data.max_target_tokens", "64", "--trainer.max_steps", "12",
-                   "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--data.num_workers", "1",
-                   "--trainer.enable_progress_bar", "false", *extra)
+                    "--data.max_duration", "5", "--data.max_target_tokens", "64", "--trainer.max_steps", "12",
+                    "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+                    "--data.num_workers", "1", "--trainer.enable_progress_bar", "false", *extra)
 
 
 def test_a_run_over_bad_data_finishes_and_reports_every_reason(bad_dataset, workdir):

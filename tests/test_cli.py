@@ -120,7 +120,7 @@ def test_auto_resume_starts_fresh_only_when_asked_and_runs_go_under_default_root
 def test_a_token_in_the_environment_is_written_nowhere(workdir):
     token = "hf_PlantedTokenDoNotWrite1234567890"
     result = run_here(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "2", "--data.max_eval_samples", "2",
-                     "--trainer.val_check_interval", "2", HF_TOKEN=token, HUGGING_FACE_HUB_TOKEN=token)
+                      "--trainer.val_check_interval", "2", HF_TOKEN=token, HUGGING_FACE_HUB_TOKEN=token)
     assert result.returncode == 0, result.stderr[-2000:]
     written = [p for p in workdir.rglob("*") if p.is_file()]
     assert any(p.suffix == ".ckpt" for p in written) and any(p.name == "config.yaml" for p in written)

@@ -25,7 +25,7 @@ def test_validate_scores_each_set_on_its_own_row(trained, workdir):
     (workdir / "sets.yaml").write_text(yaml.safe_dump(sets))
 
     result = run_here(workdir, "validate", "-c", SMOKE, "-c", "sets.yaml", "--ckpt_path", str(trained),
-                     "--trainer.enable_progress_bar", "false")
+                      "--trainer.enable_progress_bar", "false")
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout[result.stdout.index("set "):].splitlines()
     assert table[0].split() == ["set", "utterances", "hours", "WER", "%", "95", "%", "interval", "sub", "del", "ins",
@@ -62,8 +62,8 @@ def test_a_trained_projector_shows_a_positive_audio_gain(workdir):
     """The grounding metric: 150 smoke steps give the wrong clip's audio a clearly higher loss than the right one
     (0.30 nats per token when measured on 2026-12-06, WER 66 % on these 8 clips)."""
     result = run_here(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "150", "--trainer.val_check_interval", "150",
-                     "--model.max_new_tokens", "8", "--data.max_eval_samples", "8", "--trainer.enable_progress_bar",
-                     "false")
+                      "--model.max_new_tokens", "8", "--data.max_eval_samples", "8", "--trainer.enable_progress_bar",
+                      "false")
     assert result.returncode == 0, result.stderr[-2000:]
     events = EventAccumulator(str(workdir / "lightning_logs" / "version_0"))
     events.Reload()

@@ -14,8 +14,8 @@ from tiny_audio_pl.export import load_model
 
 def test_lora_switch_trains_and_saves_only_adapters_and_projector(workdir):
     result = run_here(workdir, "fit", "-c", SMOKE, "--model.lora_rank", "4", "--trainer.max_steps", "6",
-                     "--trainer.val_check_interval", "6", "--data.max_eval_samples", "4",
-                     "--model.max_new_tokens", "6", "--trainer.enable_progress_bar", "false")
+                      "--trainer.val_check_interval", "6", "--data.max_eval_samples", "4",
+                      "--model.max_new_tokens", "6", "--trainer.enable_progress_bar", "false")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(frozen; LoRA rank 4 adapters trainable)" in result.stdout + result.stderr  # the run's banner
     ckpt = workdir / "lightning_logs/version_0/checkpoints/last.ckpt"

@@ -214,7 +214,7 @@ def test_transcribe_files_and_the_export_round_trip(trained, clips, tmp_path):
     files = [str(clips[name]) for name in ("mono.wav", "stereo44k.flac", "mono.mp3", "long.ogg", "broken.wav")]
     unusable = [str(clips["10ms.wav"]), str(tmp_path / "missing.wav")]
     from_checkpoint = run_here(tmp_path, "transcribe", *files, *unusable, "--ckpt", str(trained), "--json",
-                              "--batch-size", "2")
+                               "--batch-size", "2")
     assert from_checkpoint.returncode == 1  # three files could not be used ...
     problems = from_checkpoint.stderr.splitlines()
     assert problems[0] == f"{tmp_path / 'missing.wav'}: no such file or folder"  # reported before loading
@@ -250,7 +250,7 @@ def test_transcribe_files_and_the_export_round_trip(trained, clips, tmp_path):
 
 def test_push_to_hub_offline_says_so(trained, tmp_path):
     result = run_here(tmp_path, "export", "--ckpt", str(trained), "--out", str(tmp_path / "m"), "--push-to-hub",
-                     "someone/model", HF_TOKEN="hf_secret_token_value")
+                      "someone/model", HF_TOKEN="hf_secret_token_value")
     assert result.returncode != 0 and "HF_HUB_OFFLINE is set" in result.stderr
     assert "hf_secret_token_value" not in result.stdout + result.stderr
     assert all(b"hf_secret_token_value" not in p.read_bytes() for p in (tmp_path / "m").rglob("*") if p.is_file())
