@@ -74,9 +74,10 @@ def run_here(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProce
     read at import such as ``HF_ENDPOINT``; those run with :func:`run_cli`).
 
     It runs in ``workdir`` with ``env`` added to the environment, both put back afterwards. Its stdout and stderr
-    are what it printed and logged: the logging handlers that write to a terminal write into them meanwhile, and
-    records that would reach no handler are written to stderr, as Python's last-resort handler does in a process
-    of its own. The return code is its exit status; an exception gives 1 and its traceback on stderr."""
+    are what it printed and logged: the logging handlers that write to a terminal write to its stderr meanwhile, as
+    does one added on the root logger (in a process of its own, Lightning's handler or Python's last-resort one
+    prints those records); warnings go to pytest's report instead. The return code is its exit status; an exception
+    gives 1 and its traceback on stderr."""
     from tiny_audio_pl.cli import main
 
     out, err = io.StringIO(), io.StringIO()
