@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from test_hub import CONFIGS, SMALL, WHISPER_YAML, run
 
 from conftest import cli_env, hub_env, make_workdir
+from test_hub import CONFIGS, SMALL, WHISPER_YAML, run
 
 
 @pytest.mark.parametrize("configs", [["hubert.yaml"], ["multi_task.yaml"], ["laptop"]],

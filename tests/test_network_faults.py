@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_hub import CPU, WHISPER_YAML, run
 
 from conftest import assert_same_training, cli, hub_env, last_checkpoint, make_workdir
 from hub_server import FaultProxy, HubServer
+from test_hub import CPU, WHISPER_YAML, run
 
 # The fault runs: 6 steps of two batches of ~13 clips (2 passes over the 80 train clips, so shards are read
 # again); with two micro-batches a step, an outage can fall inside an optimizer step.
