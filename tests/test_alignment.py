@@ -4,10 +4,9 @@ import math
 
 import torch
 
-from conftest import SMOKE
+from conftest import DECODER, SMOKE, WHISPER, run_here
 from tiny_audio_pl.alignment import TokenAlignment
 from tiny_audio_pl.checkpoint import read_checkpoint
-from tiny_audio_pl.cli import main
 from tiny_audio_pl.training import SpeechLLM
 
 
@@ -24,13 +23,13 @@ def test_the_transcripts_embeddings_in_order_read_as_the_transcript(tiny_model):
     assert right < 1 < 4 < wrong  # nats per token (0.57 and 5.4 with the tiny decoder's 128-wide embeddings)
 
 
-def test_alignment_stage_trains_the_projector_alone_then_the_decoder_takes_over(tmp_path, monkeypatch, dev_batch):
-    (tmp_path / "assets").symlink_to(SMOKE.rsplit("/configs", 1)[0] + "/assets")
-    monkeypatch.chdir(tmp_path)
-    main(["fit", "-c", SMOKE, "--model.lora_rank", "4", "--model.align_steps", "20", "--trainer.max_steps", "24",
-          "--checkpoint.every_n_train_steps", "20", "--trainer.val_check_interval", "20",
-          "--data.max_eval_samples", "4", "--model.max_new_tokens", "4", "--trainer.enable_progress_bar", "false"])
-    folder = tmp_path / "lightning_logs/version_0/checkpoints"
+def test_alignment_stage_trains_the_projector_alone_then_the_decoder_takes_over(workdir, dev_batch):
+    result = run_here(workdir, "fit", "-c", SMOKE, "--model.lora_rank", "4", "--model.align_steps", "20",
+                      "--trainer.max_steps", "24", "--checkpoint.every_n_train_steps", "20",
+                      "--trainer.val_check_interval", "20", "--data.max_eval_samples", "4", "--model.max_new_tokens",
+                      "4", "--trainer.enable_progress_bar", "false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = workdir / "lightning_logs/version_0/checkpoints"
     aligned, last = (read_checkpoint(folder / name) for name in ("step=20.ckpt", "last.ckpt"))
     # The stage's validation scores the projector alone (its best path; no decoder pass, so no audio gain).
     assert math.isnan(aligned["validation"]["metrics"]["val/audio_gain"]) and aligned["validation"]["step"] == 20
@@ -40,7 +39,7 @@ def test_alignment_stage_trains_the_projector_alone_then_the_decoder_takes_over(
 
     def alignment_loss(state: dict | None) -> float:
         torch.manual_seed(0)
-        model = SpeechLLM(encoder="assets/tiny-whisper", decoder="assets/tiny-smollm3", projector_hidden=256,
+        model = SpeechLLM(encoder=WHISPER, decoder=DECODER, projector_hidden=256,
                           lora_rank=4, align_steps=1).eval()
         if state is not None:
             model.network.load_trained(state, "test")

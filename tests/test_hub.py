@@ -32,16 +32,11 @@ SMALL = [*CPU, "--trainer.max_steps", "2", "--trainer.val_check_interval", "8", 
          "--model.max_new_tokens", "2", "--model.projector_hidden", "32"]
 
 
-def run(workdir: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    """``tiny-audio ARGS`` in ``workdir`` with ``env`` in place of conftest's offline one."""
-    return run_cli(workdir, *args, **env)
-
-
 @pytest.fixture(scope="module")
 def recipe(hub, tmp_path_factory) -> Path:
     """``tiny-audio fit --config configs/whisper.yaml``, as shipped but for CPU and size, through the server."""
     workdir = make_workdir(tmp_path_factory.mktemp("recipe"))
-    result = run(workdir, hub_env(hub.url, workdir / "hf"), "fit", "--config", WHISPER_YAML, *SMALL)
+    result = run_cli(workdir, "fit", "--config", WHISPER_YAML, *SMALL, **hub_env(hub.url, workdir / "hf"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "encoder  openai/whisper-large-v3-turbo (frozen)" in result.stdout + result.stderr
     assert "decoder  HuggingFaceTB/SmolLM3-3B (frozen)" in result.stdout + result.stderr
@@ -51,8 +46,8 @@ def recipe(hub, tmp_path_factory) -> Path:
 
 def test_validate_scores_the_evaluation_sets_of_eval_yaml(hub, recipe):
     """LoquaciousSet test and LibriSpeech test.clean / test.other, by the hub ids and splits eval.yaml names."""
-    result = run(recipe, hub_env(hub.url, recipe / "hf"), "validate", "-c", WHISPER_YAML, "-c",
-                 str(CONFIGS / "eval.yaml"), *CPU, "--ckpt_path", "lightning_logs/version_0/checkpoints/last.ckpt")
+    result = run_cli(recipe, "validate", "-c", WHISPER_YAML, "-c", str(CONFIGS / "eval.yaml"), *CPU, "--ckpt_path",
+                     "lightning_logs/version_0/checkpoints/last.ckpt", **hub_env(hub.url, recipe / "hf"))
     assert result.returncode == 0, result.stderr[-3000:]
     for name, clips in (("loquacious_test", 10), ("librispeech_test.clean", 20), ("librispeech_test.other", 20)):
         assert re.search(rf"^{re.escape(name)}\s+{clips}\s", result.stdout, re.M), result.stdout
@@ -86,10 +81,10 @@ def test_a_dataset_with_a_loading_script_is_read_from_its_parquet_files(tmp_path
 def test_transcribe_and_the_pipeline_on_a_model_folder_that_names_hub_ids(hub, recipe, tmp_path):
     env = hub_env(hub.url, recipe / "hf")
     folder = tmp_path / "model"
-    assert run(tmp_path, env, "export", "--ckpt", str(recipe / "lightning_logs/version_0/checkpoints/last.ckpt"),
-               "--out", str(folder)).returncode == 0
+    assert run_cli(tmp_path, "export", "--ckpt", str(recipe / "lightning_logs/version_0/checkpoints/last.ckpt"),
+                   "--out", str(folder), **env).returncode == 0
     assert '"encoder": "openai/whisper-large-v3-turbo"' in (folder / "config.json").read_text()
-    ours = run(tmp_path, env, "transcribe", CLIP, "--ckpt", str(folder))
+    ours = run_cli(tmp_path, "transcribe", CLIP, "--ckpt", str(folder), **env)
     assert ours.returncode == 0, ours.stderr[-2000:]
     text = ours.stdout.strip().split("\t", 1)[1]
     (tmp_path / "load.py").write_text(HUB_LOAD)
@@ -108,8 +103,8 @@ def test_export_push_to_hub_then_the_pipeline_loads_it_by_its_hub_id(trained, tm
     folder = tmp_path / "model"
     (tmp_path / "load.py").write_text(HUB_LOAD)
     with HubServer(tmp_path / "hub") as server:
-        pushed = run(tmp_path, hub_env(server.url, tmp_path / "hf-push") | {"HF_TOKEN": "any"}, "export", "--ckpt",
-                     str(trained), "--out", str(folder), "--push-to-hub", "some-org/tiny-asr")
+        pushed = run_cli(tmp_path, "export", "--ckpt", str(trained), "--out", str(folder), "--push-to-hub",
+                         "some-org/tiny-asr", **hub_env(server.url, tmp_path / "hf-push"), HF_TOKEN="any")
         assert pushed.returncode == 0, pushed.stderr[-3000:]
         theirs = subprocess.run([sys.executable, "load.py", "some-org/tiny-asr", CLIP], cwd=tmp_path,
                                 env=hub_env(server.url, tmp_path / "hf"), capture_output=True, text=True, timeout=300)

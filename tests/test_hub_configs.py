@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-from conftest import cli_env, hub_env, make_workdir
-from test_hub import CONFIGS, SMALL, WHISPER_YAML, run
+from conftest import cli_env, hub_env, make_workdir, run_cli
+from test_hub import CONFIGS, SMALL, WHISPER_YAML
 
 
 @pytest.mark.parametrize("configs", [["hubert.yaml"], ["multi_task.yaml"], ["laptop"]],
@@ -22,7 +22,7 @@ def test_the_shipped_configs_train_from_hub_ids(hub, tmp_path, configs):
         "-c", WHISPER_YAML, *[arg for name in configs for arg in ("-c", str(CONFIGS / name))]]
     workdir = make_workdir(tmp_path / "run")
     validate_at = ["--trainer.val_check_interval", "2"] if configs == ["laptop"] else []
-    result = run(workdir, hub_env(hub.url, tmp_path / "hf"), "fit", *files, *SMALL, *validate_at)
+    result = run_cli(workdir, "fit", *files, *SMALL, *validate_at, **hub_env(hub.url, tmp_path / "hf"))
     assert result.returncode == 0, result.stderr[-3000:]
     encoder = {"hubert.yaml": "facebook/hubert-xlarge-ls960-ft", "laptop": "openai/whisper-tiny.en"}.get(
         configs[0], "openai/whisper-large-v3-turbo")
@@ -38,17 +38,17 @@ def test_a_node_without_internet_runs_the_same_config_from_what_download_fetched
     """Fetch once where the hub is reachable; then, with the hub gone and HF_HUB_OFFLINE=1, the same command."""
     home, workdir = tmp_path / "hf", make_workdir(tmp_path / "node")
     hubert = ["-c", WHISPER_YAML, "-c", str(CONFIGS / "hubert.yaml")]
-    fetched = run(workdir, hub_env(hub.url, home), "download", *hubert)
+    fetched = run_cli(workdir, "download", *hubert, **hub_env(hub.url, home))
     assert fetched.returncode == 0, fetched.stderr[-3000:]
     assert "model    facebook/hubert-xlarge-ls960-ft" in fetched.stdout
     assert re.search(r"dataset  speechbrain/LoquaciousSet large train: 2 file\(s\)", fetched.stdout), fetched.stdout
     snapshot = next((home / "hub/models--facebook--hubert-xlarge-ls960-ft/snapshots").iterdir())
     assert (snapshot / "model.safetensors").exists() and not (snapshot / "pytorch_model.bin").exists()
     offline = cli_env(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="1", HF_HOME=str(home))  # nothing listens
-    result = run(workdir, offline, "fit", *hubert, *SMALL)
+    result = run_cli(workdir, "fit", *hubert, *SMALL, **offline)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "validation   WER" in result.stdout
-    missing = run(workdir, offline, "fit", *hubert, "--data.config_name", "small", *SMALL)  # a split not fetched
+    missing = run_cli(workdir, "fit", *hubert, "--data.config_name", "small", *SMALL, **offline)  # a split not fetched
     errors = [line for line in missing.stderr.splitlines() if line.startswith("tiny-audio fit: error:")]
     assert missing.returncode == 2 and len(errors) == 1 and "Traceback" not in missing.stderr, missing.stderr
     assert "config small, split 'train'" in errors[0] and "tiny-audio download -c CONFIG" in errors[0]

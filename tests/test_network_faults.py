@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import assert_same_training, cli, hub_env, last_checkpoint, make_workdir
+from conftest import assert_same_training, cli, hub_env, last_checkpoint, make_workdir, run_cli
 from hub_server import FaultProxy, HubServer
-from test_hub import CPU, WHISPER_YAML, run
+from test_hub import CPU, WHISPER_YAML
 
 # The fault runs: 6 steps of two batches of ~13 clips (2 passes over the 80 train clips, so shards are read
 # again); with two micro-batches a step, an outage can fall inside an optimizer step.
@@ -30,7 +30,7 @@ FAULT_RUN = [*CPU, "--trainer.max_steps", "6", "--trainer.val_check_interval", "
 
 def fault_run(hub: HubServer, workdir: Path, plan=None, *args: str) -> tuple[subprocess.CompletedProcess, FaultProxy]:
     with FaultProxy(hub.url, plan, stall_s=6) as proxy:
-        result = run(workdir, hub_env(proxy.url, workdir / "hf"), "fit", "-c", WHISPER_YAML, *FAULT_RUN, *args)
+        result = run_cli(workdir, "fit", "-c", WHISPER_YAML, *FAULT_RUN, *args, **hub_env(proxy.url, workdir / "hf"))
     return result, proxy
 
 

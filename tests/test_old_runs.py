@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SMOKE, make_workdir
+from conftest import SMOKE, make_workdir, run_here
 from tiny_audio_pl.checkpoint import TrainedCheckpoint
-from tiny_audio_pl.cli import main
 from tiny_audio_pl.export import load_model
 
 
@@ -21,12 +20,12 @@ from tiny_audio_pl.export import load_model
 def old_run(tmp_path_factory) -> Path:
     """A run folder whose ``step=4.ckpt`` (``last.ckpt`` links to it) is in the older layout, with LoRA adapters."""
     workdir = make_workdir(tmp_path_factory.mktemp("old") / "run")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(workdir)
-        main(["fit", "-c", SMOKE, "--model.projector_hidden", "32", "--model.lora_rank", "2", "--model.lora_targets",
-              "[q_proj]", "--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
-              "--checkpoint.every_n_train_steps", "4", "--data.max_eval_samples", "4", "--model.max_new_tokens", "4",
-              "--trainer.enable_progress_bar", "false", "--data.num_workers", "0"])
+    result = run_here(workdir, "fit", "-c", SMOKE, "--model.projector_hidden", "32", "--model.lora_rank", "2",
+                      "--model.lora_targets", "[q_proj]", "--trainer.max_steps", "4", "--trainer.val_check_interval",
+                      "4", "--checkpoint.every_n_train_steps", "4", "--data.max_eval_samples", "4",
+                      "--model.max_new_tokens", "4", "--trainer.enable_progress_bar", "false",
+                      "--data.num_workers", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
     path = workdir / "lightning_logs/version_0/checkpoints/step=4.ckpt"
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["state_dict"] = {f"model.{name}": value for name, value in checkpoint["state_dict"].items()}
@@ -38,7 +37,7 @@ def old_run(tmp_path_factory) -> Path:
 def test_an_old_checkpoint_and_its_export_load_to_the_same_model_and_transcript(old_run, monkeypatch, dev_batch):
     monkeypatch.chdir(old_run)
     checkpoint = old_run / "lightning_logs/version_0/checkpoints/step=4.ckpt"
-    main(["export", "--ckpt", str(checkpoint), "--out", "exported"])
+    assert run_here(old_run, "export", "--ckpt", str(checkpoint), "--out", "exported").returncode == 0
     from_checkpoint, from_export = load_model(checkpoint), load_model("exported")
     trained = from_checkpoint.trainable_state_dict()
     assert any(".lora_A." in name for name in trained) and any(name.startswith("projector.") for name in trained)
@@ -49,13 +48,15 @@ def test_an_old_checkpoint_and_its_export_load_to_the_same_model_and_transcript(
     assert from_checkpoint.transcribe(features, lengths) == from_export.transcribe(features, lengths)
 
 
-def test_an_old_checkpoint_resumes(old_run, tmp_path, monkeypatch):
+def test_an_old_checkpoint_resumes(old_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(old_run, workdir, symlinks=True)
-    monkeypatch.chdir(workdir)
-    before = TrainedCheckpoint.read("lightning_logs/version_0/checkpoints/step=4.ckpt").weights()
-    main(["fit", "-c", SMOKE, "--ckpt_path", "last", "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
-          "--checkpoint.every_n_train_steps", "2", "--data.max_eval_samples", "4", "--trainer.enable_progress_bar",
-          "false", "--data.num_workers", "0"])
-    resumed = TrainedCheckpoint.read("lightning_logs/version_0/checkpoints/last.ckpt")
+    checkpoints = workdir / "lightning_logs/version_0/checkpoints"
+    before = TrainedCheckpoint.read(checkpoints / "step=4.ckpt").weights()
+    result = run_here(workdir, "fit", "-c", SMOKE, "--ckpt_path", "last", "--trainer.max_steps", "6",
+                      "--trainer.val_check_interval", "6", "--checkpoint.every_n_train_steps", "2",
+                      "--data.max_eval_samples", "4", "--trainer.enable_progress_bar", "false",
+                      "--data.num_workers", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = TrainedCheckpoint.read(checkpoints / "last.ckpt")
     assert resumed.step == 6 and resumed.weights().keys() == before.keys()

@@ -146,9 +146,9 @@ def test_sigkill_after_the_first_checkpoint_then_resume_twice_never_goes_back(st
     _assert_same_training(last_checkpoint(crashed), last_checkpoint(straight))
 
 
-def test_ckpt_path_last_takes_a_step_never_linked_as_last(straight, tmp_path):
+def test_ckpt_path_auto_resumes_a_step_never_linked_as_last(straight, tmp_path):
     """A kill between the run's first step file and its ``last.ckpt`` link leaves that step alone: ``--ckpt_path
-    last`` resumes from it (and ``auto`` does not start a new run beside it)."""
+    auto`` resumes from it instead of starting a new run beside it (``last`` finds it the same way)."""
     workdir = make_workdir(tmp_path / "unlinked")
     _checkpoints(workdir).mkdir(parents=True)
     shutil.copy(_checkpoints(straight) / "step=2.ckpt", _checkpoints(workdir))
