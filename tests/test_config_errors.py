@@ -269,11 +269,12 @@ def test_more_cpu_processes_than_cores_is_said(capsys):
 @pytest.mark.parametrize("args, message", [
     (["--model.lora_alpha", "16"], "model.lora_alpha and model.lora_targets shape LoRA adapters"),
     (["--model.lora_targets", "[q_proj]"], "which model.lora_rank 0 turns off"),
+    (["--model.adapter_learning_rate", "0.002"], "model.lora_rank 0 makes none"),
     (["--model.encoder", "assets/tiny-hubert", "--model.whisper_full_window", "true"],
      "model.whisper_full_window is for Whisper encoders; assets/tiny-hubert is 'hubert'"),
     (["--data.max_batch_clips", "8"], "data.max_batch_clips bounds the batches of data.batch_seconds"),
     (["--trainer.devices", "2", "--model.lora_rank", "2", "--model.align_steps", "5"],
      "pass --trainer.strategy ddp_find_unused_parameters_true"),
-], ids=["lora_alpha", "lora_targets", "full window", "max_batch_clips", "alignment under ddp"])
+], ids=["lora_alpha", "lora_targets", "adapter_learning_rate", "full window", "max_batch_clips", "alignment under ddp"])
 def test_a_setting_that_would_do_nothing_is_one_line(args, message, here, capfd):
     assert message in _one_line_error(capfd, here, "fit", "-c", SMOKE, *args)

@@ -1,11 +1,14 @@
-"""LoRA on the decoder as a config switch: only adapters and projector are trained, saved and exported."""
+"""LoRA on the decoder as a config switch: only adapters and projector are trained, saved and exported, the
+adapters at a learning rate of their own when given one."""
 
 import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import SMOKE, SPEECH, run_here
 from tiny_audio_pl.checkpoint import read_checkpoint
@@ -15,9 +18,14 @@ from tiny_audio_pl.export import load_model
 def test_lora_switch_trains_and_saves_only_adapters_and_projector(workdir):
     result = run_here(workdir, "fit", "-c", SMOKE, "--model.lora_rank", "4", "--trainer.max_steps", "6",
                       "--trainer.val_check_interval", "6", "--data.max_eval_samples", "4",
-                      "--model.max_new_tokens", "6", "--trainer.enable_progress_bar", "false")
+                      "--model.max_new_tokens", "6", "--trainer.enable_progress_bar", "false",
+                      "--model.adapter_learning_rate", "0.004", "--trainer.log_every_n_steps", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(frozen; LoRA rank 4 adapters trainable)" in result.stdout + result.stderr  # the run's banner
+    events = EventAccumulator(str(workdir / "lightning_logs/version_0")).Reload()
+    rates = {group: [e.value for e in events.Scalars(f"train/lr/{group}")] for group in ("projector", "adapters")}
+    assert len(rates["adapters"]) == 6 and rates["adapters"][-1] > 0  # logged at every step, still warming up
+    assert rates["adapters"] == pytest.approx([r * 0.004 / 0.003 for r in rates["projector"]])  # smoke's lr: 3e-3
     ckpt = workdir / "lightning_logs/version_0/checkpoints/last.ckpt"
     state = read_checkpoint(ckpt)["state_dict"]
     adapters = {k for k in state if k.startswith("decoder.")}
@@ -33,7 +41,8 @@ def test_lora_switch_trains_and_saves_only_adapters_and_projector(workdir):
     config = json.loads((out / "config.json").read_text())
     assert config["lora_rank"] == 4 and config["training"]["adapter_parameters"] == sum(state[k].numel()
                                                                                        for k in adapters)
-    assert "decoder LoRA: rank 4" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "decoder LoRA: rank 4" in card and "learning rate 0.003 (LoRA adapters 0.004)" in card
 
     from_checkpoint, from_export = load_model(ckpt), load_model(out)
     for name, value in from_export.named_parameters():

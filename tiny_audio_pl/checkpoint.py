@@ -139,6 +139,7 @@ class TrainedCheckpoint:
         """How the weights were trained, for the model card and the demo (an export's ``config.training``)."""
         weights = self.weights()
         return {"global_step": self.step, "learning_rate": self.hyper_parameters.get("learning_rate"),
+                "adapter_learning_rate": self.hyper_parameters.get("adapter_learning_rate"),
                 "warmup_steps": self.hyper_parameters.get("warmup_steps"),
                 "projector_parameters": sum(v.numel() for k, v in weights.items() if k.startswith("projector.")),
                 "adapter_parameters": sum(v.numel() for k, v in weights.items() if not k.startswith("projector.")),

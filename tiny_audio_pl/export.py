@@ -191,8 +191,8 @@ installed: `tiny-audio transcribe clip.wav --ckpt THIS_FOLDER`.
 {', output bias' if config.projector_bias else ''}
 - decoder LoRA: {lora}
 - prompt: system `{config.system_prompt}`, user `{config.prompt}` (its token ids: `prompt_ids` in `config.json`)
-- AdamW, learning rate {training['learning_rate']}, {training['warmup_steps']} warmup steps then cosine;
-  {training['global_step']} optimizer steps
+- AdamW, learning rate {training['learning_rate']}{_adapter_rate(training)}, {training['warmup_steps']} warmup steps
+  then cosine; {training['global_step']} optimizer steps
 - data: {_data_line(data)}, transcripts `{data.get('text_normalization')}`
 - decoding: {_decoding_line(config)}
 
@@ -239,6 +239,12 @@ def _decoding_line(config: TinyAudioConfig) -> str:
     if config.max_tokens_per_second:
         parts.append(f"at most {config.max_tokens_per_second:g} tokens per second of audio")
     return ", ".join(parts)
+
+
+def _adapter_rate(training: dict[str, Any]) -> str:
+    """The adapters' own learning rate for the model card, when they had one."""
+    rate = training.get("adapter_learning_rate")
+    return f" (LoRA adapters {rate})" if rate is not None else ""
 
 
 def _data_line(data: dict[str, Any]) -> str:

@@ -67,6 +67,7 @@ class SpeechLLM(LightningModule):
         num_logged_examples: NonNegativeInt = 8,
         max_nonfinite_steps: PositiveInt = 5,
         align_steps: NonNegativeInt = 0,
+        adapter_learning_rate: PositiveFloat | None = None,
         **settings: Any,
     ) -> None:
         """Load the frozen models and build the projector.
@@ -85,11 +86,18 @@ class SpeechLLM(LightningModule):
                 fraction of a step's cost, ``alignment.py``); the decoder's loss then takes over, with a warmup and
                 cosine of its own. Validations of the stage score the projector alone: its CTC loss and best-path
                 transcripts. 0: none.
+            adapter_learning_rate: peak learning rate of the decoder's LoRA adapters, on the same warmup and cosine,
+                when it should differ from the projector's ``learning_rate`` (the adapters start at zero and have
+                the decoder to learn to read the audio with; the projector starts from the alignment stage). None:
+                ``learning_rate`` for every trained parameter.
             settings: the network's :class:`~tiny_audio_pl.configuration.Settings` (``model.encoder``,
                 ``model.decoder``, ``model.projector_*`` ...), documented there and listed by ``--help``.
         """
         super().__init__()
         given = Settings(**settings)
+        if adapter_learning_rate is not None and not given.lora_rank:
+            raise UsageError("model.adapter_learning_rate is the LoRA adapters' learning rate, and model.lora_rank 0 "
+                             "makes none: set model.lora_rank (e.g. 16), or drop it")
         # Not model.prompt_ids: trackers log hyperparameters by name, and its names are prompts ("<audio>" is refused by
         # MLflow). Checkpoints get the ids in on_save_checkpoint.
         self.save_hyperparameters(ignore=["prompt_ids"])
@@ -229,12 +237,17 @@ class SpeechLLM(LightningModule):
         if not math.isfinite(total):
             raise UsageError("set trainer.max_steps: a streaming dataset has no length, so the LR schedule "
                              "cannot be sized from epochs")
-        params = list(self.network.trainable_parameters().values())
+        trained = self.network.trainable_parameters()
+        groups: list[dict[str, Any]] = [{"params": list(trained.values())}]
+        if self.hparams.adapter_learning_rate is not None:  # named groups: logged as train/lr/projector, .../adapters
+            groups = [{"params": [p for name, p in trained.items() if ".lora_" not in name], "name": "projector"},
+                      {"params": [p for name, p in trained.items() if ".lora_" in name], "name": "adapters",
+                       "lr": self.hparams.adapter_learning_rate}]
         # Fused (one pass over the weights, not a kernel per operation and tensor: 14 ms against 48 ms a step for the
         # laptop recipe's 20.5 M trained parameters on 2 CPU cores, benchmarks/laptop_step.py), except under mixed
         # precision, where Lightning refuses to clip a fused optimizer's gradients (there the step costs little).
         fused = "mixed" not in str(self.trainer.precision)
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay,
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay,
                                       fused=fused)
         schedule = partial(warmup_cosine, warmup_steps=self.hparams.warmup_steps, total_steps=int(total),
                            min_ratio=self.hparams.min_lr_ratio, align_steps=self.hparams.align_steps)
