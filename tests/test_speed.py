@@ -1,16 +1,18 @@
 """The speed optimisations keep the objective, and both benchmarks run."""
 
 import json
-import subprocess
 import sys
 
+import laptop_step
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
-from conftest import DECODER, ROOT, WHISPER, cli_env
+import throughput
+from conftest import DECODER, WHISPER
+from data_pipeline import main as data_pipeline
 from throughput import seed_ways
 from tiny_audio_pl.stream import length_grouped
 from tiny_audio_pl.training import SpeechLLM
@@ -102,28 +104,31 @@ def test_length_grouping_is_a_permutation_of_similar_length_batches():
                                                                      for i in range(0, 1000, 8)}
 
 
-def test_benchmarks_run_and_write_their_figures(tmp_path):
+def _run(benchmark, monkeypatch, *args: str) -> None:
+    """A benchmark's ``main`` with these command-line arguments, in this process (its imports are already here)."""
+    monkeypatch.setattr(sys, "argv", [benchmark.__name__, *args])
+    benchmark()
+
+
+def test_benchmarks_run_and_write_their_figures(tmp_path, monkeypatch):
     """One command each, as in docs/benchmarks.md (short versions)."""
-    throughput = tmp_path / "throughput.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks/throughput.py"), "--size", "tiny", "--batches", "2",
-                    "--warmup", "1", "--modes", "naive,ours", "--json", str(throughput)],
-                   check=True, env=cli_env(), capture_output=True, timeout=300)
-    figures = json.loads(throughput.read_text())
+    throughput_json = tmp_path / "throughput.json"
+    _run(throughput.main, monkeypatch, "--size", "tiny", "--batches", "2", "--warmup", "1", "--modes", "naive,ours",
+         "--json", str(throughput_json))
+    figures = json.loads(throughput_json.read_text())
     for key in ("naive_samples_per_s", "ours_samples_per_s", "ratio", "padding_share", "peak_mem_mb"):
         assert key in figures
     assert figures["ratio"] > 1 and figures["padding_share"]["ours"] < figures["padding_share"]["naive"]
 
     pipeline = tmp_path / "pipeline.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks/data_pipeline.py"), "--clips", "16", "--json",
-                    str(pipeline)], check=True, env=cli_env(), capture_output=True, timeout=300)
+    _run(data_pipeline, monkeypatch, "--clips", "16", "--json", str(pipeline))
     assert json.loads(pipeline.read_text())["whisper_per_worker"]["samples_per_s"] > 0
 
 
-def test_laptop_benchmark_reports_the_step_against_this_machines_peak(tmp_path):
+def test_laptop_benchmark_reports_the_step_against_this_machines_peak(tmp_path, monkeypatch):
     """The laptop step's benchmark on the tiny assets (docs/benchmarks.md runs it on the real models)."""
     report = tmp_path / "laptop.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks/laptop_step.py"), "--tiny", "--steps", "2", "--threads", "1",
-                    "--profile", "--json", str(report)], check=True, env=cli_env(), capture_output=True, timeout=300)
+    _run(laptop_step.main, monkeypatch, "--tiny", "--steps", "2", "--threads", "1", "--profile", "--json", str(report))
     figures = json.loads(report.read_text())
     assert figures["seconds_per_step"] > 0 and figures["sgemm_peak_gflops"] > 0
     share = figures["useful_gflops"] / figures["sgemm_peak_gflops"]
