@@ -33,9 +33,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def demo(trained: Path) -> Iterator[str]:
-    """The demo on the smoke checkpoint and its run, at the URL it prints (bounded wait), stopped after the test."""
+    """The demo on the smoke checkpoint and its run, at the URL it prints (bounded wait), stopped after this file's
+    tests: each opens its own browser on it, as two visitors would."""
     port = _free_port()
     process = subprocess.Popen(cli("demo", "--ckpt", str(trained), "--run", str(trained.parent.parent), "--port",
                                    str(port), "--max-minutes", "1"), cwd=trained.parents[3], env=cli_env(),
