@@ -15,8 +15,8 @@ from conftest import cli_env, hub_env, make_workdir, run_cli
 from test_hub import CONFIGS, SMALL, WHISPER_YAML
 
 
-@pytest.mark.parametrize("configs", [["hubert.yaml"], ["multi_task.yaml"], ["laptop"]],
-                         ids=["whisper+hubert", "whisper+multi_task", "laptop"])
+# hubert.yaml trains in the next test, from what `tiny-audio download` fetched through the same server.
+@pytest.mark.parametrize("configs", [["multi_task.yaml"], ["laptop"]], ids=["whisper+multi_task", "laptop"])
 def test_the_shipped_configs_train_from_hub_ids(hub, tmp_path, configs):
     files = ["-c", str(CONFIGS / "laptop.yaml")] if configs == ["laptop"] else [
         "-c", WHISPER_YAML, *[arg for name in configs for arg in ("-c", str(CONFIGS / name))]]
@@ -24,8 +24,7 @@ def test_the_shipped_configs_train_from_hub_ids(hub, tmp_path, configs):
     validate_at = ["--trainer.val_check_interval", "2"] if configs == ["laptop"] else []
     result = run_cli(workdir, "fit", *files, *SMALL, *validate_at, **hub_env(hub.url, tmp_path / "hf"))
     assert result.returncode == 0, result.stderr[-3000:]
-    encoder = {"hubert.yaml": "facebook/hubert-xlarge-ls960-ft", "laptop": "openai/whisper-tiny.en"}.get(
-        configs[0], "openai/whisper-large-v3-turbo")
+    encoder = "openai/whisper-tiny.en" if configs == ["laptop"] else "openai/whisper-large-v3-turbo"
     assert f"encoder  {encoder} (frozen)" in result.stdout + result.stderr
     assert "validation   " in result.stdout
     if configs == ["laptop"]:  # its 2,000 alignment steps cover these 2: said, not silently done
@@ -47,6 +46,7 @@ def test_a_node_without_internet_runs_the_same_config_from_what_download_fetched
     offline = cli_env(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="1", HF_HOME=str(home))  # nothing listens
     result = run_cli(workdir, "fit", *hubert, *SMALL, **offline)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "encoder  facebook/hubert-xlarge-ls960-ft (frozen)" in result.stdout + result.stderr
     assert "validation   WER" in result.stdout
     missing = run_cli(workdir, "fit", *hubert, "--data.config_name", "small", *SMALL, **offline)  # a split not fetched
     errors = [line for line in missing.stderr.splitlines() if line.startswith("tiny-audio fit: error:")]
