@@ -1,8 +1,8 @@
 """Experiment trackers the Lightning way: W&B (offline), MLflow (a local file store), CSV, with TensorBoard.
 
-Two runs in a row each keep their own folder (config, per-utterance file, checkpoints), every logger
+Runs in a row each keep their own folder (config, per-utterance file, checkpoints), every logger
 holds the scalars (validation at the step the checkpoint names) and the results table, and
-``--ckpt_path last`` resumes into the same run, whichever logger comes first.
+``--ckpt_path last`` resumes the newest into the same run, whichever logger comes first.
 """
 
 from __future__ import annotations
@@ -87,31 +87,33 @@ def _check_trackers(workdir: Path, output: str, loggers: list[str]) -> None:
     assert "val/results/text_summary" in accumulator.Tags()["tensors"]
 
 
-# W&B starts a service process for each run: its runs go as users start them, each in a process of its own. The
-# MLflow-first runs leave W&B out (its files are checked in the first) and run in this process.
-@pytest.mark.parametrize("loggers", [list(LOGGERS), ["MLFlowLogger", "CSVLogger", "TensorBoardLogger"]],
+# W&B starts a service process for each run: its runs go as users start them, each in a process of its own, one
+# before the resume. The MLflow-first runs leave W&B out (its files are checked in the first) and run in this process,
+# two before the resume, which then has to find the newer of two runs named by random ids.
+@pytest.mark.parametrize("loggers, runs", [(list(LOGGERS), 1), (["MLFlowLogger", "CSVLogger", "TensorBoardLogger"], 2)],
                          ids=["WandbLogger", "MLFlowLogger"])
-def test_two_runs_in_a_row_keep_their_own_files_in_every_tracker(loggers, workdir):
-    outputs, folders = [], []
+def test_runs_keep_their_own_files_in_every_tracker_and_the_newest_resumes(loggers, runs, workdir):
     run = run_cli if "WandbLogger" in loggers else run_here
-    for _ in range(2):
+    outputs, folders = [], []
+    for _ in range(runs):
         result = run(workdir, *RUN, *_with_loggers(loggers), WANDB_MODE="offline")
         assert result.returncode == 0, result.stderr[-3000:]
         outputs.append(result.stdout)
         folders.append(workdir / re.search(r"^run folder\s+(\S+)", result.stdout, re.M).group(1))
-    assert folders[0] != folders[1]
+    assert len(set(folders)) == runs
     for folder, output in zip(folders, outputs):
         assert (folder / "config.yaml").is_file() and (folder / f"utterances/step={STEPS}.tsv").is_file()
         assert (folder / "checkpoints/last.ckpt").is_file()
         assert f"checkpoint   {folder.relative_to(workdir)}/checkpoints/last.ckpt" in output
         _check_trackers(workdir, output, loggers)
-    if loggers[0] == "WandbLogger":  # resuming finds the newest run's checkpoint and logs into that run again
-        resumed = run_cli(workdir, *RUN, *_with_loggers(loggers), "--trainer.max_steps", str(2 * STEPS),
-                          "--ckpt_path", "last", WANDB_MODE="offline")
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert f"resuming from {folders[1].relative_to(workdir)}/checkpoints/last.ckpt" in resumed.stdout
-        assert (folders[1] / f"checkpoints/step={2 * STEPS}.ckpt").is_file()
-        assert f"wandb        run {folders[1].name} " in resumed.stdout
+    # --ckpt_path last finds the newest run's checkpoint, and the run logs into its tracker's run again
+    resumed = run(workdir, *RUN, *_with_loggers(loggers), "--trainer.max_steps", str(2 * STEPS), "--ckpt_path", "last",
+                  WANDB_MODE="offline")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {folders[-1].relative_to(workdir)}/checkpoints/last.ckpt" in resumed.stdout
+    assert (folders[-1] / f"checkpoints/step={2 * STEPS}.ckpt").is_file()
+    tracker = "wandb        run" if loggers[0] == "WandbLogger" else "mlflow       run"
+    assert f"{tracker} {folders[-1].name}" in resumed.stdout, resumed.stdout
 
 
 def test_a_trackers_missing_package_is_one_line(workdir):
