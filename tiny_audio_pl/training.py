@@ -87,9 +87,8 @@ class SpeechLLM(LightningModule):
                 cosine of its own. Validations of the stage score the projector alone: its CTC loss and best-path
                 transcripts. 0: none.
             adapter_learning_rate: peak learning rate of the decoder's LoRA adapters, on the same warmup and cosine,
-                when it should differ from the projector's ``learning_rate`` (the adapters start at zero and have
-                the decoder to learn to read the audio with; the projector starts from the alignment stage). None:
-                ``learning_rate`` for every trained parameter.
+                when it should differ from the projector's ``learning_rate`` (twice it did not help the laptop
+                recipe, docs/experiments.md). None: ``learning_rate`` for every trained parameter.
             settings: the network's :class:`~tiny_audio_pl.configuration.Settings` (``model.encoder``,
                 ``model.decoder``, ``model.projector_*`` ...), documented there and listed by ``--help``.
         """
