@@ -93,10 +93,11 @@ def _check_trackers(workdir: Path, output: str, loggers: list[str]) -> None:
 @pytest.mark.parametrize("loggers, runs", [(list(LOGGERS), 1), (["MLFlowLogger", "CSVLogger", "TensorBoardLogger"], 2)],
                          ids=["WandbLogger", "MLFlowLogger"])
 def test_runs_keep_their_own_files_in_every_tracker_and_the_newest_resumes(loggers, runs, workdir):
-    run = run_cli if "WandbLogger" in loggers else run_here
+    wandb = loggers[0] == "WandbLogger"
+    run, env = (run_cli, {"WANDB_MODE": "offline"}) if wandb else (run_here, {})
     outputs, folders = [], []
     for _ in range(runs):
-        result = run(workdir, *RUN, *_with_loggers(loggers), WANDB_MODE="offline")
+        result = run(workdir, *RUN, *_with_loggers(loggers), **env)
         assert result.returncode == 0, result.stderr[-3000:]
         outputs.append(result.stdout)
         folders.append(workdir / re.search(r"^run folder\s+(\S+)", result.stdout, re.M).group(1))
@@ -108,11 +109,11 @@ def test_runs_keep_their_own_files_in_every_tracker_and_the_newest_resumes(logge
         _check_trackers(workdir, output, loggers)
     # --ckpt_path last finds the newest run's checkpoint, and the run logs into its tracker's run again
     resumed = run(workdir, *RUN, *_with_loggers(loggers), "--trainer.max_steps", str(2 * STEPS), "--ckpt_path", "last",
-                  WANDB_MODE="offline")
+                  **env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {folders[-1].relative_to(workdir)}/checkpoints/last.ckpt" in resumed.stdout
     assert (folders[-1] / f"checkpoints/step={2 * STEPS}.ckpt").is_file()
-    tracker = "wandb        run" if loggers[0] == "WandbLogger" else "mlflow       run"
+    tracker = "wandb        run" if wandb else "mlflow       run"
     assert f"{tracker} {folders[-1].name}" in resumed.stdout, resumed.stdout
 
 
