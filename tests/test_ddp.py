@@ -294,7 +294,7 @@ def test_a_job_requeued_by_its_signal_resumes_exactly_and_ends_as_the_plain_run(
     fields, output = _finish(cluster, job, workdir)
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", f"{fields}\n{output[-3000:]}"
 
-    saved = int(re.search(r"SIGUSR1: saved step (\d+); requeued Slurm job (\d+)", output).group(1))
+    saved = int(re.search(r"SIGUSR1: saved step (\d+); requeuing Slurm job (\d+)", output).group(1))
     assert FIRST <= saved < SECOND, output[-3000:]
     assert output.count("saved step") == 1  # rank 0 says it, once
     assert f"resuming from {Path('runs/exp/lightning_logs/version_0/checkpoints/last.ckpt')}" in output

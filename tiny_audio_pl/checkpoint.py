@@ -259,7 +259,7 @@ class Checkpoint(ModelCheckpoint):
             return
         if isinstance(exception, SIGTERMException):
             self._save_current_step(trainer)
-            requeued = self._signals.requeue()
+            requeue = self._signals.job_to_requeue()
             if trainer.is_global_zero:
                 names = "+".join(signal.Signals(s).name for s in sorted(self._signals.stops)) or "stopped"
                 if trainer.sanity_checking:
@@ -268,7 +268,11 @@ class Checkpoint(ModelCheckpoint):
                     done, again = f"saved step {trainer.global_step}", "last"
                 way_on = ("submit the job script again to continue" if os.environ.get("SLURM_JOB_ID")
                           else f"continue with --ckpt_path {again}")
-                print(f"{names}: {done}; {requeued or way_on}")
+                if requeue:
+                    way_on = f"requeuing Slurm job {requeue}, which resumes from this step"
+                print(f"{names}: {done}; {way_on}", flush=True)  # before the requeue, which ends this start
+            if requeue and (failure := self._signals.requeue(requeue)):
+                print(failure, flush=True)
         elif isinstance(exception, DataUnavailable):
             self._save_current_step(trainer)
             print(f"data unavailable: saved step {trainer.global_step}")

@@ -109,19 +109,25 @@ class StopSignals(SignalConnector):
         self.received_sigterm = bool(self.agreed)
         return self.received_sigterm
 
-    def requeue(self) -> str | None:
-        """After a requeue signal, in a Slurm job that allows it (``auto_requeue``): requeue the job (rank 0)."""
+    def job_to_requeue(self) -> str | None:
+        """After a requeue signal, in a Slurm job that allows it (``auto_requeue``), on rank 0: the id to requeue
+        (an array task's own); None otherwise."""
         job = slurm_job(self.trainer)
         asked = job is not None and job.auto_requeue and job.requeue_signal in self.stops
         if not asked or not self.trainer.is_global_zero:
             return None
-        job_id = os.environ["SLURM_JOB_ID"]
-        if os.environ.get("SLURM_ARRAY_JOB_ID"):  # an array task is requeued by its own id
-            job_id = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        if os.environ.get("SLURM_ARRAY_JOB_ID"):
+            return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        return os.environ["SLURM_JOB_ID"]
+
+    @staticmethod
+    def requeue(job_id: str) -> str | None:
+        """``scontrol requeue JOB``: None, or what went wrong. Slurm then ends this start of the job (SIGTERM to
+        its tasks), so whatever this process still has to say must be said before."""
         result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
             return f"could not requeue Slurm job {job_id}: {result.stderr.strip()}; submit it again to resume"
-        return f"requeued Slurm job {job_id}, which resumes from this step"
+        return None
 
 
 def check_job(devices: Any, num_nodes: int) -> None:
