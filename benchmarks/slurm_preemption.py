@@ -91,7 +91,7 @@ def measure(steps: int, signal_after: int, pause: float) -> dict:
         restarted = time.time()
         assert cluster.wait_for(job, {"COMPLETED", "FAILED"}, 600)["JobState"] == "COMPLETED"
         output = next(preempted.glob(f"*-{job}.out")).read_text()
-        step = int(re.search(r"SIGUSR1: saved step (\d+); requeued", output).group(1))
+        step = int(re.search(r"SIGUSR1: saved step (\d+); requeuing", output).group(1))
         saved = (preempted / f"runs/exp/lightning_logs/version_0/checkpoints/step={step}.ckpt").stat().st_mtime
         resumed = next(r["time"] for r in _rank0(preempted) if r["event"] == "train_batch" and r["time"] > restarted)
         return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

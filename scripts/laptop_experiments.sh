@@ -46,7 +46,7 @@ declare -A RUNS=(
   [align3000-16k]="$MORE --model.align_steps 3000 --trainer.max_steps 3900"  # a longer stage of the cheap step
   [adapters-2e-3-16k]="$MORE --model.adapter_learning_rate 2e-3"  # idea: adapters learn to read the stage faster
   # idea: half the audio tokens make the decoder's step cheaper, so more of them fit in the 90 minutes
-  [stack8-16k]="$MORE --model.projector_stack 8 --trainer.max_steps 3600"
+  [stack8-16k]="$MORE --model.projector_stack 8 --trainer.max_steps 3600 --trainer.val_check_interval 400"
 )
 ORDER=(baseline lr-1e-3 fast fast-full-window fast-bias bias-lr-3e-3 bias-stack-4 bias-warmup-0 bias-data-800
        stack4-1500 stack4-lora-16 stack4-1500-16k lora-1500-16k lora-mlp lora-lr-2e-3 lora-16k lora-overfit-64
