@@ -166,6 +166,9 @@ def load_settings(models: Path | None, tiny: bool) -> tuple[dict[str, Any], dict
     """The laptop config's model settings and data settings, with the models to use."""
     config = yaml.safe_load((ROOT / "configs/laptop.yaml").read_text())
     model, data = dict(config["model"]), config["data"]
+    # The step with the decoder, whose work is counted here; the config's alignment stage first (its ~0.9 s step:
+    # encoder, projector and CTC only) would be what the first align_steps steps run.
+    model["align_steps"] = 0
     if tiny:
         model.update(encoder=str(ROOT / "assets/tiny-whisper"), decoder=str(ROOT / "assets/tiny-smollm3"),
                      projector_hidden=256)
@@ -233,6 +236,7 @@ def main() -> None:
         "torch": torch.__version__, "change": args.change,
         "models": "tiny assets" if args.tiny else str(args.models or "random weights"),
         "settings": {k: settings[k] for k in ("projector_stack", "projector_hidden", "projector_bias", "lora_rank")},
+        "trained_loss": sorted(k for k in trainer.callback_metrics if k in ("train/loss", "train/align_loss")),
         "batch_size": batch_size, "timed_steps": args.steps,
         "clip_s_mean": round(float(np.mean([clips[i]["duration"] for b in batches[warmup:] for i in b])), 2),
         "seconds_per_step": round(seconds, 3), "seconds_each": [round(s, 3) for s in times.seconds[warmup:]],
