@@ -38,10 +38,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tiny_audio_pl.cluster import StopSignals
+from tiny_audio_pl.cluster import StopSignals, requeue
 from tiny_audio_pl.configuration import SETTINGS
 from tiny_audio_pl.errors import DataUnavailable, UsageError
 from tiny_audio_pl.lightning_private import set_signal_connector, should_accumulate, signal_connector
+from tiny_audio_pl.modeling import is_projector
 
 _UMASK = os.umask(0)  # read the process umask (there is no getter) ...
 os.umask(_UMASK)  # ... and put it back
@@ -141,8 +142,8 @@ class TrainedCheckpoint:
         return {"global_step": self.step, "learning_rate": self.hyper_parameters.get("learning_rate"),
                 "adapter_learning_rate": self.hyper_parameters.get("adapter_learning_rate"),
                 "warmup_steps": self.hyper_parameters.get("warmup_steps"),
-                "projector_parameters": sum(v.numel() for k, v in weights.items() if k.startswith("projector.")),
-                "adapter_parameters": sum(v.numel() for k, v in weights.items() if not k.startswith("projector.")),
+                "projector_parameters": sum(v.numel() for k, v in weights.items() if is_projector(k)),
+                "adapter_parameters": sum(v.numel() for k, v in weights.items() if not is_projector(k)),
                 "data": {k: v for k, v in self.contents.get("datamodule_hyper_parameters", {}).items()
                          if not k.startswith("_")},
                 "validation": self.validation}
@@ -259,19 +260,21 @@ class Checkpoint(ModelCheckpoint):
             return
         if isinstance(exception, SIGTERMException):
             self._save_current_step(trainer)
-            requeue = self._signals.job_to_requeue()
+            job_id = self._signals.job_to_requeue()
             if trainer.is_global_zero:
                 names = "+".join(signal.Signals(s).name for s in sorted(self._signals.stops)) or "stopped"
                 if trainer.sanity_checking:
                     done, again = "stopped before training", "auto"
                 else:
                     done, again = f"saved step {trainer.global_step}", "last"
-                way_on = ("submit the job script again to continue" if os.environ.get("SLURM_JOB_ID")
-                          else f"continue with --ckpt_path {again}")
-                if requeue:
-                    way_on = f"requeuing Slurm job {requeue}, which resumes from this step"
+                if job_id:
+                    way_on = f"requeuing Slurm job {job_id}, which resumes from this step"
+                elif os.environ.get("SLURM_JOB_ID"):
+                    way_on = "submit the job script again to continue"
+                else:
+                    way_on = f"continue with --ckpt_path {again}"
                 print(f"{names}: {done}; {way_on}", flush=True)  # before the requeue, which ends this start
-            if requeue and (failure := self._signals.requeue(requeue)):
+            if job_id and (failure := requeue(job_id)):
                 print(failure, flush=True)
         elif isinstance(exception, DataUnavailable):
             self._save_current_step(trainer)

@@ -120,14 +120,14 @@ class StopSignals(SignalConnector):
             return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
         return os.environ["SLURM_JOB_ID"]
 
-    @staticmethod
-    def requeue(job_id: str) -> str | None:
-        """``scontrol requeue JOB``: None, or what went wrong. Slurm then ends this start of the job (SIGTERM to
-        its tasks), so whatever this process still has to say must be said before."""
-        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            return f"could not requeue Slurm job {job_id}: {result.stderr.strip()}; submit it again to resume"
-        return None
+
+def requeue(job_id: str) -> str | None:
+    """``scontrol requeue JOB``: None, or what went wrong. Slurm then ends this start of the job (SIGTERM to its
+    tasks), so whatever this process still has to say must be said before."""
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        return f"could not requeue Slurm job {job_id}: {result.stderr.strip()}; submit it again to resume"
+    return None
 
 
 def check_job(devices: Any, num_nodes: int) -> None:

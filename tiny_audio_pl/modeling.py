@@ -75,6 +75,12 @@ def build_processor(config: TinyAudioConfig) -> TinyAudioProcessor:
                                           config.trust_remote_code, config.prompt_ids)
 
 
+def is_projector(name: str) -> bool:
+    """Whether a trained tensor (named as :meth:`TinyAudioModel.trainable_parameters` names it) is the projector's;
+    the others are the decoder's LoRA adapters."""
+    return name.startswith("projector.")
+
+
 class EndAfter(LogitsProcessor):
     """Ends each sequence once it has ``limits[i]`` new tokens: only the end-of-turn token is left to choose.
 

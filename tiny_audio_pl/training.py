@@ -35,7 +35,7 @@ from tiny_audio_pl.checkpoint import TrainedCheckpoint
 from tiny_audio_pl.configuration import Settings, TinyAudioConfig
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.evaluation import Evaluation, metrics, report
-from tiny_audio_pl.modeling import TinyAudioModel
+from tiny_audio_pl.modeling import TinyAudioModel, is_projector
 from tiny_audio_pl.runs import RunFolder
 
 
@@ -239,10 +239,8 @@ class SpeechLLM(LightningModule):
         trained = self.network.trainable_parameters()
         groups: list[dict[str, Any]] = [{"params": list(trained.values())}]
         if self.hparams.adapter_learning_rate is not None:  # named groups: logged as train/lr/projector, .../adapters
-            # The projector's tensors and the rest (the adapters), split as the checkpoint's facts count them.
-            projector = {name: p for name, p in trained.items() if name.startswith("projector.")}
-            groups = [{"params": list(projector.values()), "name": "projector"},
-                      {"params": [p for name, p in trained.items() if name not in projector], "name": "adapters",
+            groups = [{"params": [p for name, p in trained.items() if is_projector(name)], "name": "projector"},
+                      {"params": [p for name, p in trained.items() if not is_projector(name)], "name": "adapters",
                        "lr": self.hparams.adapter_learning_rate}]
         # Fused (one pass over the weights, not a kernel per operation and tensor: 14 ms against 48 ms a step for the
         # laptop recipe's 20.5 M trained parameters on 2 CPU cores, benchmarks/laptop_step.py), except under mixed
