@@ -16,7 +16,7 @@ import torch
 from datasets import Audio, load_dataset
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, SPEECH, cli, cli_env, later_day, on_day, run_here
+from conftest import ROOT, SPEECH, cli_env, later_day, on_day, run_here
 from tiny_audio_pl.checkpoint import read_checkpoint
 from tiny_audio_pl.processing import split_windows
 
@@ -52,22 +52,30 @@ def test_split_windows_cuts_long_audio_at_pauses():
     assert len(split_windows(speech, rate)) == 1  # under 30 s: one piece
 
 
-# The exported model through transformers alone: its transcript of a file and its loss on a reference (the loss
-# shows any change of prompt, which a transcript of a briefly trained model may not).
-SCORE = """
-import json, sys
+# Another day, in one process: export the checkpoint, transcribe the files with the export through the CLI, and
+# score a reference with the export loaded by transformers (its loss shows any change of prompt, which a transcript
+# of a briefly trained model may not).
+ON_ANOTHER_DAY = """
+import contextlib, io, json, sys
 from transformers import AutoModel
-model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
-batch = model.processor([sys.argv[2]])
+from tiny_audio_pl.cli import main
+checkpoint, out, *files = sys.argv[1:]
+with contextlib.redirect_stdout(io.StringIO()):
+    main(["export", "--ckpt", checkpoint, "--out", out])
+transcripts = io.StringIO()
+with contextlib.redirect_stdout(transcripts):
+    main(["transcribe", *files, "--ckpt", out, "--json"])
+model = AutoModel.from_pretrained(out, trust_remote_code=True)
+batch = model.processor([files[0]])
 loss = model(batch["input_features"], batch["feature_lengths"], model.processor.targets(["the red fox"]))
-print(json.dumps({"text": model.transcribe(**batch), "loss": loss.item()}))
+print(json.dumps({"transcribe": transcripts.getvalue(), "loss": loss.item()}))
 """
 
 
 def test_an_export_transcribes_on_any_day_as_its_checkpoint_does(trained, clips, tmp_path):
-    """The prompt's token ids travel with the export (its config and its processor's file): exported on a later day
-    and used on a third, whose dates the chat template would write into a new rendering, it transcribes and scores
-    as the checkpoint does today."""
+    """The prompt's token ids travel with the export (its config and its processor's file): exported and used on a
+    later day, whose date the chat template would write into a new rendering of another length, it transcribes and
+    scores as the checkpoint does today."""
     from tiny_audio_pl.export import load_model
 
     files = [str(clips[name]) for name in ("mono.wav", "long.ogg")]
@@ -79,15 +87,12 @@ def test_an_export_transcribes_on_any_day_as_its_checkpoint_does(trained, clips,
         loss = model(batch["input_features"], batch["feature_lengths"], model.processor.targets(["the red fox"])).item()
 
     out = tmp_path / "export"
-    subprocess.run(on_day(later_day(40), cli("export", "--ckpt", str(trained), "--out", str(out))), cwd=tmp_path,
-                   env=cli_env(), check=True, capture_output=True)
-    third_day = later_day(200)
-    later = subprocess.run(on_day(third_day, cli("transcribe", *files, "--ckpt", str(out), "--json")),
-                           cwd=tmp_path, env=cli_env(), check=True, capture_output=True, text=True)
-    assert later.stdout == today.stdout
-    scored = subprocess.run(on_day(third_day, [sys.executable, "-c", SCORE, str(out), files[0]]), cwd=tmp_path,
-                            env=cli_env(), check=True, capture_output=True, text=True)
-    assert json.loads(scored.stdout)["loss"] == pytest.approx(loss, rel=1e-5)
+    later = subprocess.run(on_day(later_day(200), [sys.executable, "-c", ON_ANOTHER_DAY, str(trained), str(out),
+                                                   *files]), cwd=tmp_path, env=cli_env(), check=True,
+                           capture_output=True, text=True)
+    result = json.loads(later.stdout.splitlines()[-1])
+    assert result["transcribe"] == today.stdout
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
     kept = read_checkpoint(trained)["hyper_parameters"]["prompt_ids"]
     assert json.loads((out / "config.json").read_text())["prompt_ids"] == kept
     assert json.loads((out / "processor" / "processor_config.json").read_text())["prompt_ids"] == kept
