@@ -47,10 +47,13 @@ declare -A RUNS=(
   [adapters-2e-3-16k]="$MORE --model.adapter_learning_rate 2e-3"  # idea: adapters learn to read the stage faster
   # idea: half the audio tokens make the decoder's step cheaper, so more of them fit in the 90 minutes
   [stack8-16k]="$MORE --model.projector_stack 8 --trainer.max_steps 3600 --trainer.val_check_interval 400"
+  # idea: half the clips per step, twice the steps (warmup and stage too): as many clips in as much time, twice the updates
+  [batch4-16k]="$MORE --data.batch_size 4 --model.align_steps 4000 --model.warmup_steps 200 --trainer.max_steps 6400 \
+    --trainer.val_check_interval 800 --checkpoint.every_n_train_steps 400"
 )
 ORDER=(baseline lr-1e-3 fast fast-full-window fast-bias bias-lr-3e-3 bias-stack-4 bias-warmup-0 bias-data-800
        stack4-1500 stack4-lora-16 stack4-1500-16k lora-1500-16k lora-mlp lora-lr-2e-3 lora-16k lora-overfit-64
-       align2000-16k align3000-16k adapters-2e-3-16k stack8-16k)
+       align2000-16k align3000-16k adapters-2e-3-16k stack8-16k batch4-16k)
 mkdir -p "$OUT"
 for name in "${@:-${ORDER[@]}}"; do
   [ -e "$OUT/$name/done" ] && continue
