@@ -91,8 +91,10 @@ def run_here(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProce
     os.chdir(workdir)
     logging.getLogger().addHandler(last_resort)
     try:
+        # Not setStream, which flushes the stream it replaces: a library that made its handler inside a test with
+        # capsys (datasets, when test_cli.py runs alone) holds that capture's stream, closed since.
         for handler in terminals:
-            handler.setStream(err)
+            handler.stream = err
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 main(list(args))
@@ -106,7 +108,7 @@ def run_here(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProce
                 code = 1
     finally:
         for handler, stream in zip(terminals, streams):
-            handler.setStream(stream)
+            handler.stream = stream
         logging.getLogger().removeHandler(last_resort)
         os.chdir(cwd)
         os.environ.clear()
