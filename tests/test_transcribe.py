@@ -87,9 +87,9 @@ def test_an_export_transcribes_on_any_day_as_its_checkpoint_does(trained, clips,
         loss = model(batch["input_features"], batch["feature_lengths"], model.processor.targets(["the red fox"])).item()
 
     out = tmp_path / "export"
-    later = subprocess.run(on_day(later_day(200), [sys.executable, "-c", ON_ANOTHER_DAY, str(trained), str(out),
-                                                   *files]), cwd=tmp_path, env=cli_env(), check=True,
-                           capture_output=True, text=True)
+    command = [sys.executable, "-c", ON_ANOTHER_DAY, str(trained), str(out), *files]
+    later = subprocess.run(on_day(later_day(200), command), cwd=tmp_path, env=cli_env(), capture_output=True, text=True)
+    assert later.returncode == 0, later.stderr[-3000:]
     result = json.loads(later.stdout.splitlines()[-1])
     assert result["transcribe"] == today.stdout
     assert result["loss"] == pytest.approx(loss, rel=1e-5)
