@@ -1,6 +1,6 @@
 """Experiment trackers the Lightning way: W&B (offline), MLflow (a local file store), CSV, with TensorBoard.
 
-Runs in a row each keep their own folder (config, per-utterance file, checkpoints), every logger
+Runs in a row (in this process, as the CLI's other tests run) each keep their own folder (config, per-utterance file, checkpoints), every logger
 holds the scalars (validation at the step the checkpoint names) and the results table, and
 ``--ckpt_path last`` resumes the newest into the same run, whichever logger comes first.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SMOKE, run_cli, run_here
+from conftest import SMOKE, run_here
 
 STEPS = 4
 RUN = ["fit", "-c", SMOKE, "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", str(STEPS),
@@ -27,9 +27,12 @@ LOGGERS = {"WandbLogger": {}, "MLFlowLogger": {}, "CSVLogger": {"save_dir": "."}
            "TensorBoardLogger": {"save_dir": "."}}
 
 
-def _with_loggers(order: list[str]) -> list[str]:
-    """The loggers in ``order``, the first in place of the default TensorBoard logger, each with its own arguments."""
-    return [f"--trainer.logger{'+=' if i else '='}" + json.dumps({"class_path": name, "init_args": LOGGERS[name]})
+def _with_loggers(order: list[str], workdir: Path) -> list[str]:
+    """The loggers in ``order``, the first in place of the default TensorBoard logger, each with its own arguments.
+    MLflow's folder is given whole: MLflow keeps one store per tracking URI for the life of a process, and a relative
+    ``./mlruns`` would then name the folder of the run before, in another test."""
+    arguments = {**LOGGERS, "MLFlowLogger": {"save_dir": str(workdir / "mlruns")}}
+    return [f"--trainer.logger{'+=' if i else '='}" + json.dumps({"class_path": name, "init_args": arguments[name]})
             for i, name in enumerate(order)]
 
 
@@ -62,7 +65,7 @@ def _wandb_history(run: Path) -> dict[str, list]:
 def _check_trackers(workdir: Path, output: str, loggers: list[str]) -> None:
     """Every tracker of the run that printed ``output`` holds train/loss, val/wer at step STEPS and the table."""
     csv_dir = Path(workdir, re.search(r"^csv\s+(\S+)/metrics.csv", output, re.M).group(1))
-    rows = list(csv.DictReader((csv_dir / "metrics.csv").open()))
+    rows = list(csv.DictReader((csv_dir / "metrics.csv").read_text().splitlines()))
     assert any(r["train/loss"] for r in rows) and [int(r["step"]) for r in rows if r["val/wer"]] == [STEPS]
     assert "WER %" in (csv_dir / f"validation/step={STEPS}/results.txt").read_text()
 
@@ -87,34 +90,35 @@ def _check_trackers(workdir: Path, output: str, loggers: list[str]) -> None:
     assert "val/results/text_summary" in accumulator.Tags()["tensors"]
 
 
-# W&B starts a service process for each run: its runs go as users start them, each in a process of its own, one
-# before the resume. The MLflow-first runs leave W&B out (its files are checked in the first) and run in this process,
-# two before the resume, which then has to find the newer of two runs named by random ids.
+# Each run and the resume run in this process, as the other commands' tests do (W&B's service process is started
+# once and serves them all). The MLflow-first runs leave W&B out (its files are checked in the first), two before the
+# resume, which then has to find the newer of two runs named by random ids.
 @pytest.mark.parametrize("loggers, runs", [(list(LOGGERS), 1), (["MLFlowLogger", "CSVLogger", "TensorBoardLogger"], 2)],
                          ids=["WandbLogger", "MLFlowLogger"])
 def test_runs_keep_their_own_files_in_every_tracker_and_the_newest_resumes(loggers, runs, workdir):
     wandb = loggers[0] == "WandbLogger"
-    run, env = (run_cli, {"WANDB_MODE": "offline"}) if wandb else (run_here, {})
+    env = {"WANDB_MODE": "offline"} if wandb else {}
     outputs, folders = [], []
     for _ in range(runs):
-        result = run(workdir, *RUN, *_with_loggers(loggers), **env)
+        result = run_here(workdir, *RUN, *_with_loggers(loggers, workdir), **env)
         assert result.returncode == 0, result.stderr[-3000:]
         outputs.append(result.stdout)
-        folders.append(workdir / re.search(r"^run folder\s+(\S+)", result.stdout, re.M).group(1))
+        folders.append(re.search(r"^run folder\s+(\S+)", result.stdout, re.M).group(1))  # MLflow's in full
     assert len(set(folders)) == runs
     for folder, output in zip(folders, outputs):
-        assert (folder / "config.yaml").is_file() and (folder / f"utterances/step={STEPS}.tsv").is_file()
-        assert (folder / "checkpoints/last.ckpt").is_file()
-        assert f"checkpoint   {folder.relative_to(workdir)}/checkpoints/last.ckpt" in output
+        run = workdir / folder
+        assert (run / "config.yaml").is_file() and (run / f"utterances/step={STEPS}.tsv").is_file()
+        assert (run / "checkpoints/last.ckpt").is_file()
+        assert f"checkpoint   {folder}/checkpoints/last.ckpt" in output
         _check_trackers(workdir, output, loggers)
     # --ckpt_path last finds the newest run's checkpoint, and the run logs into its tracker's run again
-    resumed = run(workdir, *RUN, *_with_loggers(loggers), "--trainer.max_steps", str(2 * STEPS), "--ckpt_path", "last",
-                  **env)
+    resumed = run_here(workdir, *RUN, *_with_loggers(loggers, workdir), "--trainer.max_steps", str(2 * STEPS),
+                       "--ckpt_path", "last", **env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from {folders[-1].relative_to(workdir)}/checkpoints/last.ckpt" in resumed.stdout
-    assert (folders[-1] / f"checkpoints/step={2 * STEPS}.ckpt").is_file()
+    assert f"resuming from {folders[-1]}/checkpoints/last.ckpt" in resumed.stdout
+    assert (workdir / folders[-1] / f"checkpoints/step={2 * STEPS}.ckpt").is_file()
     tracker = "wandb        run" if wandb else "mlflow       run"
-    assert f"{tracker} {folders[-1].name}" in resumed.stdout, resumed.stdout
+    assert f"{tracker} {Path(folders[-1]).name}" in resumed.stdout, resumed.stdout
 
 
 def test_a_trackers_missing_package_is_one_line(workdir):
