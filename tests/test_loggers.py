@@ -1,6 +1,6 @@
 """Experiment trackers the Lightning way: W&B (offline), MLflow (a local file store), CSV, with TensorBoard.
 
-Runs in a row (in this process, as the CLI's other tests run) each keep their own folder (config, per-utterance file, checkpoints), every logger
+Runs in a row each keep their own folder (config, per-utterance file, checkpoints), every logger
 holds the scalars (validation at the step the checkpoint names) and the results table, and
 ``--ckpt_path last`` resumes the newest into the same run, whichever logger comes first.
 """
