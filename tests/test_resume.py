@@ -1,7 +1,7 @@
 """Nothing lost: SIGKILL and SIGTERM mid-run, then ``--ckpt_path last``, on the real CLI and tiny assets.
 
 One uninterrupted run is the reference for every interrupted one. An epoch of the smoke data is 80
-clips = 10 batches of 8 = 5 optimizer steps at 2 batches per step, so 14 steps run into a third pass.
+clips = 20 batches of 4 = 10 optimizer steps at 2 batches per step, so 14 steps run into a second pass.
 """
 
 import json
@@ -34,7 +34,7 @@ from conftest import (
 STEPS = 14
 # 2 batches per optimizer step, a checkpoint every 2 steps, 2 dataloader workers (smoke.yaml), window shuffle
 RUN = ["--trainer.accumulate_grad_batches", "2", "--checkpoint.every_n_train_steps", "2",
-       "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--data.batch_size", "8",
+       "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--data.batch_size", "4",
        "--data.shuffle_buffer", "16", "--trainer.enable_progress_bar", "false", "--trainer.max_steps", str(STEPS)]
 ENV = cli_env()
 
@@ -85,9 +85,9 @@ def test_last_is_a_link_to_the_newest_step_not_a_second_copy(straight):
         ["last.ckpt"] + [f"step={n}.ckpt" for n in range(2, STEPS + 1, 2)])  # no temporary link left behind
 
 
-@pytest.mark.parametrize("step", [6, 10], ids=["inside-the-second-pass", "at-a-pass-boundary"])
+@pytest.mark.parametrize("step", [12, 10], ids=["inside-the-second-pass", "at-a-pass-boundary"])
 def test_resume_in_a_later_pass_equals_an_uninterrupted_run(straight, tmp_path, step):
-    """Resumed from step 6 (2 batches into the second pass) or 10 (the end of the second pass)."""
+    """Resumed from step 12 (4 batches into the second pass) or 10 (the end of the first pass)."""
     resumed = make_workdir(tmp_path / "resumed")
     start = resumed / "start.ckpt"
     shutil.copy(_checkpoints(straight) / f"step={step}.ckpt", start)
@@ -103,7 +103,7 @@ def test_a_resume_on_another_day_trains_on_the_prompt_the_run_started_with(strai
     day = later_day(40)
     resumed = make_workdir(tmp_path / "resumed")
     start = resumed / "start.ckpt"
-    shutil.copy(_checkpoints(straight) / "step=6.ckpt", start)
+    shutil.copy(_checkpoints(straight) / "step=10.ckpt", start)
     subprocess.run(on_day(day, _command("--ckpt_path", str(start))), cwd=resumed, env=ENV, check=True,
                    capture_output=True)
     _assert_same_training(last_checkpoint(resumed), last_checkpoint(straight))
