@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import io
-import logging
+import json
 import os
 import shutil
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 from filelock import FileLock
+
+from in_process import run_main
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # as cli_env: read once, when huggingface_hub is imported
 # What a user's shell exports must not steer the suite (read before datasets or transformers is imported): the
@@ -71,49 +70,41 @@ def run_cli(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProces
 def run_here(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """``tiny-audio ARGS`` as :func:`run_cli` runs it, but in this process: without a new interpreter's ~5 s of
     imports, for the commands that need no process of their own (no signal sent to it, no moved clock, no setting
-    read at import such as ``HF_ENDPOINT``; those run with :func:`run_cli`).
-
-    It runs in ``workdir`` with ``env`` added to the environment, both put back afterwards. Its stdout and stderr
-    are what it printed and logged: the logging handlers that write to a terminal write to its stderr meanwhile, as
-    does one added on the root logger (in a process of its own, Lightning's handler or Python's last-resort one
-    prints those records); warnings go to pytest's report instead. The return code is its exit status; an exception
-    gives 1 and its traceback on stderr."""
-    from tiny_audio_pl.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
-                                      if isinstance(v, logging.Logger))]
-    terminals = [h for logger in loggers for h in logger.handlers if type(h) is logging.StreamHandler]
-    streams = [handler.stream for handler in terminals]
-    last_resort = logging.StreamHandler(err)
+    read at import such as ``HF_ENDPOINT``; those run with :func:`run_cli` or :func:`run_in_one_process`). It runs
+    in ``workdir`` with ``env`` added to the environment, both put back afterwards; its output is captured as
+    :func:`in_process.run_main` captures it."""
     environment, cwd = dict(os.environ), os.getcwd()
     os.environ.update(env)
     os.chdir(workdir)
-    logging.getLogger().addHandler(last_resort)
     try:
-        # Not setStream, which flushes the stream it replaces: a library that made its handler inside a test with
-        # capsys (datasets, when test_cli.py runs alone) holds that capture's stream, closed since.
-        for handler in terminals:
-            handler.stream = err
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main(list(args))
-                code = 0
-            except SystemExit as stop:
-                code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
-                if isinstance(stop.code, str):
-                    print(stop.code, file=err)
-            except Exception:
-                traceback.print_exc(file=err)
-                code = 1
+        return run_main(list(args))
     finally:
-        for handler, stream in zip(terminals, streams):
-            handler.stream = stream
-        logging.getLogger().removeHandler(last_resort)
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(environment)
-    return subprocess.CompletedProcess(["tiny-audio", *args], code, out.getvalue(), err.getvalue())
+
+
+# The child of run_in_one_process: the commands given as JSON, a line with each one's result as JSON after it.
+IN_ONE_PROCESS = """
+import json, sys
+from in_process import run_main
+commands, sys.argv[1:] = json.loads(sys.argv[1]), []  # LightningCLI reads sys.argv too
+for args in commands:
+    result = run_main(args)
+    print("tiny-audio result", json.dumps([result.returncode, result.stdout, result.stderr]), flush=True)
+"""
+
+
+def run_in_one_process(workdir: Path, *commands: list[str], **env: str) -> list[subprocess.CompletedProcess]:
+    """``tiny-audio`` commands one after another in one new interpreter, run in ``workdir`` with ``env`` added to
+    the environment as :func:`run_cli` runs one: for commands that need settings read at import (``HF_ENDPOINT``,
+    ``HF_HOME``) but no process each. Each one's result as :func:`run_here` gives it."""
+    python_path = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
+    child = subprocess.run([sys.executable, "-c", IN_ONE_PROCESS, json.dumps(list(commands))], cwd=workdir,
+                           env=cli_env(PYTHONPATH=python_path, **env), capture_output=True, text=True, timeout=600)
+    results = [json.loads(line[18:]) for line in child.stdout.splitlines() if line.startswith("tiny-audio result ")]
+    assert child.returncode == 0 and len(results) == len(commands), child.stdout[-2000:] + child.stderr[-3000:]
+    return [subprocess.CompletedProcess(["tiny-audio", *args], *result) for args, result in zip(commands, results)]
 
 
 def last_checkpoint(workdir: Path) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, hub_env, make_workdir, run_cli, run_here
+from conftest import ROOT, hub_env, make_workdir, run_cli, run_here, run_in_one_process
 from hub_server import HubServer
 from test_transcribe import HUB_LOAD
 
@@ -33,22 +33,29 @@ SMALL = [*CPU, "--trainer.max_steps", "2", "--trainer.val_check_interval", "8", 
 
 
 @pytest.fixture(scope="module")
-def recipe(hub, tmp_path_factory) -> Path:
-    """``tiny-audio fit --config configs/whisper.yaml``, as shipped but for CPU and size, through the server."""
+def recipe(hub, tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """``tiny-audio fit --config configs/whisper.yaml``, as shipped but for CPU and size, through the server; then
+    its checkpoint validated on eval.yaml's sets, exported to ``model/``, and the export transcribing a clip: one
+    interpreter for the four commands (:func:`conftest.run_in_one_process`). Its folder, and each command's result."""
     workdir = make_workdir(tmp_path_factory.mktemp("recipe"))
-    result = run_cli(workdir, "fit", "--config", WHISPER_YAML, *SMALL, **hub_env(hub.url, workdir / "hf"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "encoder  openai/whisper-large-v3-turbo (frozen)" in result.stdout + result.stderr
-    assert "decoder  HuggingFaceTB/SmolLM3-3B (frozen)" in result.stdout + result.stderr
-    assert re.search(r"validation   WER [\d.]+ %", result.stdout), result.stdout
-    return workdir
+    last = "lightning_logs/version_0/checkpoints/last.ckpt"
+    commands = {"fit": ["fit", "--config", WHISPER_YAML, *SMALL],
+                "validate": ["validate", "-c", WHISPER_YAML, "-c", str(CONFIGS / "eval.yaml"), *CPU, "--ckpt_path",
+                             last, "--model.max_new_tokens", "2"],
+                "export": ["export", "--ckpt", last, "--out", "model"],
+                "transcribe": ["transcribe", CLIP, "--ckpt", "model"]}
+    results = dict(zip(commands, run_in_one_process(workdir, *commands.values(), **hub_env(hub.url, workdir / "hf"))))
+    fit = results["fit"]
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "encoder  openai/whisper-large-v3-turbo (frozen)" in fit.stdout + fit.stderr
+    assert "decoder  HuggingFaceTB/SmolLM3-3B (frozen)" in fit.stdout + fit.stderr
+    assert re.search(r"validation   WER [\d.]+ %", fit.stdout), fit.stdout
+    return workdir, results
 
 
-def test_validate_scores_the_evaluation_sets_of_eval_yaml(hub, recipe):
+def test_validate_scores_the_evaluation_sets_of_eval_yaml(recipe):
     """LoquaciousSet test and LibriSpeech test.clean / test.other, by the hub ids and splits eval.yaml names."""
-    result = run_cli(recipe, "validate", "-c", WHISPER_YAML, "-c", str(CONFIGS / "eval.yaml"), *CPU, "--ckpt_path",
-                     "lightning_logs/version_0/checkpoints/last.ckpt", "--model.max_new_tokens", "2",
-                     **hub_env(hub.url, recipe / "hf"))
+    result = recipe[1]["validate"]
     assert result.returncode == 0, result.stderr[-3000:]
     for name, clips in (("loquacious_test", 10), ("librispeech_test.clean", 20), ("librispeech_test.other", 20)):
         assert re.search(rf"^{re.escape(name)}\s+{clips}\s", result.stdout, re.M), result.stdout
@@ -79,18 +86,17 @@ def test_a_dataset_with_a_loading_script_is_read_from_its_parquet_files(tmp_path
     assert result.stdout.strip().splitlines()[-1] == "['dev-0000', 'dev-0001', 'dev-0002']", result.stdout
 
 
-def test_transcribe_and_the_pipeline_on_a_model_folder_that_names_hub_ids(hub, recipe, tmp_path):
-    env = hub_env(hub.url, recipe / "hf")
-    folder = tmp_path / "model"
-    assert run_cli(tmp_path, "export", "--ckpt", str(recipe / "lightning_logs/version_0/checkpoints/last.ckpt"),
-                   "--out", str(folder), **env).returncode == 0
+def test_transcribe_and_the_pipeline_on_a_model_folder_that_names_hub_ids(hub, recipe):
+    workdir, results = recipe
+    folder = workdir / "model"
+    assert results["export"].returncode == 0, results["export"].stderr[-2000:]
     assert '"encoder": "openai/whisper-large-v3-turbo"' in (folder / "config.json").read_text()
-    ours = run_cli(tmp_path, "transcribe", CLIP, "--ckpt", str(folder), **env)
+    ours = results["transcribe"]
     assert ours.returncode == 0, ours.stderr[-2000:]
     text = ours.stdout.strip().split("\t", 1)[1]
-    (tmp_path / "load.py").write_text(HUB_LOAD)
-    theirs = subprocess.run([sys.executable, "load.py", str(folder), CLIP], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+    (workdir / "load.py").write_text(HUB_LOAD)
+    theirs = subprocess.run([sys.executable, "load.py", str(folder), CLIP], cwd=workdir,
+                            env=hub_env(hub.url, workdir / "hf"), capture_output=True, text=True, timeout=300)
     assert theirs.returncode == 0, theirs.stderr[-3000:]
     assert f'"texts": ["{text}"]' in theirs.stdout
 
