@@ -99,9 +99,10 @@ def run_in_one_process(workdir: Path, *commands: list[str], **env: str) -> list[
     """``tiny-audio`` commands one after another in one new interpreter, run in ``workdir`` with ``env`` added to
     the environment as :func:`run_cli` runs one: for commands that need settings read at import (``HF_ENDPOINT``,
     ``HF_HOME``) but no process each. Each one's result as :func:`run_here` gives it."""
-    python_path = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
+    environment = cli_env(**env)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), environment.get("PYTHONPATH")]))
     child = subprocess.run([sys.executable, "-c", IN_ONE_PROCESS, json.dumps(list(commands))], cwd=workdir,
-                           env=cli_env(PYTHONPATH=python_path, **env), capture_output=True, text=True, timeout=600)
+                           env=environment, capture_output=True, text=True, timeout=600)
     results = [json.loads(line[18:]) for line in child.stdout.splitlines() if line.startswith("tiny-audio result ")]
     assert child.returncode == 0 and len(results) == len(commands), child.stdout[-2000:] + child.stderr[-3000:]
     return [subprocess.CompletedProcess(["tiny-audio", *args], *result) for args, result in zip(commands, results)]
