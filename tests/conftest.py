@@ -85,13 +85,14 @@ def run_here(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProce
 
 
 # The child of run_in_one_process: the commands given as JSON, a line with each one's result as JSON after it.
-IN_ONE_PROCESS = """
+RESULT = "tiny-audio result "
+IN_ONE_PROCESS = f"""
 import json, sys
 from in_process import run_main
 commands, sys.argv[1:] = json.loads(sys.argv[1]), []  # LightningCLI reads sys.argv too
 for args in commands:
     result = run_main(args)
-    print("tiny-audio result", json.dumps([result.returncode, result.stdout, result.stderr]), flush=True)
+    print({RESULT!r} + json.dumps([result.returncode, result.stdout, result.stderr]), flush=True)
 """
 
 
@@ -103,7 +104,7 @@ def run_in_one_process(workdir: Path, *commands: list[str], **env: str) -> list[
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), environment.get("PYTHONPATH")]))
     child = subprocess.run([sys.executable, "-c", IN_ONE_PROCESS, json.dumps(list(commands))], cwd=workdir,
                            env=environment, capture_output=True, text=True, timeout=600)
-    results = [json.loads(line[18:]) for line in child.stdout.splitlines() if line.startswith("tiny-audio result ")]
+    results = [json.loads(line.removeprefix(RESULT)) for line in child.stdout.splitlines() if line.startswith(RESULT)]
     assert child.returncode == 0 and len(results) == len(commands), child.stdout[-2000:] + child.stderr[-3000:]
     return [subprocess.CompletedProcess(["tiny-audio", *args], *result) for args, result in zip(commands, results)]
 
