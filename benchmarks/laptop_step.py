@@ -15,8 +15,8 @@ tiny assets: what the test suite runs).
 Reported: the median seconds per optimizer step; the useful FLOPs per step and per second; this
 machine's 2048 x 2048 fp32 sgemm rate with the same threads (1024 x 1024 with ``--tiny``, an eighth of the
 time), measured in the same run (before and after the steps; the better of the two is the peak), and the step's
-share of it; the decoder's
-positions per step by part; and with ``--profile`` the top rows of a ``torch.profiler`` table.
+share of it; the decoder's positions per step by part; and with ``--profile`` the top rows of a ``torch.profiler``
+table.
 
 Useful FLOPs count only what a perfect implementation must do: the encoder's forward over each
 clip's real frames, the projector's forward and its weight gradients, the decoder's forward and

@@ -77,7 +77,7 @@ def run_here(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProce
     os.environ.update(env)
     os.chdir(workdir)
     try:
-        return run_main(list(args))
+        return run_main(args)
     finally:
         os.chdir(cwd)
         os.environ.clear()

@@ -9,9 +9,10 @@ import io
 import logging
 import subprocess
 import traceback
+from collections.abc import Sequence
 
 
-def run_main(args: list[str]) -> subprocess.CompletedProcess:
+def run_main(args: Sequence[str]) -> subprocess.CompletedProcess:
     """``tiny-audio ARGS`` through :func:`tiny_audio_pl.cli.main`, in this process and its current folder.
 
     Its stdout and stderr are what it printed and logged: the logging handlers that write to a terminal write to its

@@ -86,7 +86,7 @@ def test_a_dataset_with_a_loading_script_is_read_from_its_parquet_files(tmp_path
     assert result.stdout.strip().splitlines()[-1] == "['dev-0000', 'dev-0001', 'dev-0002']", result.stdout
 
 
-def test_transcribe_and_the_pipeline_on_a_model_folder_that_names_hub_ids(hub, recipe):
+def test_transcribe_and_the_pipeline_on_a_model_folder_that_names_hub_ids(hub, recipe, tmp_path):
     workdir, results = recipe
     folder = workdir / "model"
     assert results["export"].returncode == 0, results["export"].stderr[-2000:]
@@ -94,8 +94,8 @@ def test_transcribe_and_the_pipeline_on_a_model_folder_that_names_hub_ids(hub, r
     ours = results["transcribe"]
     assert ours.returncode == 0, ours.stderr[-2000:]
     text = ours.stdout.strip().split("\t", 1)[1]
-    (workdir / "load.py").write_text(HUB_LOAD)
-    theirs = subprocess.run([sys.executable, "load.py", str(folder), CLIP], cwd=workdir,
+    (tmp_path / "load.py").write_text(HUB_LOAD)
+    theirs = subprocess.run([sys.executable, "load.py", str(folder), CLIP], cwd=tmp_path,
                             env=hub_env(hub.url, workdir / "hf"), capture_output=True, text=True, timeout=300)
     assert theirs.returncode == 0, theirs.stderr[-3000:]
     assert f'"texts": ["{text}"]' in theirs.stdout

@@ -23,14 +23,15 @@ STEPS = 4
 RUN = ["fit", "-c", SMOKE, "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", str(STEPS),
        "--data.max_eval_samples", "4", "--model.max_new_tokens", "6", "--trainer.enable_progress_bar", "false",
        "--checkpoint.every_n_train_steps", str(STEPS), "--trainer.log_every_n_steps", "2"]
-LOGGERS = {"WandbLogger": {}, "MLFlowLogger": {}, "CSVLogger": {"save_dir": "."},
+LOGGERS = {"WandbLogger": {}, "MLFlowLogger": {},  # MLflow's folder: _with_loggers
+           "CSVLogger": {"save_dir": "."},
            "TensorBoardLogger": {"save_dir": "."}}
 
 
 def _with_loggers(order: list[str], workdir: Path) -> list[str]:
     """The loggers in ``order``, the first in place of the default TensorBoard logger, each with its own arguments.
-    MLflow's folder is given whole: MLflow keeps one store per tracking URI for the life of a process, and a relative
-    ``./mlruns`` would then name the folder of the run before, in another test."""
+    MLflow's folder is given whole: MLflow keeps one store per tracking URI for the life of a process, made with its
+    folder the first time, so a relative ``./mlruns`` would not exist in a later test's folder."""
     arguments = {**LOGGERS, "MLFlowLogger": {"save_dir": str(workdir / "mlruns")}}
     return [f"--trainer.logger{'+=' if i else '='}" + json.dumps({"class_path": name, "init_args": arguments[name]})
             for i, name in enumerate(order)]
@@ -90,8 +91,8 @@ def _check_trackers(workdir: Path, output: str, loggers: list[str]) -> None:
     assert "val/results/text_summary" in accumulator.Tags()["tensors"]
 
 
-# Each run and the resume run in this process, as the other commands' tests do (W&B's service process is started
-# once and serves them all). The MLflow-first runs leave W&B out (its files are checked in the first), two before the
+# Each run and the resume run in this process, as the other commands' tests do (W&B starts its service process
+# once for this process). The MLflow-first runs leave W&B out (its files are checked in the first), two before the
 # resume, which then has to find the newer of two runs named by random ids.
 @pytest.mark.parametrize("loggers, runs", [(list(LOGGERS), 1), (["MLFlowLogger", "CSVLogger", "TensorBoardLogger"], 2)],
                          ids=["WandbLogger", "MLFlowLogger"])
