@@ -36,6 +36,7 @@ import yaml
 
 from tiny_audio_pl.decoding import flags as decoding_flags
 from tiny_audio_pl.errors import DataUnavailable, UsageError
+from tiny_audio_pl.slurm_checks import check_tasks
 from tiny_audio_pl.trackers import missing_tracker
 
 TRACEBACK = "TINY_AUDIO_TRACEBACK"  # set to 1 to see the traceback behind a one-line error
@@ -286,8 +287,8 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
     warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated")  # torchdata 0.11 on torch >= 2.9
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # lightning 2.6 on torch 2.13
-    # Lightning's hint on a machine with Slurm installed, e.g. a login node; inside a job, cluster.check_job
-    # tells a command started without srun, as one line.
+    # Lightning's hint on a machine with Slurm installed, e.g. a login node; inside a job, slurm_checks tells a
+    # command started without srun, as one line.
     warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
     # The val/* values are merged over the ranks before they are logged (Evaluation.merged): no sync_dist needed.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
@@ -328,6 +329,7 @@ def main(args: list[str] | None = None) -> None:
         if argv[0] in PLAIN:
             run_plain(argv)
             return
+        check_tasks()  # a job script's mistake, before the seconds of importing Lightning
         quiet()
         from tiny_audio_pl.lightning_cli import run
 

@@ -1,4 +1,4 @@
-"""Runs under a scheduler: the signals a run stops on, the ranks agreeing to stop, Slurm's requeue and job checks.
+"""Runs under a scheduler: the signals a run stops on, the ranks agreeing to stop, Slurm's requeue.
 
 - **SIGTERM** (cloud providers, Slurm at a time limit, ``scancel``, systemd, ``docker stop``) and
   **SIGINT** (Ctrl-C): stop after the optimizer step in progress, save it, exit 0
@@ -18,9 +18,7 @@ rank stops after the same step, and one file, ``step=N.ckpt`` (``last.ckpt`` lin
 written. ``SLURMEnvironment(auto_requeue=False)`` in ``--trainer.plugins`` keeps the save and the
 stop but not the requeue, as it does in Lightning.
 
-A Slurm job whose shape does not match the trainer (tasks per node against ``trainer.devices``,
-nodes against ``trainer.num_nodes``, a multi-task job started without ``srun``, which would wait
-forever for ranks that never start) is one line in the first second (:func:`check_job`).
+A Slurm job whose shape does not match the trainer is one line before anything loads: ``slurm_checks.py``.
 """
 
 from __future__ import annotations
@@ -30,13 +28,11 @@ import signal
 import subprocess
 import sys
 from types import FrameType
-from typing import Any
 
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
 
-from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.lightning_private import SignalConnector, cluster_environment
 
 # Lightning's default for SLURMEnvironment and the job script's --signal; dataloader workers ignore it too
@@ -128,30 +124,3 @@ def requeue(job_id: str) -> str | None:
     if result.returncode != 0:
         return f"could not requeue Slurm job {job_id}: {result.stderr.strip()}; submit it again to resume"
     return None
-
-
-def check_job(devices: Any, num_nodes: int) -> None:
-    """One line when this Slurm job's tasks do not match ``trainer.devices`` and ``trainer.num_nodes``.
-
-    Lightning checks tasks against devices and nodes too (``SLURMEnvironment.validate_settings``), but only
-    once the models are loaded, in its own terms (``Trainer(devices=...)``); here it is before anything
-    loads, in the command's options. Lightning does not check that the command was started by ``srun``."""
-    if "SLURM_NTASKS" not in os.environ or SLURMEnvironment.job_name() in ("bash", "interactive"):
-        return  # not the tasks of a job (Lightning's own rule, SLURMEnvironment.detect)
-    tasks = int(os.environ["SLURM_NTASKS"])
-    per_node = os.environ.get("SLURM_NTASKS_PER_NODE")
-    if tasks > 1 and "SLURM_STEP_ID" not in os.environ:
-        raise UsageError(f"this Slurm job has {tasks} tasks but the command was not started by srun: each rank would "
-                         "wait for the others forever. Start it as `srun tiny-audio fit ...` in the job script")
-    if tasks > 1 and per_node is None:
-        raise UsageError(f"this Slurm job asks for --ntasks={tasks}: ask for --ntasks-per-node (one task per device) "
-                         "and --nodes instead, so that every node runs the same number of ranks")
-    count = len(devices) if isinstance(devices, list) else int(devices) if str(devices).isdigit() else None
-    if per_node is not None and count is not None and int(per_node) != count:
-        raise UsageError(f"this Slurm job runs {per_node} task(s) per node but trainer.devices is {devices}: set "
-                         f"--trainer.devices {per_node} (one task per device; the job script passes "
-                         "$SLURM_NTASKS_PER_NODE)")
-    nodes = os.environ.get("SLURM_NNODES")
-    if nodes is not None and int(nodes) != num_nodes:
-        raise UsageError(f"this Slurm job has {nodes} node(s) but trainer.num_nodes is {num_nodes}: set "
-                         f"--trainer.num_nodes {nodes} (the job script passes $SLURM_NNODES)")

@@ -22,7 +22,7 @@ Beyond the stock LightningCLI it adds:
   of range, ``trainer.max_steps`` unset, a checkpoint that is a folder or not a Lightning checkpoint,
   a dataset folder without the split or the columns, a run folder that cannot be written, a strategy
   that shards the weights (FSDP, DeepSpeed), a Slurm job whose tasks do not match the trainer
-  (``cluster.check_job``); what Lightning refuses when it builds the trainer is one line too;
+  (``slurm_checks.py``); what Lightning refuses when it builds the trainer is one line too;
 - a stop signal (SIGTERM, Slurm's requeue signal) ends the run after the optimizer step in progress,
   saved, on every rank (``cluster.py``);
 - no more compute threads than cores: the main process gets the cores the dataloader workers do not;
@@ -47,7 +47,7 @@ from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from tiny_audio_pl.checkpoint import Checkpoint, TrainedCheckpoint, read_checkpoint
-from tiny_audio_pl.cluster import check_job, note_early_signals
+from tiny_audio_pl.cluster import note_early_signals
 from tiny_audio_pl.configuration import SETTINGS, Settings
 from tiny_audio_pl.data import SpeechDataModule
 from tiny_audio_pl.decoding import DECODING
@@ -55,6 +55,7 @@ from tiny_audio_pl.encoder import encoder_config
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.runs import RunFolder
 from tiny_audio_pl.scoring import read_utterances, write_trn
+from tiny_audio_pl.slurm_checks import check_trainer
 from tiny_audio_pl.trackers import missing_tracker
 from tiny_audio_pl.trainer_checks import check_steps, check_strategy, check_writable, note_cpu_processes
 from tiny_audio_pl.training import SpeechLLM
@@ -205,7 +206,7 @@ class TinyAudioCLI(LightningCLI):
             TrainedCheckpoint.read(path, mmap=True, what="--ckpt_path").note_unkept_prompt()  # Lightning reads it later
         check_strategy(config.trainer, config.model)
         note_cpu_processes(config.trainer)
-        check_job(config.trainer.devices, config.trainer.num_nodes)  # a Slurm job's tasks against the trainer's
+        check_trainer(config.trainer.devices, config.trainer.num_nodes)  # a Slurm job's tasks against the trainer's
         settings = Settings(**{name: config.model[name] for name in SETTINGS})  # its checks, before anything loads
         SpeechDataModule(**config.data.as_dict()).check(subcommand)  # opens no audio, loads no model
         settings.check_used(encoder_config(settings.encoder, settings.trust_remote_code).model_type)  # config.json only
