@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import assert_same_training, cli, hub_env, last_checkpoint, make_workdir, run_cli
+from conftest import assert_same_training, cli, hub_env, last_checkpoint, make_workdir, run_cli, run_in_one_process
 from hub_server import FaultProxy, HubServer
 from test_hub import CPU, WHISPER_YAML
 
@@ -35,12 +35,42 @@ def fault_run(hub: HubServer, workdir: Path, plan=None, *args: str) -> tuple[sub
 
 
 @pytest.fixture(scope="module")
-def sound(hub, tmp_path_factory) -> dict:
-    """The fault runs' reference: the same command through a proxy that breaks nothing."""
-    workdir = make_workdir(tmp_path_factory.mktemp("sound"))
-    result, _ = fault_run(hub, workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return last_checkpoint(workdir)
+def outage(hub, tmp_path_factory) -> dict:
+    """A run through a proxy that stops answering after step 2's checkpoint; then, once the host is back, one new
+    interpreter (the hub client reads HF_ENDPOINT at import) for its ``--ckpt_path last`` and for the sound run: the
+    same command as the fault runs, through a proxy that breaks nothing, in a folder of its own."""
+    workdir = make_workdir(tmp_path_factory.mktemp("outage"))
+    proxy = FaultProxy(hub.url).start()
+    command = ["fit", "-c", WHISPER_YAML, *FAULT_RUN, "--data.network_patience", "3"]
+    process = subprocess.Popen(cli(*command), cwd=workdir, env=hub_env(proxy.url, workdir / "hf"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = workdir / "lightning_logs/version_0/checkpoints"
+    deadline = time.time() + 120
+    while not (checkpoints / "step=2.ckpt").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proxy.stop()
+    stopped_at = time.time()
+    try:
+        stdout, stderr = process.communicate(timeout=150)
+    finally:
+        process.kill()
+    stopped = {"waited": time.time() - stopped_at, "returncode": process.returncode, "stdout": stdout,
+               "stderr": stderr, "port": proxy.port, "saved": last_checkpoint(workdir)["global_step"]}
+    back = FaultProxy(hub.url, port=proxy.port).start()  # the host is back
+    try:
+        resumed, sound = run_in_one_process(workdir, [*command, "--ckpt_path", "last"],
+                                            ["fit", "-c", WHISPER_YAML, *FAULT_RUN, "--trainer.default_root_dir",
+                                             "sound"], **hub_env(back.url, workdir / "hf"))
+    finally:
+        back.stop()
+    assert sound.returncode == 0, sound.stderr[-3000:]
+    return {"stopped": stopped, "resumed": resumed, "workdir": workdir, "sound": last_checkpoint(workdir / "sound")}
+
+
+@pytest.fixture(scope="module")
+def sound(outage) -> dict:
+    """The fault runs' reference: the last checkpoint of the command through a network that breaks nothing."""
+    return outage["sound"]
 
 
 def every_third_shard_read():
@@ -82,44 +112,25 @@ def test_transient_faults_cost_retries_not_the_run_nor_its_weights(sound, faulty
     assert "Retrying in" not in output and "Got disconnected" not in output and "Traceback" not in output
 
 
-def test_a_lasting_outage_stops_with_the_last_step_saved_and_resumes_exactly(hub, sound, tmp_path):
+def test_a_lasting_outage_stops_with_the_last_step_saved_and_resumes_exactly(outage, sound):
     """The proxy stops answering after step 2's checkpoint: the run stops within its patience plus the hub
     client's own retries, in one line naming the host and the file, exit status 75, its last complete step
     saved; when the host is back, --ckpt_path last ends with the weights of a run that never saw a fault."""
-    workdir = make_workdir(tmp_path / "outage")
-    proxy = FaultProxy(hub.url).start()
-    env = hub_env(proxy.url, workdir / "hf")
-    command = cli("fit", "-c", WHISPER_YAML, *FAULT_RUN, "--data.network_patience", "3")
-    process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoints = workdir / "lightning_logs/version_0/checkpoints"
-    deadline = time.time() + 120
-    while not (checkpoints / "step=2.ckpt").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proxy.stop()
-    stopped_at = time.time()
-    try:
-        stdout, stderr = process.communicate(timeout=150)
-    finally:
-        process.kill()
-    waited = time.time() - stopped_at
-    print(f"stopped {waited:.1f} s after the outage began")
-    assert waited < 60  # patience 3 s, plus the hub client's own retries (~23 s a try) of at most two tries
-    assert process.returncode == 75, stderr[-3000:]
+    stopped, resumed = outage["stopped"], outage["resumed"]
+    print(f"stopped {stopped['waited']:.1f} s after the outage began")
+    assert stopped["waited"] < 60  # patience 3 s, plus the hub client's own retries (~23 s a try) of at most two tries
+    stderr = stopped["stderr"]
+    assert stopped["returncode"] == 75, stderr[-3000:]
     assert "Traceback" not in stderr and "Retrying in" not in stderr, stderr[-3000:]
     error = stderr.strip().splitlines()[-1]
-    assert error.startswith(f"tiny-audio fit: error: the data host 127.0.0.1:{proxy.port} did not answer"), error
+    assert error.startswith(f"tiny-audio fit: error: the data host 127.0.0.1:{stopped['port']} did not answer"), error
     assert "speechbrain/LoquaciousSet" in error, error
-    saved = int(re.search(r"data unavailable: saved step (\d+)", stdout).group(1))
-    assert 2 <= saved < 6 and last_checkpoint(workdir)["global_step"] == saved
+    saved = int(re.search(r"data unavailable: saved step (\d+)", stopped["stdout"]).group(1))
+    assert 2 <= saved < 6 and stopped["saved"] == saved
 
-    back = FaultProxy(hub.url, port=proxy.port).start()  # the host is back
-    try:
-        result = subprocess.run([*command, "--ckpt_path", "last"], cwd=workdir, env=env, capture_output=True,
-                                text=True, timeout=300)
-    finally:
-        back.stop()
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_training(last_checkpoint(workdir), sound)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert_same_training(last_checkpoint(outage["workdir"]), sound)
 
 
 def test_network_trouble_tells_faults_from_mistakes():
