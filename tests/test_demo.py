@@ -7,7 +7,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,13 +122,6 @@ def test_the_demo_transcribes_as_transcribe_does_and_explains_bad_audio(demo, br
         assert ("No audio" in status or "Cannot" in status) if path == empty else message in status, status
     text, _ = _transcribe_in_page(browser, CLIP)  # and it keeps serving
     assert text == expected
-
-
-def test_the_demo_is_not_imported_by_training():
-    result = subprocess.run([sys.executable, "-c", "import sys; import tiny_audio_pl.lightning_cli; "
-                             "print(sorted(m for m in sys.modules if m.startswith(('gradio', 'tiny_audio_pl.demo'))))"],
-                            env=cli_env(), capture_output=True, text=True, timeout=120)
-    assert result.stdout.strip() == "[]", result.stderr[-2000:]
 
 
 def test_the_error_browser_shows_the_worst_utterance_with_its_audio_and_marked_errors(demo, browser, trained, tmp_path):

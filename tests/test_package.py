@@ -1,6 +1,8 @@
-"""The package's parts import only what the code map of docs/how-it-works.md says they may."""
+"""The package's parts import only what the code map of docs/how-it-works.md says they may, and ``fit`` no extra."""
 
 import ast
+import re
+from importlib.metadata import packages_distributions, requires
 
 import pytest
 
@@ -63,3 +65,45 @@ def test_no_two_modules_import_each_other_however_indirectly():
 
     circles = [c for c in (circle_from(name, []) for name in sorted(names)) if c]
     assert not circles, f"import circle: {' -> '.join(circles[0])}"
+
+
+def imported_at_load(name: str) -> set[str]:
+    """What importing module ``name`` imports at once: the modules its top-level statements import (into ``if`` and
+    ``try`` blocks, but for ``if TYPE_CHECKING``), by full name, ``.x`` as ``tiny_audio_pl.x``."""
+    found: set[str] = set()
+
+    def visit(statements: list[ast.stmt]) -> None:
+        for node in statements:
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                found.add(f"tiny_audio_pl.{node.module}" if node.level else node.module)
+            elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+                visit(node.body + node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body + node.orelse + node.finalbody + [s for h in node.handlers for s in h.body])
+
+    visit(ast.parse((PACKAGE / f"{name}.py").read_text()).body)
+    return found
+
+
+def test_fit_imports_no_optional_extra_until_it_is_used():
+    """The demo, trackers, LoRA and plots are extras, imported inside the code that uses them: what ``tiny-audio
+    fit`` loads to start (cli.py, then lightning_cli.py and what they import at load) imports none of them, and not
+    the demo's module. Read from the code, where a lazy import is visibly inside a function; the packages the
+    libraries themselves load are theirs (torchmetrics loads matplotlib when it is installed)."""
+    extras = [r for r in requires("tiny-audio-pl") if "extra ==" in r and 'extra == "dev"' not in r]
+    wanted = {re.split(r"[<>=;\[ ]", requirement)[0].lower() for requirement in extras}
+    optional = {module for module, dists in packages_distributions().items() if {d.lower() for d in dists} & wanted}
+    assert {"gradio", "peft", "wandb", "mlflow", "matplotlib"} <= optional  # each extra's import name was found
+    loaded, todo = set(), ["tiny_audio_pl.cli", "tiny_audio_pl.lightning_cli"]
+    while todo:
+        module = todo.pop()
+        if module in loaded:
+            continue
+        loaded.add(module)
+        if module.startswith("tiny_audio_pl."):
+            todo += imported_at_load(module.removeprefix("tiny_audio_pl."))
+    assert "tiny_audio_pl.demo" not in loaded
+    extras_loaded = {module.split(".")[0] for module in loaded} & optional
+    assert not extras_loaded, f"tiny-audio fit imports {sorted(extras_loaded)} as it starts"
