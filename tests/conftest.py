@@ -34,6 +34,9 @@ HUBERT = str(ASSETS / "tiny-hubert")
 DECODER = str(ASSETS / "tiny-smollm3")
 SPEECH = str(ASSETS / "tiny-speech")
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
+# For the runs whose subject is not the data loader: smoke.yaml's 2 dataloader workers are forks of the test process,
+# and their start and copy-on-write faults cost about a core-second a run (the tests of the loader keep them).
+NO_WORKERS = ("--data.num_workers", "0")
 
 
 def cli(*args: str) -> list[str]:
@@ -196,6 +199,6 @@ def trained(tmp_path_factory, worker_id: str) -> Path:
             make_workdir(workdir)
             result = run_here(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "20", "--trainer.val_check_interval",
                               "20", "--checkpoint.every_n_train_steps", "20", "--data.max_eval_samples", "4",
-                              "--model.max_new_tokens", "8", "--trainer.enable_progress_bar", "false")
+                              "--model.max_new_tokens", "8", "--trainer.enable_progress_bar", "false", *NO_WORKERS)
             assert result.returncode == 0, result.stderr[-2000:]
     return checkpoint

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from conftest import DECODER, SMOKE, WHISPER, run_here
+from conftest import DECODER, NO_WORKERS, SMOKE, WHISPER, run_here
 from tiny_audio_pl.alignment import TokenAlignment
 from tiny_audio_pl.checkpoint import read_checkpoint
 from tiny_audio_pl.training import SpeechLLM
@@ -27,7 +27,7 @@ def test_alignment_stage_trains_the_projector_alone_then_the_decoder_takes_over(
     result = run_here(workdir, "fit", "-c", SMOKE, "--model.lora_rank", "4", "--model.align_steps", "20",
                       "--trainer.max_steps", "24", "--checkpoint.every_n_train_steps", "20",
                       "--trainer.val_check_interval", "20", "--data.max_eval_samples", "4", "--model.max_new_tokens",
-                      "4", "--trainer.enable_progress_bar", "false")
+                      "4", "--trainer.enable_progress_bar", "false", *NO_WORKERS)
     assert result.returncode == 0, result.stderr[-2000:]
     folder = workdir / "lightning_logs/version_0/checkpoints"
     aligned, last = (read_checkpoint(folder / name) for name in ("step=20.ckpt", "last.ckpt"))

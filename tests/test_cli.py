@@ -10,7 +10,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, SMOKE, cli, cli_env, run_here
+from conftest import NO_WORKERS, ROOT, SMOKE, cli, cli_env, run_here
 from tiny_audio_pl.cli import main
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -73,7 +73,7 @@ def _run(workdir: Path, *args: str) -> str:
 def test_fit_validate_and_resume_on_the_tiny_assets(workdir):
     tmp_path, smoke = workdir, SMOKE
     quick = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--data.max_eval_samples", "4",
-             "--checkpoint.every_n_train_steps", "2"]
+             "--checkpoint.every_n_train_steps", "2", *NO_WORKERS]
     out = _run(tmp_path, "fit", "-c", smoke, *quick)
     assert "assets/tiny-whisper (frozen)" in out and "trainable" in out
 
@@ -87,7 +87,7 @@ def test_fit_validate_and_resume_on_the_tiny_assets(workdir):
     projector_bytes = sum(v.numel() * v.element_size() for v in checkpoint["state_dict"].values())
     assert last.stat().st_size < 4 * projector_bytes + 1_000_000  # weights + Adam moments + loop state
 
-    out = _run(tmp_path, "validate", "-c", smoke, "--data.max_eval_samples", "4", "--ckpt_path", str(last))
+    out = _run(tmp_path, "validate", "-c", smoke, "--data.max_eval_samples", "4", "--ckpt_path", str(last), *NO_WORKERS)
     assert out.count("validation   WER ") == 1 and out.count("per-utterance results: ") == 1  # reported once
     assert "val/wer" not in out  # Lightning's own metrics table is not printed too
     scored = EventAccumulator(str(tmp_path / "lightning_logs" / "version_1"))
@@ -104,7 +104,7 @@ def test_fit_validate_and_resume_on_the_tiny_assets(workdir):
 
 def test_auto_resume_starts_fresh_only_when_asked_and_runs_go_under_default_root_dir(workdir):
     quick = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-             "--trainer.default_root_dir", "runs"]
+             "--trainer.default_root_dir", "runs", *NO_WORKERS]
     result = run_here(workdir, "fit", "-c", SMOKE, *quick, "--ckpt_path", "auto")
     assert result.returncode == 0 and "no checkpoint yet, starting a new run" in result.stdout
     run = workdir / "runs" / "lightning_logs" / "version_0"
@@ -120,7 +120,7 @@ def test_auto_resume_starts_fresh_only_when_asked_and_runs_go_under_default_root
 def test_a_token_in_the_environment_is_written_nowhere(workdir):
     token = "hf_PlantedTokenDoNotWrite1234567890"
     result = run_here(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "2", "--data.max_eval_samples", "2",
-                      "--trainer.val_check_interval", "2", HF_TOKEN=token, HUGGING_FACE_HUB_TOKEN=token)
+                      "--trainer.val_check_interval", "2", *NO_WORKERS, HF_TOKEN=token, HUGGING_FACE_HUB_TOKEN=token)
     assert result.returncode == 0, result.stderr[-2000:]
     written = [p for p in workdir.rglob("*") if p.is_file()]
     assert any(p.suffix == ".ckpt" for p in written) and any(p.name == "config.yaml" for p in written)

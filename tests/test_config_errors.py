@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import DECODER, ROOT, SMOKE, WHISPER, cli, cli_env, run_here
+from conftest import DECODER, NO_WORKERS, ROOT, SMOKE, WHISPER, cli, cli_env, run_here
 from tiny_audio_pl.errors import UsageError
 from tiny_audio_pl.training import SpeechLLM
 
@@ -236,7 +236,8 @@ def test_compare_checks_the_plot_format_before_any_work(here, capfd):
 
 
 def test_a_run_too_short_to_validate_says_so_and_compare_points_at_its_checkpoint(workdir):
-    result = run_here(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "4", "--trainer.enable_progress_bar", "false")
+    result = run_here(workdir, "fit", "-c", SMOKE, "--trainer.max_steps", "4", "--trainer.enable_progress_bar", "false",
+                      *NO_WORKERS)
     assert result.returncode == 0, result.stderr[-2000:]
     assert ("no validation in this run: trainer.val_check_interval is 60 batches and the run has 4; set "
             "--trainer.val_check_interval 4 to score it at the end") in result.stdout

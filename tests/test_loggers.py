@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SMOKE, run_here
+from conftest import NO_WORKERS, SMOKE, run_here
 
 STEPS = 4
 RUN = ["fit", "-c", SMOKE, "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", str(STEPS),
        "--data.max_eval_samples", "4", "--model.max_new_tokens", "6", "--trainer.enable_progress_bar", "false",
-       "--checkpoint.every_n_train_steps", str(STEPS), "--trainer.log_every_n_steps", "2"]
+       "--checkpoint.every_n_train_steps", str(STEPS), "--trainer.log_every_n_steps", "2", *NO_WORKERS]
 LOGGERS = {"WandbLogger": {}, "MLFlowLogger": {},  # MLflow's folder: _with_loggers
            "CSVLogger": {"save_dir": "."},
            "TensorBoardLogger": {"save_dir": "."}}

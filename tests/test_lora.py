@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SMOKE, SPEECH, run_here
+from conftest import NO_WORKERS, SMOKE, SPEECH, run_here
 from tiny_audio_pl.checkpoint import read_checkpoint
 from tiny_audio_pl.export import load_model
 
@@ -19,7 +19,7 @@ def test_lora_switch_trains_and_saves_only_adapters_and_projector(workdir):
     result = run_here(workdir, "fit", "-c", SMOKE, "--model.lora_rank", "4", "--trainer.max_steps", "6",
                       "--trainer.val_check_interval", "6", "--data.max_eval_samples", "4",
                       "--model.max_new_tokens", "6", "--trainer.enable_progress_bar", "false",
-                      "--model.adapter_learning_rate", "0.004", "--trainer.log_every_n_steps", "1")
+                      "--model.adapter_learning_rate", "0.004", "--trainer.log_every_n_steps", "1", *NO_WORKERS)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(frozen; LoRA rank 4 adapters trainable)" in result.stdout + result.stderr  # the run's banner
     events = EventAccumulator(str(workdir / "lightning_logs/version_0")).Reload()

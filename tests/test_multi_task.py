@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import DECODER, ROOT, SMOKE, SPEECH, WHISPER, connected_data, run_here
+from conftest import DECODER, NO_WORKERS, ROOT, SMOKE, SPEECH, WHISPER, connected_data, run_here
 from tiny_audio_pl.data import Source, SpeechDataModule
 from tiny_audio_pl.errors import UsageError
 
@@ -55,7 +55,7 @@ def test_bad_sources_fail_with_the_field_names():
 def test_multi_task_config_trains_and_scores_each_task(workdir):
     result = run_here(workdir, "fit", "-c", SMOKE, "-c", str(MIX), "--trainer.max_steps", "6",
                       "--trainer.val_check_interval", "6", "--model.max_new_tokens", "6",
-                      "--trainer.enable_progress_bar", "false")
+                      "--trainer.enable_progress_bar", "false", *NO_WORKERS)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()
             if line.startswith(("transcribe_dev ", "speaker_sex_dev "))}

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 
 from conftest import (
     DECODER,
+    NO_WORKERS,
     SMOKE,
     assert_same_training,
     cli,
@@ -207,7 +208,7 @@ def test_a_second_ctrl_c_stops_at_once():
 def test_diverging_run_skips_nonfinite_steps_then_stops_with_a_clear_error(tmp_path):
     workdir = make_workdir(tmp_path / "diverging")
     result = run_here(workdir, "fit", "-c", SMOKE, *RUN, "--trainer.max_steps", "40", "--model.learning_rate", "1e30",
-                      "--model.warmup_steps", "0")
+                      "--model.warmup_steps", "0", *NO_WORKERS)
     assert result.returncode != 0
     assert "5 times in a row" in result.stderr and "lower model.learning_rate" in result.stderr
 
