@@ -329,7 +329,7 @@ def main(args: list[str] | None = None) -> None:
         if argv[0] in PLAIN:
             run_plain(argv)
             return
-        check_tasks()  # a job script's mistake, before the seconds of importing Lightning
+        check_tasks(argv[0])  # a job script's mistake, before the seconds of importing Lightning
         quiet()
         from tiny_audio_pl.lightning_cli import run
 

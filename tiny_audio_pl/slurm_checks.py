@@ -27,21 +27,30 @@ def _tasks() -> int | None:
     return int(os.environ["SLURM_NTASKS"])
 
 
-def check_tasks() -> None:
-    """One line when a job of several tasks was not started by ``srun`` or gives no tasks per node."""
+def check_tasks(command: str) -> None:
+    """One line when a job of several tasks was not started by ``srun`` or gives no tasks per node.
+
+    Args:
+        command: the ``tiny-audio`` command run (``fit``, ``validate``), named in the fix.
+    """
     tasks = _tasks()
     if tasks is None or tasks == 1:
         return
     if "SLURM_STEP_ID" not in os.environ:
         raise UsageError(f"this Slurm job has {tasks} tasks but the command was not started by srun: each rank would "
-                         "wait for the others forever. Start it as `srun tiny-audio fit ...` in the job script")
+                         f"wait for the others forever. Start it as `srun tiny-audio {command} ...` in the job script")
     if "SLURM_NTASKS_PER_NODE" not in os.environ:
         raise UsageError(f"this Slurm job asks for --ntasks={tasks}: ask for --ntasks-per-node (one task per device) "
                          "and --nodes instead, so that every node runs the same number of ranks")
 
 
 def check_trainer(devices: Any, num_nodes: int) -> None:
-    """One line when the job's tasks per node are not ``trainer.devices`` or its nodes not ``trainer.num_nodes``."""
+    """One line when the job's tasks per node are not ``trainer.devices`` or its nodes not ``trainer.num_nodes``.
+
+    Args:
+        devices: ``trainer.devices`` as parsed (a count, a list of device indices, or ``auto``).
+        num_nodes: ``trainer.num_nodes``.
+    """
     if _tasks() is None:
         return
     per_node = os.environ.get("SLURM_NTASKS_PER_NODE")
