@@ -55,7 +55,8 @@ def outage(hub, tmp_path_factory) -> dict:
     finally:
         process.kill()
     stopped = {"waited": time.time() - stopped_at, "returncode": process.returncode, "stdout": stdout,
-               "stderr": stderr, "port": proxy.port, "saved": last_checkpoint(workdir)["global_step"]}
+               "stderr": stderr, "port": proxy.port,
+               "saved": last_checkpoint(workdir)["global_step"] if (checkpoints / "last.ckpt").exists() else None}
     back = FaultProxy(hub.url, port=proxy.port).start()  # the host is back
     try:
         resumed, sound = run_in_one_process(workdir, [*command, "--ckpt_path", "last"],
