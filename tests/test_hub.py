@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, hub_env, make_workdir, run_cli, run_here, run_in_one_process
+from conftest import ROOT, hub_env, make_workdir, run_here, run_in_one_process
 from hub_server import HubServer
 from test_transcribe import HUB_LOAD
 
 CONFIGS = ROOT / "configs"
 WHISPER_YAML = str(CONFIGS / "whisper.yaml")
 CLIP = str(ROOT / "assets" / "clips" / "dev-0000.wav")
+PUSHED = "some-org/tiny-asr"  # a repository the server does not hold until the push creates it
 # Only what a CPU and a test need changed: the rest is the shipped config.
 CPU = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.frozen_dtype", "float32",
        "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0"]
@@ -33,18 +34,21 @@ SMALL = [*CPU, "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", 
 
 
 @pytest.fixture(scope="module")
-def recipe(hub, tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+def recipe(hub, trained, tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
     """``tiny-audio fit --config configs/whisper.yaml``, as shipped but for CPU and size, through the server; then
-    its checkpoint validated on eval.yaml's sets, exported to ``model/``, and the export transcribing a clip: one
-    interpreter for the four commands (:func:`conftest.run_in_one_process`). Its folder, and each command's result."""
+    its checkpoint validated on eval.yaml's sets, exported to ``model/``, and the export transcribing a clip; and the
+    smoke checkpoint exported to ``pushed/`` with ``--push-to-hub`` (a token set, as a user's would be): one
+    interpreter for the five commands (:func:`conftest.run_in_one_process`). Its folder, and each command's result."""
     workdir = make_workdir(tmp_path_factory.mktemp("recipe"))
     last = "lightning_logs/version_0/checkpoints/last.ckpt"
     commands = {"fit": ["fit", "--config", WHISPER_YAML, *SMALL],
                 "validate": ["validate", "-c", WHISPER_YAML, "-c", str(CONFIGS / "eval.yaml"), *CPU, "--ckpt_path",
                              last, "--model.max_new_tokens", "2"],
                 "export": ["export", "--ckpt", last, "--out", "model"],
-                "transcribe": ["transcribe", CLIP, "--ckpt", "model"]}
-    results = dict(zip(commands, run_in_one_process(workdir, *commands.values(), **hub_env(hub.url, workdir / "hf"))))
+                "transcribe": ["transcribe", CLIP, "--ckpt", "model"],
+                "push": ["export", "--ckpt", str(trained), "--out", "pushed", "--push-to-hub", PUSHED]}
+    results = dict(zip(commands, run_in_one_process(workdir, *commands.values(), **hub_env(hub.url, workdir / "hf"),
+                                                    HF_TOKEN="any")))
     fit = results["fit"]
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "encoder  openai/whisper-large-v3-turbo (frozen)" in fit.stdout + fit.stderr
@@ -101,24 +105,22 @@ def test_transcribe_and_the_pipeline_on_a_model_folder_that_names_hub_ids(hub, r
     assert f'"texts": ["{text}"]' in theirs.stdout
 
 
-def test_export_push_to_hub_then_the_pipeline_loads_it_by_its_hub_id(trained, tmp_path):
+def test_export_push_to_hub_then_the_pipeline_loads_it_by_its_hub_id(hub, recipe, trained, tmp_path):
     """``tiny-audio export --push-to-hub`` uploads the folder through the server (create_repo, upload_folder);
     AutoModel and pipeline then load the model by its hub id alone into an empty cache, in a Python that cannot
     import tiny_audio_pl, and transcribe as ``tiny-audio transcribe`` does from the checkpoint."""
+    workdir, results = recipe
+    pushed = results["push"]
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
     ours = run_here(tmp_path, "transcribe", CLIP, "--ckpt", str(trained))
     assert ours.returncode == 0, ours.stderr[-2000:]
-    folder = tmp_path / "model"
     (tmp_path / "load.py").write_text(HUB_LOAD)
-    with HubServer(tmp_path / "hub") as server:
-        pushed = run_cli(tmp_path, "export", "--ckpt", str(trained), "--out", str(folder), "--push-to-hub",
-                         "some-org/tiny-asr", **hub_env(server.url, tmp_path / "hf-push"), HF_TOKEN="any")
-        assert pushed.returncode == 0, pushed.stderr[-3000:]
-        theirs = subprocess.run([sys.executable, "load.py", "some-org/tiny-asr", CLIP], cwd=tmp_path,
-                                env=hub_env(server.url, tmp_path / "hf"), capture_output=True, text=True, timeout=300)
-        sha = server.repo("models", "some-org/tiny-asr").sha
-    assert f"uploaded: {server.url}/some-org/tiny-asr/commit/{sha}" in pushed.stdout, pushed.stdout
+    theirs = subprocess.run([sys.executable, "load.py", PUSHED, CLIP], cwd=tmp_path,
+                            env=hub_env(hub.url, tmp_path / "hf"), capture_output=True, text=True, timeout=300)
+    sha = hub.repo("models", PUSHED).sha
+    assert f"uploaded: {hub.url}/{PUSHED}/commit/{sha}" in pushed.stdout, pushed.stdout
+    folder, served = workdir / "pushed", hub.root / "models" / PUSHED
     exported = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
-    served = tmp_path / "hub/models/some-org/tiny-asr"
     assert exported == sorted(p.relative_to(served) for p in served.rglob("*") if p.is_file())
     assert all((served / name).read_bytes() == (folder / name).read_bytes() for name in exported)
     assert theirs.returncode == 0, theirs.stderr[-3000:]
