@@ -77,7 +77,10 @@ def imported_at_load(name: str) -> set[str]:
             if isinstance(node, ast.Import):
                 found.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
-                found.add(f"tiny_audio_pl.{node.module}" if node.level else node.module)
+                module = "tiny_audio_pl" + (f".{node.module}" if node.module else "") if node.level else node.module
+                found.add(module)
+                if module == "tiny_audio_pl":  # from the package import a module of it
+                    found.update(f"{module}.{alias.name}" for alias in node.names)
             elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
                 visit(node.body + node.orelse)
             elif isinstance(node, ast.Try):
@@ -96,14 +99,15 @@ def test_fit_imports_no_optional_extra_until_it_is_used():
     wanted = {re.split(r"[<>=;\[ ]", requirement)[0].lower() for requirement in extras}
     optional = {module for module, dists in packages_distributions().items() if {d.lower() for d in dists} & wanted}
     assert {"gradio", "peft", "wandb", "mlflow", "matplotlib"} <= optional  # each extra's import name was found
-    loaded, todo = set(), ["tiny_audio_pl.cli", "tiny_audio_pl.lightning_cli"]
+    loaded, todo = set(), ["tiny_audio_pl", "tiny_audio_pl.cli", "tiny_audio_pl.lightning_cli"]
     while todo:
         module = todo.pop()
         if module in loaded:
             continue
         loaded.add(module)
-        if module.startswith("tiny_audio_pl."):
-            todo += imported_at_load(module.removeprefix("tiny_audio_pl."))
+        file = PACKAGE / f"{module.removeprefix('tiny_audio_pl').removeprefix('.') or '__init__'}.py"
+        if module.split(".")[0] == "tiny_audio_pl" and file.exists():
+            todo += imported_at_load(file.stem)
     assert "tiny_audio_pl.demo" not in loaded
     extras_loaded = {module.split(".")[0] for module in loaded} & optional
     assert not extras_loaded, f"tiny-audio fit imports {sorted(extras_loaded)} as it starts"
