@@ -35,7 +35,7 @@ DECODER = str(ASSETS / "tiny-smollm3")
 SPEECH = str(ASSETS / "tiny-speech")
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 # For the runs whose subject is not the data loader: smoke.yaml's 2 dataloader workers are forks of the test process,
-# and their start and copy-on-write faults cost about a core-second a run (the tests of the loader keep them).
+# and their start and copy-on-write faults cost 1-2.5 core-seconds a run (the tests of the loader keep them).
 NO_WORKERS = ("--data.num_workers", "0")
 
 

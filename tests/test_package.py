@@ -2,6 +2,7 @@
 
 import ast
 import re
+from collections.abc import Iterator
 from importlib.metadata import packages_distributions, requires
 
 import pytest
@@ -15,10 +16,28 @@ DATA_PART = {"data", "clips", "stream", "network", "hub"}
 TRAINING_PART = {"training", "alignment", "checkpoint", "runs", "cluster", "lightning_private"}
 
 
+def import_statements(name: str, at_load: bool = False) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Module ``name``'s import statements: all of them, or (``at_load``) those its import runs, its top-level ones
+    (into ``if`` and ``try`` blocks, but for ``if TYPE_CHECKING``), not those inside functions."""
+    tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+
+    def top_level(statements: list[ast.stmt]) -> Iterator[ast.stmt]:
+        for node in statements:
+            yield node
+            if isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+                yield from top_level(node.body + node.orelse)
+            elif isinstance(node, ast.Try):
+                handlers = [statement for handler in node.handlers for statement in handler.body]
+                yield from top_level(node.body + node.orelse + node.finalbody + handlers)
+
+    nodes = top_level(tree.body) if at_load else ast.walk(tree)
+    return (node for node in nodes if isinstance(node, (ast.Import, ast.ImportFrom)))
+
+
 def package_imports(name: str) -> tuple[set[str], set[str]]:
     """The package modules ``name`` imports: (by absolute ``tiny_audio_pl.x``, by relative ``.x``)."""
     absolute, relative = set(), set()
-    for node in ast.walk(ast.parse((PACKAGE / f"{name}.py").read_text())):
+    for node in import_statements(name):
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             relative.add(node.module)
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tiny_audio_pl"):
@@ -68,25 +87,16 @@ def test_no_two_modules_import_each_other_however_indirectly():
 
 
 def imported_at_load(name: str) -> set[str]:
-    """What importing module ``name`` imports at once: the modules its top-level statements import (into ``if`` and
-    ``try`` blocks, but for ``if TYPE_CHECKING``), by full name, ``.x`` as ``tiny_audio_pl.x``."""
+    """The modules importing module ``name`` imports at once, by full name (``.x`` as ``tiny_audio_pl.x``)."""
     found: set[str] = set()
-
-    def visit(statements: list[ast.stmt]) -> None:
-        for node in statements:
-            if isinstance(node, ast.Import):
-                found.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                module = "tiny_audio_pl" + (f".{node.module}" if node.module else "") if node.level else node.module
-                found.add(module)
-                if module == "tiny_audio_pl":  # from the package import a module of it
-                    found.update(f"{module}.{alias.name}" for alias in node.names)
-            elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
-                visit(node.body + node.orelse)
-            elif isinstance(node, ast.Try):
-                visit(node.body + node.orelse + node.finalbody + [s for h in node.handlers for s in h.body])
-
-    visit(ast.parse((PACKAGE / f"{name}.py").read_text()).body)
+    for node in import_statements(name, at_load=True):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+            continue
+        module = "tiny_audio_pl" + (f".{node.module}" if node.module else "") if node.level else node.module
+        found.add(module)
+        if module == "tiny_audio_pl":  # from the package import a module of it
+            found.update(f"{module}.{alias.name}" for alias in node.names)
     return found
 
 
